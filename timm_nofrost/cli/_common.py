@@ -1,0 +1,26 @@
+"""Shared CLI helpers: error reporting and JSON / human output."""
+import json
+import sys
+from typing import Any
+
+
+class CliError(Exception):
+    """An error to report on stderr with a non-zero exit code, without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(command: str, message: str, exit_code: int = 2) -> int:
+    print(f'timm-nofrost {command}: error: {message}', file=sys.stderr)
+    return exit_code
+
+
+def add_json_flag(parser: Any) -> None:
+    parser.add_argument('--json', action='store_true',
+                        help='print machine-readable JSON on stdout instead of the human-readable summary')
+
+
+def print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True))

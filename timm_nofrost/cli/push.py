@@ -1,0 +1,33 @@
+"""``timm-nofrost push``: upload an exported folder to the Hugging Face Hub."""
+import argparse
+
+from ..hub import push_folder
+from ._common import add_json_flag, print_json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'push', help='upload an exported folder to the Hugging Face Hub',
+        description='Create the Hub repo if needed and upload DIR (made by `timm-nofrost export`). '
+                    'The token is read from HF_TOKEN or your `hf auth login`; it is never printed. '
+                    'HF_ENDPOINT selects another Hub server.')
+    parser.add_argument('folder', metavar='DIR', help='folder written by `timm-nofrost export`')
+    parser.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='Hub model repo to upload to')
+    parser.add_argument('--private', action='store_true', help='create the repo as private if it does not exist')
+    parser.add_argument('--revision', default=None, metavar='BRANCH', help='branch to commit to (default: main)')
+    parser.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
+    parser.add_argument('--message', default='Add NoFrost weights (timm-nofrost export)', metavar='TEXT',
+                        help='commit message (default: %(default)s)')
+    add_json_flag(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.message, create_pr=args.create_pr)
+    if args.json:
+        print_json({'repo_id': args.repo_id, 'commit_url': url, 'folder': args.folder})
+    else:
+        print(f'pushed {args.folder} to {args.repo_id}: {url}')
+        print(f"load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True)  # after import timm_nofrost")
+    return 0

@@ -1,0 +1,260 @@
+"""Export checkpoints to Hub-ready folders, push them, and list the NoFrost family.
+
+``export_checkpoint`` turns the authors' ``.pth`` files (or any compatible checkpoint) into the folder
+layout timm reads with ``hf-hub:`` and ``local-dir:``: ``model.safetensors``, ``config.json`` in timm's
+format, and a model card. Writing goes through timm's own ``save_for_hf``.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import timm
+import torch
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
+
+from .checkpoint import CheckpointError, read_state_dict, translate_load_errors
+from .model_card import ModelCardInfo, render_model_card
+
+__all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'push_folder', 'list_nofrost_models']
+
+_REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
+_REQUIRED_FILES = ('model.safetensors', 'config.json')
+
+
+@dataclass
+class ExportResult:
+    """What ``export_checkpoint`` wrote."""
+    out_dir: str
+    model_name: str
+    tag: Optional[str]
+    repo_id: str
+    num_classes: int
+    in_chans: int
+    num_params: int
+    files: List[str]
+    sha256: str  # of model.safetensors
+    max_abs_diff: float  # reloaded-from-folder vs in-memory logits, 0.0 for a faithful export
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelInfo:
+    """One registered ``*_nofrost`` model or pretrained tag."""
+    name: str
+    num_params: int
+    input_size: List[int]
+    num_classes: int
+    pretrained: bool
+    hf_hub_id: Optional[str] = None
+    description: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open('rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _infer_shape(state_dict: Dict[str, torch.Tensor], name: Optional[str], dim: int) -> Optional[int]:
+    weight = state_dict.get(f'{name}.weight') if name else None
+    return int(weight.shape[dim]) if weight is not None and weight.ndim > dim else None
+
+
+def _resolve_model_name(model_name: str) -> tuple:
+    arch, tag = split_model_name_tag(model_name)
+    if arch not in timm.list_models():
+        raise ValueError(f'Unknown model {arch!r}; NoFrost models: {", ".join(timm.list_models("*nofrost*"))} '
+                         f'(any timm model name is accepted).')
+    known = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(arch) if '.' in name]
+    if tag and tag not in known:
+        raise ValueError(f'Unknown pretrained tag {tag!r} for {arch}; accepted tags: {", ".join(known) or "none"}.')
+    return arch, tag or None
+
+
+def export_checkpoint(
+        checkpoint: Union[str, Path],
+        out_dir: Union[str, Path],
+        model_name: str = 'nf_resnet50_nofrost',
+        repo_id: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        overwrite: bool = False,
+) -> ExportResult:
+    """Write a Hub-ready folder (safetensors, timm ``config.json``, model card) from a checkpoint.
+
+    Args:
+        checkpoint: The authors' ``best_RA.pth`` / ``latest.pth``, a timm checkpoint or a safetensors file.
+        out_dir: Folder to create; refused if it exists and is not empty, unless ``overwrite``.
+        model_name: timm architecture, optionally with a pretrained tag (``nf_resnet50_nofrost.at_in1k``)
+            whose pretrained config (preprocessing, description) the export carries.
+        repo_id: Hub repo the folder is meant for, used in the model card; defaults to the tag's
+            ``hf_hub_id``, else ``<your-org>/<model_name>``.
+        num_classes: Classes of the checkpoint; inferred from its classifier when omitted.
+        overwrite: Replace the contents of a non-empty ``out_dir``.
+
+    Returns:
+        An ``ExportResult``; the folder is verified by reloading it through ``local-dir:``.
+    """
+    arch, tag = _resolve_model_name(model_name)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f'Output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite).')
+    if repo_id is not None and not _REPO_ID.match(repo_id):
+        raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
+
+    source = f"checkpoint '{checkpoint}'"
+    state_dict = read_state_dict(checkpoint)
+    base_cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
+    base_cfg = base_cfg.to_dict() if base_cfg is not None else {}
+    ckpt_classes = _infer_shape(state_dict, base_cfg.get('classifier'), 0)
+    if num_classes is None:
+        num_classes = ckpt_classes or base_cfg.get('num_classes', 1000)
+    in_chans = _infer_shape(state_dict, base_cfg.get('first_conv'), 1) or 3
+
+    input_size = tuple(base_cfg.get('input_size', (3, 224, 224)))
+    overlay = dict(state_dict=state_dict, num_classes=ckpt_classes or num_classes,
+                   input_size=(in_chans, *input_size[1:]))
+    if not tag:
+        # an arbitrary checkpoint is not the default tag's published weights: do not inherit its identity
+        overlay.update(tag=None, description=None, notes=None, hf_hub_id=None)
+        base_cfg = {k: v for k, v in base_cfg.items() if k not in ('description', 'notes', 'hf_hub_id')}
+    with translate_load_errors(source):
+        model = timm.create_model(
+            arch, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
+            num_classes=num_classes, in_chans=in_chans)
+    model.eval()
+
+    if repo_id is None:
+        repo_id = base_cfg.get('hf_hub_id') or f'<your-org>/{arch}'
+    num_params = sum(p.numel() for p in model.parameters())
+
+    # write next to the destination, then move into place: a failed export leaves no half-written folder
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix='.export-', dir=out_dir.parent))
+    try:
+        save_for_hf(model, str(staging), safe_serialization=True)
+        card = ModelCardInfo(
+            model_name=arch,
+            tag=tag,
+            repo_id=repo_id,
+            num_params=num_params,
+            num_classes=model.num_classes,
+            input_size=tuple(model.pretrained_cfg.get('input_size', input_size)),
+            description=base_cfg.get('description', ''),
+            source_checkpoint=Path(checkpoint).name,
+            dataset='imagenet-1k' if model.num_classes == 1000 else None,
+        )
+        (staging / 'README.md').write_text(render_model_card(card), encoding='utf-8')
+        max_abs_diff = _verify_export(model, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    return ExportResult(
+        out_dir=str(out_dir),
+        model_name=arch,
+        tag=tag,
+        repo_id=repo_id,
+        num_classes=model.num_classes,
+        in_chans=in_chans,
+        num_params=num_params,
+        files=sorted(p.name for p in out_dir.iterdir()),
+        sha256=_sha256(out_dir / 'model.safetensors'),
+        max_abs_diff=max_abs_diff,
+    )
+
+
+def _verify_export(model: torch.nn.Module, folder: Path) -> float:
+    """Reload ``folder`` the way users will (``local-dir:``) and compare logits with ``model``."""
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    in_chans, height, width = model.pretrained_cfg['input_size']
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, in_chans, min(height, 64), min(width, 64), generator=generator)
+    with torch.no_grad():
+        diff = (model(x) - reloaded(x)).abs().max().item()
+    if diff != 0.0:
+        raise CheckpointError(f'exported folder {folder} does not reproduce the model (max |diff| {diff:.3g}).')
+    return diff
+
+
+def push_folder(
+        folder: Union[str, Path],
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        revision: Optional[str] = None,
+        commit_message: str = 'Add NoFrost weights (timm-nofrost export)',
+        create_pr: bool = False,
+) -> str:
+    """Upload an exported folder to the Hugging Face Hub with ``huggingface_hub``.
+
+    The token comes from ``token``, else ``HF_TOKEN`` or the user's ``hf auth login``; it is never printed.
+
+    Returns:
+        The URL of the commit.
+    """
+    folder = Path(folder)
+    if not _REPO_ID.match(repo_id or ''):
+        raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f'Folder to push not found: {folder}')
+    missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f'{folder} is not an exported model folder: missing {", ".join(missing)} '
+                         f'(create it with `timm-nofrost export`).')
+    try:
+        architecture = json.loads((folder / 'config.json').read_text(encoding='utf-8'))['architecture']
+    except (ValueError, KeyError) as e:
+        raise ValueError(f'{folder / "config.json"} is not a timm model config: {e}') from None
+    if architecture not in timm.list_models():
+        raise ValueError(f'{folder / "config.json"} names an unknown architecture {architecture!r}.')
+
+    from huggingface_hub import HfApi
+    api = HfApi(token=token, library_name='timm-nofrost')
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+    )
+    return str(getattr(commit, 'commit_url', commit))
+
+
+def list_nofrost_models(pattern: str = '*nofrost*', pretrained: bool = False) -> List[ModelInfo]:
+    """Describe the registered NoFrost models (and their pretrained tags), parameters counted on ``meta``."""
+    infos = []
+    names = timm.list_models(pattern, pretrained=pretrained)
+    for name in names:
+        arch, tag = split_model_name_tag(name)
+        cfg = get_pretrained_cfg(name)
+        with torch.device('meta'):
+            model = timm.create_model(arch)
+        infos.append(ModelInfo(
+            name=name,
+            num_params=sum(p.numel() for p in model.parameters()),
+            input_size=list(cfg.input_size),
+            num_classes=cfg.num_classes,
+            pretrained=bool(cfg.has_weights),
+            hf_hub_id=cfg.hf_hub_id,
+            description=cfg.description,
+            tags=[] if pretrained else [n.split('.', 1)[1] for n in timm.list_pretrained(arch) if '.' in n],
+        ))
+    return infos

@@ -1,0 +1,9 @@
+"""NoFrost model family; importing this package registers the models with timm."""
+from .nf_resnet import (
+    HF_HUB_ORG,
+    NOFROST_RECIPE_DEFAULTS,
+    NoFrostCfg,
+    NormFreeBasicBlock,
+    NormFreeBasicResNet,
+)
+from ._pretrained import build_nofrost_model, describe_pretrained_source

@@ -37,12 +37,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
 
 __all__ = ["HubServer", "configure_hub_env", "is_lfs_file"]
 
@@ -141,7 +143,7 @@ class _RepoStore:
         self.root = root
         self.staging = staging
         self.lock = threading.RLock()
-        self._hash_cache: dict[tuple[str, int, int], tuple[str, str, bool]] = {}
+        self._hash_cache: dict[tuple[str, int, int, int], tuple[str, str, bool]] = {}
 
     def repo_dir(self, org: str, name: str) -> Path:
         """Folder of an existing repository; raises ``RepoNotFound`` otherwise."""
@@ -158,9 +160,9 @@ class _RepoStore:
         return repo.joinpath(*parts)
 
     def file_info(self, repo: Path, path: Path) -> RepoFileInfo:
-        """Hashes of one file, cached by (path, size, mtime)."""
+        """Hashes of one file, cached by (path, inode, size, mtime)."""
         stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         cached = self._hash_cache.get(key)
         if cached is None:
             sha256, git_sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % stat.st_size)
@@ -319,6 +321,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self._send_json(200, {"errors": [], "warnings": []})
         elif method == "GET" and path == "/api/agent-harnesses":
             self._send_json(200, {"standardEnvVars": [], "harnesses": {}})
+        elif "xet-" in path:
+            raise HttpError(
+                404,
+                "HubServer does not implement the Xet protocol: set HF_HUB_DISABLE_XET=1 (see configure_hub_env)"
+                " or create the server with lfs=False",
+            )
         else:
             raise HttpError(404, f"Not implemented by HubServer: {method} {path}")
 
@@ -462,7 +470,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 lfs = hub.lfs and is_lfs_file(path, int(item.get("size", 0)), sample)
                 target = hub._store.file_path(repo, path)
                 oid = hub._store.file_info(repo, target).remote_oid if target.is_file() else None
-                answer.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+                mode = "lfs" if lfs else "regular"
+                answer.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         self._send_json(200, {"files": answer, "commitOid": None})
 
     def _lfs_batch(self, org: str, name: str, body: bytes, **_: Any) -> None:
@@ -610,7 +619,9 @@ class HubServer:
         self._staging = tempfile.TemporaryDirectory(prefix="hub-server-lfs-")
         self._repo_store = _RepoStore(self.root, Path(self._staging.name))
         self._httpd = _HubHTTPServer(self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -634,7 +645,14 @@ class HubServer:
         self._httpd, self._thread, self._staging, self._repo_store = None, None, None, None
 
 
-def configure_hub_env(monkeypatch: Any, endpoint: str, cache_dir: Path, offline: bool = False, *, disable_xet: bool = True) -> None:
+def configure_hub_env(
+    monkeypatch: pytest.MonkeyPatch,
+    endpoint: str,
+    cache_dir: Path,
+    offline: bool = False,
+    *,
+    disable_xet: bool = True,
+) -> None:
     """Point ``huggingface_hub`` at ``endpoint`` with a private cache, inside an already running process.
 
     ``huggingface_hub.constants`` reads its environment variables once, at import time, and the

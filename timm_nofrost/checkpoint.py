@@ -10,7 +10,8 @@ Pickled files are only ever read with ``torch.load(weights_only=True)``: a file 
 Python objects is refused, never executed.
 """
 import contextlib
-import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -24,6 +25,7 @@ __all__ = [
     'checkpoint_filter_fn',
     'describe_key_mismatch',
     'translate_load_errors',
+    'unsafe_pickle_globals',
 ]
 
 # keys under which training scripts nest the weights, in order of preference
@@ -88,13 +90,16 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint file not found: {path}')
-    with translate_load_errors(f"checkpoint '{path}'"):
+    name = f"checkpoint '{path}'"
+    try:
         if _is_safetensors(path):
             import safetensors.torch
             checkpoint = safetensors.torch.load_file(str(path), device='cpu')
         else:
             checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-    return clean_state_dict(checkpoint, name=f"checkpoint '{path}'")
+    except Exception as e:  # noqa: BLE001 - every failure to read becomes a CheckpointError naming the file
+        raise _diagnose(path, e) from None
+    return clean_state_dict(checkpoint, name=name)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -104,6 +109,56 @@ def _is_safetensors(path: Path) -> bool:
     with path.open('rb') as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b'{'
+
+
+def _diagnose(path: Path, error: BaseException) -> CheckpointError:
+    """Explain why ``path`` could not be read, without ever executing its pickle."""
+    name = f"checkpoint '{path}'"
+    if _is_safetensors_error(error) or _is_safetensors(path):
+        return CheckpointError(f'{name} is not a valid safetensors file ({error}).')
+    unsafe = unsafe_pickle_globals(path)
+    if unsafe:
+        return CheckpointError(
+            f'refusing to load {name}: its pickle imports {", ".join(unsafe)}, which could execute code. '
+            f'Only tensor state_dicts are loaded (torch.load weights_only=True); re-save the weights with '
+            f'torch.save(model.state_dict()) or as safetensors if you trust the file.')
+    if unsafe is None:
+        return CheckpointError(f'{name} is not a PyTorch or safetensors checkpoint.')
+    return CheckpointError(f'{name} is truncated or corrupted ({type(error).__name__}: {error}).')
+
+
+_SAFE_GLOBAL_ROOTS = ('torch', 'collections', '_codecs')
+
+
+def unsafe_pickle_globals(path: Union[str, Path]) -> Optional[List[str]]:
+    """Globals a pickle-based checkpoint would import, other than torch's own; ``None`` if it is no pickle.
+
+    Reads opcodes only (``pickletools``), so nothing in the file runs.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        try:
+            from torch.serialization import get_unsafe_globals_in_checkpoint
+            return list(get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # noqa: BLE001 - a zip that torch cannot read as a checkpoint
+            return None
+    found: List[str] = []
+    strings: List[str] = []
+    with path.open('rb') as f:
+        if f.peek(1)[:1] != b'\x80':  # torch.save and pickle protocol >= 2 start with PROTO
+            return None
+        while f.peek(1)[:1] == b'\x80':  # legacy torch files are several pickles in a row
+            try:
+                for opcode, arg, _ in pickletools.genops(f):
+                    if opcode.name in ('SHORT_BINUNICODE', 'BINUNICODE', 'UNICODE', 'BINUNICODE8'):
+                        strings.append(str(arg))
+                    elif opcode.name == 'GLOBAL':
+                        found.append(str(arg).replace(' ', '.'))
+                    elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2:
+                        found.append(f'{strings[-2]}.{strings[-1]}')
+            except Exception:  # noqa: BLE001 - truncated pickle: report what was seen
+                break
+    return sorted({g for g in found if g.split('.', 1)[0] not in _SAFE_GLOBAL_ROOTS})
 
 
 def describe_key_mismatch(
@@ -177,26 +232,24 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 
 @contextlib.contextmanager
-def translate_load_errors(source: str) -> Iterator[None]:
-    """Turn the errors that torch / safetensors raise on bad files into ``CheckpointError`` naming ``source``."""
+def translate_load_errors(source: str, file: Optional[Union[str, Path]] = None) -> Iterator[None]:
+    """Re-raise loading failures as ``CheckpointError`` naming ``source``.
+
+    When the weights came from a local ``file``, a failure is diagnosed by reading that file safely
+    (corrupted, not a checkpoint, or a pickle that would run code).
+    """
     try:
         yield
     except CheckpointError as e:
         raise CheckpointError(f'{source}: {e}') from e
-    except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
-            if 'invalid load key' in str(e) or 'could not find MARK' in str(e):
-                raise CheckpointError(f'{source} is not a PyTorch or safetensors checkpoint.') from None
-            raise CheckpointError(
-                f'refusing to load {source}: it is a pickle that holds Python objects other than tensors '
-                f'(it could execute code). Only tensor state_dicts are loaded (torch.load weights_only=True); '
-                f're-save the weights with torch.save(model.state_dict()) or as safetensors.') from None
-        raise CheckpointError(f'{source} is not a PyTorch or safetensors checkpoint: {e}') from None
     except Exception as e:  # noqa: BLE001 - narrowed below, everything else re-raised unchanged
+        if file is not None and Path(file).is_file():
+            try:
+                read_state_dict(file)
+            except CheckpointError as diagnosis:
+                raise diagnosis from None
         if _is_safetensors_error(e):
             raise CheckpointError(f'{source} is not a valid safetensors file ({e}).') from None
-        if isinstance(e, (EOFError, RuntimeError)) and _is_corrupt_pickle_error(e):
-            raise CheckpointError(f'{source} is truncated or not a PyTorch checkpoint ({e}).') from None
         raise
 
 
@@ -204,8 +257,3 @@ def _is_safetensors_error(e: BaseException) -> bool:
     return type(e).__name__ == 'SafetensorError' or 'safetensors' in type(e).__module__
 
 
-def _is_corrupt_pickle_error(e: BaseException) -> bool:
-    if isinstance(e, EOFError):
-        return True
-    text = str(e)
-    return any(s in text for s in ('PytorchStreamReader', 'invalid header', 'zip archive', 'central directory'))

@@ -92,6 +92,7 @@ def export_checkpoint(
         repo_id: Optional[str] = None,
         num_classes: Optional[int] = None,
         overwrite: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> ExportResult:
     """Write a Hub-ready folder (safetensors, timm ``config.json``, model card) from a checkpoint.
 
@@ -104,6 +105,7 @@ def export_checkpoint(
             ``hf_hub_id``, else ``<your-org>/<model_name>``.
         num_classes: Classes of the checkpoint; inferred from its classifier when omitted.
         overwrite: Replace the contents of a non-empty ``out_dir``.
+        model_kwargs: Extra architecture arguments for ``timm.create_model`` (recorded in ``config.json``).
 
     Returns:
         An ``ExportResult``; the folder is verified by reloading it through ``local-dir:``.
@@ -134,7 +136,7 @@ def export_checkpoint(
     with translate_load_errors(source):
         model = timm.create_model(
             arch, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
-            num_classes=num_classes, in_chans=in_chans)
+            num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
     model.eval()
 
     if repo_id is None:

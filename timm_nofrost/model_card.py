@@ -56,7 +56,7 @@ class ModelCardInfo:
 
     @property
     def is_paper_model(self) -> bool:
-        return self.model_name == 'nf_resnet50_nofrost' and self.num_classes == 1000
+        return self.model_name == 'nf_resnet50_nofrost' and self.tag == 'at_in1k'
 
 
 def _table(header: tuple, rows: tuple) -> str:

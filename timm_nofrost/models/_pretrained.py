@@ -5,11 +5,11 @@ an unknown tag lists the valid ones, a bad file becomes a ``CheckpointError`` na
 failed Hub download says which repo and endpoint were tried.
 """
 import contextlib
-import os
 from typing import Any, Callable, Dict, Iterator, Optional, Type
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_pretrained, resolve_pretrained_cfg
+from timm.models import (
+    PretrainedCfg, build_model_with_cfg, get_arch_pretrained_cfgs, list_pretrained, resolve_pretrained_cfg)
 
 from ..checkpoint import checkpoint_filter_fn, translate_load_errors
 
@@ -27,20 +27,22 @@ def _check_tag(variant: str, pretrained_cfg: Any) -> None:
             f"Weighted models: {', '.join(list_pretrained(variant + '*'))}.")
 
 
-def describe_pretrained_source(
-        variant: str,
-        pretrained_cfg: Any = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> str:
-    """Human description of where ``create_model(..., pretrained=True)`` reads weights from."""
+def _resolve(variant: str, pretrained_cfg: Any, overlay: Optional[Dict[str, Any]]) -> Optional[PretrainedCfg]:
     try:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
-    except Exception:  # noqa: BLE001 - only used to word an error message
+        return resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
+    except Exception:  # noqa: BLE001 - timm raises its own error on the same input later
+        return None
+
+
+def describe_pretrained_source(cfg: Optional[PretrainedCfg], variant: str) -> str:
+    """Human description of where ``create_model(..., pretrained=True)`` reads weights from."""
+    if cfg is None:
         return f'the pretrained weights of {variant}'
     if cfg.source == 'local-dir':
         return f"local directory '{cfg.file}'"
     if cfg.source == 'hf-hub' or (cfg.hf_hub_id and not cfg.file and cfg.state_dict is None):
-        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+        from huggingface_hub import constants
+        endpoint = constants.ENDPOINT
         return f"Hugging Face Hub repo '{cfg.hf_hub_id}' (endpoint {endpoint})"
     if cfg.state_dict is not None:
         return 'the state_dict passed in pretrained_cfg'
@@ -77,6 +79,8 @@ def build_nofrost_model(
     _check_tag(variant, kwargs.get('pretrained_cfg'))
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
-    source = describe_pretrained_source(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    with translate_load_errors(source), _explain_download_errors(source):
+    cfg = _resolve(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    source = describe_pretrained_source(cfg, variant)
+    file = cfg.file if cfg is not None and cfg.source != 'local-dir' and cfg.state_dict is None else None
+    with translate_load_errors(source, file=file), _explain_download_errors(source):
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)

@@ -1,5 +1,5 @@
 """NoFrost model family; importing this package registers the models with timm."""
-from .nf_resnet import (
+from .nfnet import (
     HF_HUB_ORG,
     NOFROST_RECIPE_DEFAULTS,
     NoFrostCfg,

@@ -18,7 +18,7 @@ import timm
 import torch
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
-from .checkpoint import CheckpointError, read_state_dict, translate_load_errors
+from .checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict, translate_load_errors
 from .model_card import ModelCardInfo, render_model_card
 
 __all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'push_folder', 'list_nofrost_models']
@@ -117,27 +117,29 @@ def export_checkpoint(
     if repo_id is not None and not _REPO_ID.match(repo_id):
         raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
 
-    source = f"checkpoint '{checkpoint}'"
-    state_dict = read_state_dict(checkpoint)
+    state_dict = read_state_dict(checkpoint)  # safe read: safetensors or torch.load(weights_only=True)
     base_cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
     base_cfg = base_cfg.to_dict() if base_cfg is not None else {}
     ckpt_classes = _infer_shape(state_dict, base_cfg.get('classifier'), 0)
-    if num_classes is None:
-        num_classes = ckpt_classes or base_cfg.get('num_classes', 1000)
+    if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
+        raise ValueError(f'num_classes={num_classes} disagrees with checkpoint {checkpoint}, whose classifier '
+                         f'has {ckpt_classes} outputs; omit num_classes to export the checkpoint as it is.')
+    num_classes = ckpt_classes or num_classes or base_cfg.get('num_classes', 1000)
     in_chans = _infer_shape(state_dict, base_cfg.get('first_conv'), 1) or 3
 
     input_size = tuple(base_cfg.get('input_size', (3, 224, 224)))
-    overlay = dict(state_dict=state_dict, num_classes=ckpt_classes or num_classes,
-                   input_size=(in_chans, *input_size[1:]))
+    overlay = dict(num_classes=num_classes, input_size=(in_chans, *input_size[1:]))
     if not tag:
         # an arbitrary checkpoint is not the default tag's published weights: do not inherit its identity
         overlay.update(tag=None, description=None, notes=None, hf_hub_id=None)
         base_cfg = {k: v for k, v in base_cfg.items() if k not in ('description', 'notes', 'hf_hub_id')}
-    with translate_load_errors(source):
-        model = timm.create_model(
-            arch, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
-            num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+    model = timm.create_model(
+        arch, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
+        num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+    with translate_load_errors(f"checkpoint '{checkpoint}'"):
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model))
     model.eval()
+    del state_dict
 
     if repo_id is None:
         repo_id = base_cfg.get('hf_hub_id') or f'<your-org>/{arch}'

@@ -1,14 +1,18 @@
 """timm-nofrost: normalizer-free adversarial training (NoFrost, ICML 2022) for timm.
 
-Importing the package registers the ``*_nofrost`` model family with timm's factory::
+Importing the package registers the ``*_nofrost`` model family (and ``normfree_converted``) with timm::
 
     import timm, timm_nofrost
     model = timm.create_model('nf_resnet50_nofrost', pretrained=True)
 """
 from .version import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, clean_state_dict, read_state_dict
+from .layers import fuse_weight_standardization, make_fusable
 from .models import HF_HUB_ORG, NOFROST_RECIPE_DEFAULTS, NoFrostCfg, NormFreeBasicBlock, NormFreeBasicResNet
-from .hub import export_checkpoint, push_folder, list_nofrost_models
+from .convert import (
+    BlockReport, ConversionReport, NormFreeConversionError, convert_and_export, convert_to_normfree, normfree_blocks)
+from .signal_propagation import BlockSignal, signal_propagation
+from .hub import export_checkpoint, list_nofrost_models, push_folder
 
 __all__ = [
     '__version__',
@@ -16,12 +20,22 @@ __all__ = [
     'checkpoint_filter_fn',
     'clean_state_dict',
     'read_state_dict',
+    'fuse_weight_standardization',
+    'make_fusable',
     'HF_HUB_ORG',
     'NOFROST_RECIPE_DEFAULTS',
     'NoFrostCfg',
     'NormFreeBasicBlock',
     'NormFreeBasicResNet',
+    'BlockReport',
+    'ConversionReport',
+    'NormFreeConversionError',
+    'convert_and_export',
+    'convert_to_normfree',
+    'normfree_blocks',
+    'BlockSignal',
+    'signal_propagation',
     'export_checkpoint',
-    'push_folder',
     'list_nofrost_models',
+    'push_folder',
 ]

@@ -21,7 +21,7 @@ from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_h
 from .checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict, translate_load_errors
 from .model_card import ModelCardInfo, render_model_card
 
-__all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'push_folder', 'list_nofrost_models']
+__all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models']
 
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
 _REQUIRED_FILES = ('model.safetensors', 'config.json')
@@ -74,6 +74,13 @@ def _infer_shape(state_dict: Dict[str, torch.Tensor], name: Optional[str], dim: 
     return int(weight.shape[dim]) if weight is not None and weight.ndim > dim else None
 
 
+def check_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f'Output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite).')
+    return out_dir
+
+
 def _resolve_model_name(model_name: str) -> tuple:
     arch, tag = split_model_name_tag(model_name)
     if arch not in timm.list_models():
@@ -111,9 +118,7 @@ def export_checkpoint(
         An ``ExportResult``; the folder is verified by reloading it through ``local-dir:``.
     """
     arch, tag = _resolve_model_name(model_name)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f'Output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite).')
+    check_out_dir(out_dir, overwrite)
     if repo_id is not None and not _REPO_ID.match(repo_id):
         raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
 
@@ -143,24 +148,36 @@ def export_checkpoint(
 
     if repo_id is None:
         repo_id = base_cfg.get('hf_hub_id') or f'<your-org>/{arch}'
-    num_params = sum(p.numel() for p in model.parameters())
+    card = ModelCardInfo(
+        model_name=arch,
+        tag=tag,
+        repo_id=repo_id,
+        num_params=sum(p.numel() for p in model.parameters()),
+        num_classes=model.num_classes,
+        input_size=tuple(model.pretrained_cfg.get('input_size', input_size)),
+        description=base_cfg.get('description', ''),
+        source_checkpoint=Path(checkpoint).name,
+        dataset='imagenet-1k' if model.num_classes == 1000 else None,
+    )
+    return write_model_folder(model, out_dir, card, overwrite=overwrite, tag=tag, in_chans=in_chans)
 
+
+def write_model_folder(
+        model: torch.nn.Module,
+        out_dir: Union[str, Path],
+        card: ModelCardInfo,
+        overwrite: bool = False,
+        tag: Optional[str] = None,
+        in_chans: int = 3,
+) -> ExportResult:
+    """Save ``model`` with timm's ``save_for_hf`` plus a model card, verified, moved into place atomically."""
+    out_dir = check_out_dir(out_dir, overwrite)
+    model.eval()
     # write next to the destination, then move into place: a failed export leaves no half-written folder
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.export-', dir=out_dir.parent))
     try:
         save_for_hf(model, str(staging), safe_serialization=True)
-        card = ModelCardInfo(
-            model_name=arch,
-            tag=tag,
-            repo_id=repo_id,
-            num_params=num_params,
-            num_classes=model.num_classes,
-            input_size=tuple(model.pretrained_cfg.get('input_size', input_size)),
-            description=base_cfg.get('description', ''),
-            source_checkpoint=Path(checkpoint).name,
-            dataset='imagenet-1k' if model.num_classes == 1000 else None,
-        )
         (staging / 'README.md').write_text(render_model_card(card), encoding='utf-8')
         max_abs_diff = _verify_export(model, staging)
         if out_dir.exists():
@@ -172,12 +189,12 @@ def export_checkpoint(
 
     return ExportResult(
         out_dir=str(out_dir),
-        model_name=arch,
+        model_name=card.model_name,
         tag=tag,
-        repo_id=repo_id,
+        repo_id=card.repo_id,
         num_classes=model.num_classes,
         in_chans=in_chans,
-        num_params=num_params,
+        num_params=card.num_params,
         files=sorted(p.name for p in out_dir.iterdir()),
         sha256=_sha256(out_dir / 'model.safetensors'),
         max_abs_diff=max_abs_diff,

@@ -53,6 +53,8 @@ class ModelCardInfo:
     source_checkpoint: Optional[str] = None
     license: str = 'apache-2.0'
     dataset: Optional[str] = 'imagenet-1k'
+    architecture: str = ('a normalizer-free pre-activation ResNet '
+                         '(scaled weight-standardised convs, no normalization layers)')
 
     @property
     def is_paper_model(self) -> bool:
@@ -87,8 +89,7 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
     title = f'{info.model_name}.{info.tag}' if info.tag else info.model_name
     size = f'{info.input_size[-2]} x {info.input_size[-1]}'
     details = [
-        f'- **Architecture:** `{info.model_name}`, a normalizer-free pre-activation ResNet '
-        '(scaled weight-standardised convs, no normalization layers)',
+        f'- **Architecture:** `{info.model_name}`, {info.architecture}',
         f'- **Parameters (M):** {info.num_params / 1e6:.2f}',
         f'- **Classes:** {info.num_classes}',
         f'- **Image size:** {size}',

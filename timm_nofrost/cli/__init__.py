@@ -3,12 +3,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import export, models, push
+from . import convert, export, models, push
 from ._common import CliError, fail
 
 __all__ = ['main', 'build_parser']
 
-_SUBCOMMANDS = (models, export, push)
+_SUBCOMMANDS = (models, export, push, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,4 +6,5 @@ from .nfnet import (
     NormFreeBasicBlock,
     NormFreeBasicResNet,
 )
-from ._pretrained import build_nofrost_model, describe_pretrained_source
+from ._pretrained import build_nofrost_model, describe_pretrained_source, explain_load_errors
+from .converted import CONVERTED_ARCH, create_converted

@@ -13,7 +13,7 @@ from timm.models import (
 
 from ..checkpoint import checkpoint_filter_fn, translate_load_errors
 
-__all__ = ['build_nofrost_model', 'describe_pretrained_source']
+__all__ = ['build_nofrost_model', 'describe_pretrained_source', 'explain_load_errors']
 
 
 def _check_tag(variant: str, pretrained_cfg: Any) -> None:
@@ -68,6 +68,13 @@ def _explain_download_errors(source: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def explain_load_errors(source: str, file: Optional[str] = None) -> Iterator[None]:
+    """Errors while loading pretrained weights name their source (and diagnose a local ``file``)."""
+    with translate_load_errors(source, file=file), _explain_download_errors(source):
+        yield
+
+
 def build_nofrost_model(
         model_cls: Type[nn.Module],
         variant: str,
@@ -82,5 +89,5 @@ def build_nofrost_model(
     cfg = _resolve(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     source = describe_pretrained_source(cfg, variant)
     file = cfg.file if cfg is not None and cfg.source != 'local-dir' and cfg.state_dict is None else None
-    with translate_load_errors(source, file=file), _explain_download_errors(source):
+    with explain_load_errors(source, file):
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)

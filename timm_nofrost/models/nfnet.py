@@ -24,6 +24,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.nfnet import DownsampleAvg, NfCfg, NormFreeNet, create_stem
 from timm.models.nfnet import _nonlin_gamma, model_cfgs as timm_nf_cfgs
 
+from ..layers import make_fusable
 from ._pretrained import build_nofrost_model
 
 __all__ = ['NormFreeBasicBlock', 'NormFreeBasicResNet', 'NoFrostCfg', 'NOFROST_RECIPE_DEFAULTS', 'HF_HUB_ORG']
@@ -234,7 +235,7 @@ def _create_nofrost(variant: str, pretrained: bool = False, **kwargs: Any) -> nn
     model_cls = NormFreeBasicResNet if isinstance(model_cfg, NoFrostCfg) else NormFreeNet
     for key, value in NOFROST_RECIPE_DEFAULTS.items():
         kwargs.setdefault(key, value)
-    return build_nofrost_model(
+    model = build_nofrost_model(
         model_cls,
         variant,
         pretrained,
@@ -242,6 +243,7 @@ def _create_nofrost(variant: str, pretrained: bool = False, **kwargs: Any) -> nn
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
+    return make_fusable(model)  # adds fuse() to the convs for reparameterize_model; numerics unchanged
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

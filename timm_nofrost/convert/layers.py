@@ -1,0 +1,122 @@
+"""Which layers the converter touches, and what replaces them."""
+import re
+from typing import Dict, Optional, Tuple, Type
+
+import torch.nn as nn
+from timm.layers import Conv2dSame
+from timm.models.nfnet import _nonlin_gamma
+
+from ..layers import WS_CONV_TYPES, FusableScaledStdConv2d, FusableScaledStdConv2dSame
+
+__all__ = ['norm_classes', 'is_container', 'is_attention', 'norm_replacement', 'to_scaled_std_conv',
+           'convertible_conv', 'is_std_conv', 'detect_activation', 'activation_gamma', 'NORM_KINDS', 'STD_CONV_EPS']
+
+STD_CONV_EPS = 1e-5  # as timm's NF-ResNets
+NORM_KINDS = ('batch', 'group', 'layer')
+
+
+def _optional(module: str, name: str) -> Tuple[Type[nn.Module], ...]:
+    try:
+        return (getattr(__import__(module, fromlist=[name]), name),)
+    except (ImportError, AttributeError):
+        return ()
+
+
+def norm_classes(kinds: Tuple[str, ...]) -> Tuple[Type[nn.Module], ...]:
+    """Module classes removed for the requested normalization kinds."""
+    classes: Tuple[Type[nn.Module], ...] = ()
+    if 'batch' in kinds:
+        # _BatchNorm covers BatchNorm1d/2d/3d, SyncBatchNorm and timm's BatchNormAct2d / SyncBatchNormAct
+        classes += (nn.modules.batchnorm._BatchNorm,)
+        classes += _optional('timm.layers', 'FrozenBatchNorm2d') + _optional('timm.layers', 'FrozenBatchNormAct2d')
+        classes += _optional('torchvision.ops', 'FrozenBatchNorm2d')
+    if 'group' in kinds:
+        classes += (nn.GroupNorm,)  # includes timm's GroupNormAct and GroupNorm1
+    if 'layer' in kinds:
+        classes += (nn.LayerNorm,)  # includes timm's LayerNorm2d and LayerNormAct*
+    return classes
+
+
+# normalizers that are never removed by the converter; reported as left unchanged
+OTHER_NORMS = (nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.GroupNorm, nn.LayerNorm,
+               nn.modules.batchnorm._BatchNorm) + _optional('timm.layers', 'FrozenBatchNorm2d') \
+    + _optional('torchvision.ops', 'FrozenBatchNorm2d')
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def is_container(module: nn.Module) -> bool:
+    """Plain containers: walked through, never treated as residual blocks."""
+    return type(module) in _CONTAINERS
+
+
+_ATTENTION_NAME = re.compile(r'(?i)(squeeze|excit|attention|attn|^se(module|layer)?$|eca|cbam|gather)')
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Channel / spatial attention (SE, ECA, CBAM, ...): gating modules whose convs stay plain."""
+    return bool(_ATTENTION_NAME.search(type(module).__name__))
+
+
+def norm_replacement(norm: nn.Module) -> nn.Module:
+    """``nn.Identity`` for a plain normalizer; the activation (and dropout) of timm's norm+act layers."""
+    act = getattr(norm, 'act', None)
+    drop = getattr(norm, 'drop', None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+            return nn.Sequential(drop, act)
+        return act
+    return nn.Identity()
+
+
+def to_scaled_std_conv(conv: nn.Conv2d, gamma: float) -> nn.Conv2d:
+    """The scaled weight-standardised counterpart of ``conv``, with its weights (and bias) copied.
+
+    A bias is always present: it takes over the shift the removed normalizer provided.
+    """
+    dynamic_same = isinstance(conv, Conv2dSame)
+    cls = FusableScaledStdConv2dSame if dynamic_same else FusableScaledStdConv2d
+    kwargs = dict(padding='SAME') if dynamic_same else dict(padding=conv.padding)
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, dilation=conv.dilation,
+        groups=conv.groups, bias=True, gamma=gamma, eps=STD_CONV_EPS,
+        device=conv.weight.device, dtype=conv.weight.dtype, **kwargs)
+    new.weight.data.copy_(conv.weight.data)
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.data)
+    else:
+        new.bias.data.zero_()
+    new.weight.requires_grad_(conv.weight.requires_grad)
+    new.train(conv.training)
+    return new
+
+
+def convertible_conv(module: nn.Module) -> bool:
+    return type(module) in (nn.Conv2d, Conv2dSame)
+
+
+def is_std_conv(module: nn.Module) -> bool:
+    return isinstance(module, WS_CONV_TYPES)
+
+
+_ACT_NAMES: Dict[str, str] = {
+    'relu': 'relu', 'relu6': 'relu6', 'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'elu': 'elu',
+    'celu': 'celu', 'selu': 'selu', 'sigmoid': 'sigmoid', 'tanh': 'tanh', 'softplus': 'softplus',
+    'leakyrelu': 'leaky_relu', 'identity': 'identity',
+}
+
+
+def detect_activation(model: nn.Module) -> Optional[str]:
+    """The most common activation module of ``model``, by timm's name for it; ``None`` if none is found."""
+    counts: Dict[str, int] = {}
+    for module in model.modules():
+        name = _ACT_NAMES.get(type(module).__name__.lower())
+        if name and name != 'identity':
+            counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def activation_gamma(act: str) -> float:
+    if act not in _nonlin_gamma:
+        raise ValueError(f'Unknown activation {act!r} for the NF gain; accepted: {", ".join(sorted(_nonlin_gamma))}.')
+    return float(_nonlin_gamma[act])

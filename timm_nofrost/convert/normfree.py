@@ -1,0 +1,242 @@
+"""``convert_to_normfree``: rewrite a BatchNorm network into a normalizer-free one that trains.
+
+The rewrite follows NF-ResNets (Brock et al., 2021): every normalizer is removed, convolutions become
+scaled weight-standardised convolutions with the activation's gain folded into their scale, and each
+residual block computes ``alpha * branch(beta * x) + shortcut`` with ``beta = 1/sqrt(expected variance)``
+tracked through the network (reset after transition blocks) and a zero-initialised gain on the branch's
+last conv. See ``docs/converter.md`` for the maths and the trade-offs.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..layers import WS_CONV_TYPES
+from .layers import (
+    NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
+    is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
+)
+from .report import BlockReport, ConversionReport
+from .residual import find_residual, rescale_residual
+
+__all__ = ['convert_to_normfree', 'NormFreeConversionError', 'normfree_blocks', 'INIT_MODES']
+
+INIT_MODES = ('keep', 'fresh')
+
+
+class NormFreeConversionError(ValueError):
+    """``strict=True`` conversion that would leave part of the model unconverted."""
+
+
+def _unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
+    wrapper = None
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            wrapper = wrapper or type(model).__name__
+            model = model.module
+        elif type(model).__name__ == 'OptimizedModule' and hasattr(model, '_orig_mod'):
+            wrapper = wrapper or 'torch.compile (OptimizedModule)'
+            model = model._orig_mod
+        else:
+            return model, wrapper
+
+
+def _contains(module: nn.Module, types: tuple) -> bool:
+    return any(isinstance(m, types) for m in module.modules())
+
+
+class _Converter:
+    """One pass over the model in module order, tracking the expected variance of the residual stream."""
+
+    def __init__(
+            self,
+            report: ConversionReport,
+            norm_kinds: Tuple[str, ...],
+            alpha: float,
+            gamma: float,
+            zero_init_last: bool,
+    ):
+        self.report = report
+        self.norm_kinds = norm_kinds
+        self.norms = norm_classes(norm_kinds)
+        self.alpha = alpha
+        self.gamma = gamma
+        self.zero_init_last = zero_init_last
+        self.expected_var = 1.0
+        self.last_convs: List[nn.Module] = []
+
+    def visit(self, module: nn.Module, prefix: str = '', in_block: bool = False) -> None:
+        for name, child in list(module.named_children()):
+            qual = f'{prefix}{name}'
+            replacement = self.convert_layer(child, qual, in_block)
+            if replacement is not None:
+                setattr(module, name, replacement)
+            elif is_container(child):
+                self.visit(child, qual + '.', in_block)
+            elif is_attention(child):
+                self.visit_attention(child, qual)
+            elif not in_block and self.try_block(module, name, child, qual):
+                pass
+            else:
+                self.visit(child, qual + '.', in_block)
+
+    def convert_layer(self, child: nn.Module, qual: str, in_block: bool) -> Optional[nn.Module]:
+        if isinstance(child, self.norms):
+            self.report.norms_removed.append((qual, type(child).__name__))
+            return norm_replacement(child)
+        if convertible_conv(child):
+            self.report.convs.append(qual)
+            if not in_block:
+                self.expected_var = 1.0  # a conv outside residual blocks re-standardises the stream
+            return to_scaled_std_conv(child, self.gamma)
+        if is_std_conv(child):
+            if not in_block:
+                self.expected_var = 1.0
+            return None
+        if isinstance(child, OTHER_NORMS):
+            self.report.unchanged.append((qual, f'{type(child).__name__} kept: not a requested normalizer kind '
+                                                f'(norms={self.norm_kinds})'))
+        elif isinstance(child, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)) or (
+                isinstance(child, nn.Conv2d) and not isinstance(child, WS_CONV_TYPES)):
+            self.report.unchanged.append((qual, f'{type(child).__name__} has no weight-standardised counterpart'))
+        return None
+
+    def visit_attention(self, module: nn.Module, qual: str) -> None:
+        """Attention gates keep their plain convs (as in timm's NF nets); normalizers inside still go."""
+        for name, child in list(module.named_modules()):
+            if name and isinstance(child, self.norms):
+                parent_name, _, attr = name.rpartition('.')
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, attr, norm_replacement(child))
+                self.report.norms_removed.append((f'{qual}.{name}', type(child).__name__))
+        self.report.kept.append((qual, f'{type(module).__name__}: attention gate, convs stay plain'))
+
+    def try_block(self, parent: nn.Module, name: str, child: nn.Module, qual: str) -> bool:
+        if not _contains(child, (nn.Conv2d,)):
+            return False
+        try:
+            info = find_residual(child)
+        except Exception as e:  # noqa: BLE001 - untraceable forward: walk into the children instead
+            self.report.notes.append(f'{qual} ({type(child).__name__}) could not be traced '
+                                     f'({type(e).__name__}); converted layer by layer')
+            return False
+        if info is None:
+            return False
+        # convert the layers of the block, then rebuild it from a fresh trace so the graph holds the new layers
+        self.visit(child, qual + '.', in_block=True)
+        info = find_residual(child)
+        beta = 1.0 / math.sqrt(self.expected_var)
+        block = rescale_residual(info, self.alpha, beta)
+        if self.zero_init_last and info.last_conv is not None:
+            last = block.get_submodule(info.last_conv)
+            if hasattr(last, 'gain'):
+                self.last_convs.append(last)
+        self.report.blocks.append(BlockReport(
+            name=qual, source_type=type(child).__name__, transition=info.transition, alpha=self.alpha,
+            beta=beta, expected_var=self.expected_var, branch_convs=info.branch_convs,
+            last_conv=info.last_conv, shortcut=', '.join(info.shortcut_convs) or 'identity'))
+        self.expected_var = (1.0 if info.transition else self.expected_var) + self.alpha ** 2
+        setattr(parent, name, block)
+        return True
+
+
+def _reinit(model: nn.Module) -> None:
+    """Normalizer-free initialisation, as timm's NF nets: fan-in Kaiming convs, N(0, 0.01) linear layers."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode='fan_in', nonlinearity='linear')
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, WS_CONV_TYPES) and hasattr(module, 'gain'):
+                nn.init.ones_(module.gain)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0., .01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def convert_to_normfree(
+        model: nn.Module,
+        alpha: float = 0.2,
+        init: str = 'keep',
+        norms: Sequence[str] = ('batch',),
+        act_layer: Optional[str] = None,
+        zero_init_last: bool = True,
+        strict: bool = False,
+) -> nn.Module:
+    """Remove every normalization layer and rescale the network as a normalizer-free ResNet.
+
+    Works on timm and torchvision ResNets (basic / bottleneck, ResNet-D, SE / ECA, ResNeXt, wide) and on
+    user-defined residual blocks (found by tracing them with torch.fx), and on any other BN model through a
+    generic path (normalizers removed, convs standardised, no residual scaling where there is no residual).
+    The model is modified in place (deep-copy it first to keep the original) and returned. DDP /
+    DataParallel / ``torch.compile`` wrappers are unwrapped: the converted inner module is returned.
+
+    Args:
+        model: The module to convert.
+        alpha: Variance added by each residual block (NF-ResNets use 0.2).
+        init: ``'keep'`` keeps the source conv weights (warm start from a pretrained BN model);
+            ``'fresh'`` re-initialises the weights as NF nets do.
+        norms: Normalizer kinds to remove: ``'batch'`` (always meant: BatchNorm1d/2d/3d, SyncBatchNorm,
+            timm's BatchNormAct2d, FrozenBatchNorm2d), ``'group'``, ``'layer'``.
+        act_layer: Activation whose gain is folded into the conv scale (timm name, e.g. ``'relu'``);
+            detected from the model's activation modules when omitted.
+        zero_init_last: Zero the gain of each residual branch's last conv so every block starts as the
+            identity (NF-ResNet / SkipInit). With ``init='keep'``, ``False`` keeps pretrained branches active.
+        strict: Raise ``NormFreeConversionError`` if anything (a normalizer or a conv) is left unconverted.
+
+    Returns:
+        The converted module; its report is ``module.normfree_report`` (a ``ConversionReport``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'convert_to_normfree expects a torch.nn.Module, got {type(model).__name__}.')
+    if init not in INIT_MODES:
+        raise ValueError(f'Unknown init {init!r}; accepted: {", ".join(INIT_MODES)}.')
+    unknown = [k for k in norms if k not in NORM_KINDS]
+    if unknown or not norms:
+        raise ValueError(f'Unknown normalizer kind(s) {unknown or list(norms)}; accepted: {", ".join(NORM_KINDS)}.')
+    if not isinstance(alpha, (int, float)) or not 0. < alpha <= 1.:
+        raise ValueError(f'alpha must be a number in (0, 1], got {alpha!r}.')
+
+    model, wrapper = _unwrap(model)
+    act = act_layer or detect_activation(model)
+    report = ConversionReport(
+        model_type=type(model).__name__, init=init, alpha=float(alpha), activation=act or 'relu',
+        gamma=activation_gamma(act or 'relu'), unwrapped=wrapper)
+    if act is None:
+        report.notes.append('no activation modules found (functional activations?): assumed relu for the gain')
+
+    converter = _Converter(report, tuple(norms), float(alpha), report.gamma, zero_init_last)
+    if isinstance(model, converter.norms) or convertible_conv(model):
+        holder = nn.Sequential(model)
+        converter.visit(holder)
+        model = holder[0]
+    else:
+        converter.visit(model)
+
+    if init == 'fresh':
+        _reinit(model)
+    for conv in converter.last_convs:
+        nn.init.zeros_(conv.gain)
+
+    if strict and report.unchanged:
+        details = '; '.join(f'{name}: {why}' for name, why in report.unchanged)
+        raise NormFreeConversionError(f'strict conversion of {report.model_type} left {len(report.unchanged)} '
+                                      f'layer(s) unconverted: {details}')
+    if not report.changed:
+        report.notes.append('model returned unchanged')
+    model.normfree_report = report
+    return model
+
+
+def normfree_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Residual blocks of a normalizer-free model: converted blocks and timm / NoFrost NF blocks."""
+    from timm.models.nfnet import NormFreeBlock
+    from ..models.nfnet import NormFreeBasicBlock
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (NormFreeBlock, NormFreeBasicBlock)) or (
+                isinstance(module, fx.GraphModule) and hasattr(module, 'nf_beta')):
+            blocks.append((name, module))
+    return blocks

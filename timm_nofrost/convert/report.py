@@ -1,0 +1,77 @@
+"""What ``convert_to_normfree`` did to a model, as data and as text."""
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ['BlockReport', 'ConversionReport']
+
+
+@dataclass
+class BlockReport:
+    """One residual block rescaled as ``out = alpha * branch(beta * x) + shortcut``."""
+    name: str
+    source_type: str
+    transition: bool  # projection shortcut: the expected variance is reset after this block
+    alpha: float
+    beta: float
+    expected_var: float  # of the block input, as tracked through the stage
+    branch_convs: List[str]
+    last_conv: Optional[str]  # its gain starts at zero when zero_init_last
+    shortcut: str  # 'identity' or the projection's module names
+
+
+@dataclass
+class ConversionReport:
+    """Structured account of a conversion: what changed, what was kept on purpose, what was left and why."""
+    model_type: str
+    init: str
+    alpha: float
+    activation: str
+    gamma: float
+    unwrapped: Optional[str] = None
+    convs: List[str] = field(default_factory=list)
+    norms_removed: List[Tuple[str, str]] = field(default_factory=list)
+    blocks: List[BlockReport] = field(default_factory=list)
+    kept: List[Tuple[str, str]] = field(default_factory=list)  # by design, e.g. attention modules
+    unchanged: List[Tuple[str, str]] = field(default_factory=list)  # not converted, with the reason
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.convs or self.norms_removed or self.blocks)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Human-readable report."""
+        lines = [f'normalizer-free conversion of {self.model_type} (init={self.init}, alpha={self.alpha}, '
+                 f'activation={self.activation}, gamma={self.gamma:.4f})']
+        if self.unwrapped:
+            lines.append(f'  unwrapped {self.unwrapped}: the converted module is returned without the wrapper')
+        if not self.changed:
+            lines.append('  nothing to convert: the model has no normalization layers or convolutions; returned unchanged')
+        lines.append(f'  convolutions -> scaled weight-standardised: {len(self.convs)}')
+        lines.append(f'  normalization layers removed: {len(self.norms_removed)}'
+                     + (f' ({_count_types(self.norms_removed)})' if self.norms_removed else ''))
+        n_transition = sum(b.transition for b in self.blocks)
+        lines.append(f'  residual blocks rescaled: {len(self.blocks)} ({n_transition} transition)')
+        if not self.blocks and self.changed:
+            lines.append('  no residual blocks found: generic conversion, no alpha/beta signal-propagation scaling')
+        for block in self.blocks:
+            kind = 'transition' if block.transition else 'identity'
+            lines.append(f'    {block.name:<24} {block.source_type:<16} {kind:<10} beta={block.beta:.4f} '
+                         f'expected_var={block.expected_var:.3f}')
+        for name, why in self.kept:
+            lines.append(f'  kept {name}: {why}')
+        for name, why in self.unchanged:
+            lines.append(f'  UNCHANGED {name}: {why}')
+        for note in self.notes:
+            lines.append(f'  note: {note}')
+        return '\n'.join(lines)
+
+
+def _count_types(items: List[Tuple[str, str]]) -> str:
+    counts: Dict[str, int] = {}
+    for _, type_name in items:
+        counts[type_name] = counts.get(type_name, 0) + 1
+    return ', '.join(f'{n} {t}' for t, n in sorted(counts.items()))

@@ -1,0 +1,161 @@
+"""Find the residual structure of a block with torch.fx and rescale it the normalizer-free way.
+
+A block is traced with its children as leaves (plain containers are traced through), so its graph shows
+how the branch and the shortcut meet, however the block is written: ``x += shortcut``, ``torch.add``,
+functional or module activations, ``shortcut`` / ``downsample`` modules, pre- or post-activation.
+The last add whose two operands both depend on the block input, with convolutions on one side, is the
+residual add. The rewrite inserts ``x * beta`` on the branch input and ``branch * alpha`` before the add:
+
+    out = alpha * branch(beta * x) + shortcut(x)           (identity shortcut: shortcut(x) = x)
+    out = alpha * branch(beta * x) + shortcut(beta * x)    (projection shortcut, as in NF-ResNets)
+"""
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .layers import is_container
+
+__all__ = ['ResidualInfo', 'trace_block', 'find_residual', 'rescale_residual']
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ('add', 'add_')
+
+
+class _LeafTracer(fx.Tracer):
+    """Every child module is a leaf except plain containers, which are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not is_container(m)
+
+
+@dataclass
+class ResidualInfo:
+    graph_module: fx.GraphModule
+    add: fx.Node
+    branch: fx.Node
+    shortcut: fx.Node
+    branch_only: Set[fx.Node]  # nodes that feed the branch but not the shortcut
+    shortcut_only: Set[fx.Node]
+    branch_convs: List[str]
+    shortcut_convs: List[str]
+    last_conv: Optional[str]  # qualified name of the conv whose output ends the branch
+
+    @property
+    def transition(self) -> bool:
+        return bool(self.shortcut_convs)
+
+
+def trace_block(block: nn.Module) -> fx.GraphModule:
+    graph = _LeafTracer().trace(block)
+    return fx.GraphModule(block, graph, class_name=f'NormFree{type(block).__name__}')
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen: Set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == 'call_function' and node.target in _ADD_FUNCTIONS:
+        return len(node.args) >= 2 and 'alpha' not in node.kwargs
+    return node.op == 'call_method' and node.target in _ADD_METHODS and len(node.args) >= 2
+
+
+def _conv_modules(gm: fx.GraphModule, nodes: Set[fx.Node], order: Dict[fx.Node, int]) -> List[str]:
+    """Qualified names of the convs run by ``nodes`` (in graph order), looking inside leaf modules."""
+    names = []
+    for node in sorted(nodes, key=order.get):
+        if node.op != 'call_module':
+            continue
+        module = gm.get_submodule(node.target)
+        names += [f'{node.target}.{n}' if n else node.target
+                  for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    return names
+
+
+def _last_conv(gm: fx.GraphModule, branch: fx.Node, allowed: Set[fx.Node]) -> Optional[str]:
+    """The conv closest to the end of the branch (the one whose gain is zero-initialised)."""
+    frontier = [branch]
+    seen: Set[fx.Node] = set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen or node not in allowed:
+            continue
+        seen.add(node)
+        if node.op == 'call_module':
+            module = gm.get_submodule(node.target)
+            convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+            if convs:
+                return f'{node.target}.{convs[-1]}' if convs[-1] else node.target
+        frontier.extend(node.all_input_nodes)
+    return None
+
+
+def find_residual(block: nn.Module) -> Optional[ResidualInfo]:
+    """Trace ``block`` and locate its residual add; ``None`` if it has none (or cannot be traced)."""
+    gm = trace_block(block)
+    placeholders = [n for n in gm.graph.nodes if n.op == 'placeholder']
+    if len(placeholders) != 1:
+        return None
+    x = placeholders[0]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    output = next(n for n in gm.graph.nodes if n.op == 'output')
+    live = _ancestors(output)
+    candidates = []
+    for node in gm.graph.nodes:
+        if node not in live or not _is_add(node):
+            continue
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        anc_a, anc_b = _ancestors(a), _ancestors(b)
+        if x not in anc_a or x not in anc_b:
+            continue
+        only_a, only_b = anc_a - anc_b, anc_b - anc_a
+        convs_a, convs_b = _conv_modules(gm, only_a, order), _conv_modules(gm, only_b, order)
+        if not convs_a and not convs_b:
+            continue
+        if len(convs_a) >= len(convs_b):
+            branch, shortcut, branch_only, shortcut_only, bc, sc = a, b, only_a, only_b, convs_a, convs_b
+        else:
+            branch, shortcut, branch_only, shortcut_only, bc, sc = b, a, only_b, only_a, convs_b, convs_a
+        candidates.append(ResidualInfo(
+            graph_module=gm, add=node, branch=branch, shortcut=shortcut, branch_only=branch_only,
+            shortcut_only=shortcut_only, branch_convs=bc, shortcut_convs=sc,
+            last_conv=_last_conv(gm, branch, branch_only)))
+    return candidates[-1] if candidates else None
+
+
+def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphModule:
+    """Insert the beta input scaling and the alpha branch scaling into the traced block."""
+    gm = info.graph_module
+    graph = gm.graph
+    x = next(n for n in graph.nodes if n.op == 'placeholder')
+    with graph.inserting_after(x):
+        scaled = graph.call_function(operator.mul, (x, float(beta)))
+    for user in list(x.users):
+        if user is scaled:
+            continue
+        if not info.transition and (user is info.add or user in info.shortcut_only):
+            continue  # an identity shortcut carries the unscaled input
+        user.replace_input_with(x, scaled)
+    with graph.inserting_before(info.add):
+        branch = graph.call_function(operator.mul, (info.branch, float(alpha)))
+    info.add.replace_input_with(info.branch, branch)
+    graph.lint()
+    gm.recompile()
+    gm.nf_alpha = float(alpha)
+    gm.nf_beta = float(beta)
+    gm.nf_transition = info.transition
+    return gm

@@ -1,0 +1,12 @@
+"""Layers used by the NoFrost models and the normalizer-free converter."""
+from .std_conv import (
+    WS_CONV_TYPES,
+    FusableScaledStdConv2d,
+    FusableScaledStdConv2dSame,
+    FusableStdConv2d,
+    FusableStdConv2dSame,
+    fuse_weight_standardization,
+    fused_conv,
+    make_fusable,
+    standardized_weight,
+)

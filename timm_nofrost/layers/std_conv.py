@@ -1,0 +1,133 @@
+"""Weight-standardised convolutions that can be fused into plain convolutions for deployment.
+
+Scaled weight standardisation recomputes the standardised kernel at every forward pass. The kernel only
+changes when the weights do, so for inference (and for adversarial attacks, which do not update weights)
+it can be computed once and stored in a plain ``nn.Conv2d``. ``FusableScaledStdConv2d`` and friends are
+timm's layers with a ``fuse()`` method added, so ``timm.models.reparameterize_model`` fuses them too.
+"""
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+__all__ = [
+    'WS_CONV_TYPES',
+    'FusableScaledStdConv2d',
+    'FusableScaledStdConv2dSame',
+    'FusableStdConv2d',
+    'FusableStdConv2dSame',
+    'standardized_weight',
+    'fused_conv',
+    'fuse_weight_standardization',
+    'make_fusable',
+]
+
+WS_CONV_TYPES = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+_WsConv = Union[ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame]
+
+
+def standardized_weight(conv: _WsConv) -> torch.Tensor:
+    """The kernel a weight-standardised conv applies, computed exactly as its forward does."""
+    gain: Optional[torch.Tensor] = None
+    if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)):
+        gain = (conv.gain * conv.scale).view(-1)
+    return F.batch_norm(
+        conv.weight.reshape(1, conv.out_channels, -1), None, None,
+        weight=gain, training=True, momentum=0., eps=conv.eps,
+    ).reshape_as(conv.weight)
+
+
+def fused_conv(conv: _WsConv) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` (``Conv2dSame`` for dynamic SAME padding) holding the standardised kernel."""
+    dynamic_same = bool(getattr(conv, 'same_pad', False))
+    conv_cls = Conv2dSame if dynamic_same else nn.Conv2d
+    fused = conv_cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        padding=0 if dynamic_same else conv.padding, dilation=conv.dilation, groups=conv.groups,
+        bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(standardized_weight(conv))
+        if conv.bias is not None:
+            fused.bias.copy_(conv.bias)
+    fused.train(conv.training)
+    return fused
+
+
+class FusableScaledStdConv2d(ScaledStdConv2d):
+    """timm's ``ScaledStdConv2d`` with ``fuse()`` for ``reparameterize_model``."""
+
+    @torch.jit.ignore
+    def fuse(self) -> nn.Conv2d:
+        return fused_conv(self)
+
+
+class FusableScaledStdConv2dSame(ScaledStdConv2dSame):
+    """timm's ``ScaledStdConv2dSame`` with ``fuse()`` for ``reparameterize_model``."""
+
+    @torch.jit.ignore
+    def fuse(self) -> nn.Conv2d:
+        return fused_conv(self)
+
+
+class FusableStdConv2d(StdConv2d):
+    """timm's ``StdConv2d`` with ``fuse()`` for ``reparameterize_model``."""
+
+    @torch.jit.ignore
+    def fuse(self) -> nn.Conv2d:
+        return fused_conv(self)
+
+
+class FusableStdConv2dSame(StdConv2dSame):
+    """timm's ``StdConv2dSame`` with ``fuse()`` for ``reparameterize_model``."""
+
+    @torch.jit.ignore
+    def fuse(self) -> nn.Conv2d:
+        return fused_conv(self)
+
+
+_FUSABLE = {
+    ScaledStdConv2d: FusableScaledStdConv2d,
+    ScaledStdConv2dSame: FusableScaledStdConv2dSame,
+    StdConv2d: FusableStdConv2d,
+    StdConv2dSame: FusableStdConv2dSame,
+}
+
+
+def make_fusable(module: nn.Module) -> nn.Module:
+    """Give every timm weight-standardised conv in ``module`` a ``fuse()`` method, in place.
+
+    The fusable classes subclass timm's and add no state, so switching an instance's class keeps its
+    parameters, buffers and forward exactly as they were.
+    """
+    for m in module.modules():
+        fusable = _FUSABLE.get(type(m))
+        if fusable is not None:
+            m.__class__ = fusable
+    return module
+
+
+def fuse_weight_standardization(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every weight-standardised conv with a plain conv holding its precomputed kernel.
+
+    The result computes the same function (up to float rounding) without standardising the weights at
+    every forward pass: use it for inference and deployment, not for training (the kernels are frozen
+    into plain weights and the gains are gone).
+
+    Args:
+        model: Model with timm ``StdConv2d`` / ``ScaledStdConv2d`` layers (``*Same`` variants included).
+        inplace: Modify ``model`` itself; by default a deep copy is fused and returned.
+    """
+    if not inplace:
+        import copy
+        model = copy.deepcopy(model)
+    if isinstance(model, WS_CONV_TYPES):
+        return fused_conv(model)
+    for name, child in model.named_children():
+        if isinstance(child, WS_CONV_TYPES):
+            setattr(model, name, fused_conv(child))
+        else:
+            fuse_weight_standardization(child, inplace=True)
+    return model

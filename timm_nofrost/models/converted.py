@@ -52,6 +52,10 @@ def create_converted(
     base_cfg = dict(model.pretrained_cfg)
     for key in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag'):
         base_cfg.pop(key, None)
+    # no registry weights exist for a converted model: by default its cfg describes the model as built
+    base_cfg['num_classes'] = getattr(model, 'num_classes', base_cfg.get('num_classes'))
+    if 'input_size' in base_cfg:
+        base_cfg['input_size'] = (kwargs.get('in_chans', 3), *base_cfg['input_size'][1:])
     if isinstance(pretrained_cfg, dict) or hasattr(pretrained_cfg, 'to_dict'):
         cfg_in = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
         base_cfg.update(cfg_in)

@@ -85,3 +85,14 @@ def test_normfree_converted_loads_weights_from_a_file(tmp_path):
     with pytest.raises(ValueError, match=r"bn\.pth.*unexpected keys \(bn1\.weight"):
         timm.create_model('normfree_converted', base_model='resnet18', num_classes=5, pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(bn)))
+
+
+def test_convert_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parents[1] / 'examples' / 'convert_torchvision_resnet.py'
+    out = subprocess.run([sys.executable, str(script), '--steps', '12'], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert 'residual blocks rescaled: 8 (3 transition)' in out.stdout
+    assert 'fused for deployment: max |diff|' in out.stdout

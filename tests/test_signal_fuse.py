@@ -9,7 +9,7 @@ import torchvision
 from timm.models import reparameterize_model
 
 from timm_nofrost import convert_to_normfree, fuse_weight_standardization, signal_propagation
-from timm_nofrost.layers import WS_CONV_TYPES
+from timm_nofrost.layers import WS_CONV_TYPES, FusedNormFreeBlock
 
 from conftest import randomize_gains
 
@@ -65,8 +65,12 @@ def test_fuse_nf_resnet50_nofrost():
     fused = fuse_weight_standardization(model)
     assert not any(isinstance(m, WS_CONV_TYPES) for m in fused.modules())
     assert any(isinstance(m, WS_CONV_TYPES) for m in model.modules())  # not in place by default
+    # the alpha / beta scalings of all 16 blocks fold into their (now plain) convs
+    assert sum(isinstance(m, FusedNormFreeBlock) for m in fused.modules()) == 16
     x = torch.rand(2, 3, 96, 96)
     _outputs_match(model, fused, x)
+    training = fuse_weight_standardization(copy.deepcopy(model).train())
+    assert not any(isinstance(m, FusedNormFreeBlock) for m in training.modules())  # drop-path still active
     # timm's reparameterize_model finds the fuse() method of the NoFrost convs
     reparam = reparameterize_model(model)
     assert not any(isinstance(m, WS_CONV_TYPES) for m in reparam.modules())

@@ -5,6 +5,7 @@ from .std_conv import (
     FusableScaledStdConv2dSame,
     FusableStdConv2d,
     FusableStdConv2dSame,
+    FusedNormFreeBlock,
     fuse_weight_standardization,
     fused_conv,
     make_fusable,

@@ -22,6 +22,7 @@ __all__ = [
     'fused_conv',
     'fuse_weight_standardization',
     'make_fusable',
+    'FusedNormFreeBlock',
 ]
 
 WS_CONV_TYPES = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
@@ -109,16 +110,19 @@ def make_fusable(module: nn.Module) -> nn.Module:
     return module
 
 
-def fuse_weight_standardization(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fuse_weight_standardization(model: nn.Module, inplace: bool = False, fold_residual_scales: bool = True) -> nn.Module:
     """Replace every weight-standardised conv with a plain conv holding its precomputed kernel.
 
     The result computes the same function (up to float rounding) without standardising the weights at
     every forward pass: use it for inference and deployment, not for training (the kernels are frozen
-    into plain weights and the gains are gone).
+    into plain weights and the gains are gone). With ``fold_residual_scales`` (eval only: drop-path must
+    be inactive), the alpha / beta scalings of NF pre-activation blocks are folded into their convs too.
 
     Args:
         model: Model with timm ``StdConv2d`` / ``ScaledStdConv2d`` layers (``*Same`` variants included).
         inplace: Modify ``model`` itself; by default a deep copy is fused and returned.
+        fold_residual_scales: Replace timm ``NormFreeBlock`` / NoFrost ``NormFreeBasicBlock`` instances
+            without attention by ``FusedNormFreeBlock``.
     """
     if not inplace:
         import copy
@@ -128,6 +132,64 @@ def fuse_weight_standardization(model: nn.Module, inplace: bool = False) -> nn.M
     for name, child in model.named_children():
         if isinstance(child, WS_CONV_TYPES):
             setattr(model, name, fused_conv(child))
-        else:
-            fuse_weight_standardization(child, inplace=True)
+            continue
+        fuse_weight_standardization(child, inplace=True, fold_residual_scales=fold_residual_scales)
+        if fold_residual_scales and _is_nf_block(child) and _foldable(child):
+            setattr(model, name, FusedNormFreeBlock(child))
     return model
+
+
+def _is_nf_block(module: nn.Module) -> bool:
+    from timm.models.nfnet import NormFreeBlock
+    from ..models.nfnet import NormFreeBasicBlock
+    return isinstance(module, (NormFreeBlock, NormFreeBasicBlock)) and not module.training
+
+
+class FusedNormFreeBlock(nn.Module):
+    """Inference form of a normalizer-free pre-activation block (timm ``NormFreeBlock``, ``NormFreeBasicBlock``).
+
+    With plain (fused) convs, the constant residual scalings fold into them exactly: ``beta`` into the
+    convs that read the pre-activated input (first branch conv and the shortcut projection), ``alpha``
+    into the last branch conv (weight and bias). The forward then runs no elementwise scaling at all:
+    ``out = branch(act(x)) + shortcut``. Inference only: drop-path (identity in eval) is dropped.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        convs = [n for n in ('conv1', 'conv2', 'conv2b', 'conv3') if getattr(block, n, None) is not None]
+        acts = {'conv2': 'act2', 'conv2b': 'act2b', 'conv3': 'act3'}
+        self.act1 = block.act1
+        self.downsample = block.downsample
+        self.branch = nn.Sequential()
+        for i, name in enumerate(convs):
+            if i > 0:
+                self.branch.add_module(acts[name], getattr(block, acts[name]))
+            self.branch.add_module(name, getattr(block, name))
+        with torch.no_grad():
+            first, last = self.branch[0], self.branch[-1]
+            first.weight.mul_(block.beta)
+            if self.downsample is not None:
+                self.downsample.conv.weight.mul_(block.beta)
+            last.weight.mul_(block.alpha)
+            if last.bias is not None:
+                last.bias.mul_(block.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(x)
+        shortcut = x if self.downsample is None else self.downsample(out)
+        return self.branch(out) + shortcut
+
+
+def _foldable(block: nn.Module) -> bool:
+    """Plain-conv NF block in eval mode without attention or skipinit, whose scalings can be folded."""
+    if getattr(block, 'attn', None) is not None or getattr(block, 'attn_last', None) is not None:
+        return False
+    if getattr(block, 'skipinit_gain', None) is not None:
+        return False
+    drop_path = getattr(block, 'drop_path', None)
+    if drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training:
+        return False  # stochastic depth is active: not an inference model
+    convs = [getattr(block, n, None) for n in ('conv1', 'conv2', 'conv2b', 'conv3')]
+    ds = getattr(block, 'downsample', None)
+    convs += [ds.conv] if ds is not None else []
+    return all(c is None or type(c) in (nn.Conv2d,) for c in convs)

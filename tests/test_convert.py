@@ -214,6 +214,18 @@ def test_model_without_normalization_is_returned_unchanged():
     assert 'nothing to convert' in out.normfree_report.summary()
 
 
+def test_ddp_wrapper_is_unwrapped(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    try:
+        inner = TinyResNet(SequentialBlock)
+        converted = convert_to_normfree(nn.parallel.DistributedDataParallel(inner))
+        assert converted is inner and converted.normfree_report.unwrapped == 'DistributedDataParallel'
+        assert _norms(converted) == [] and len(converted.normfree_report.blocks) == 4
+    finally:
+        dist.destroy_process_group()
+
+
 def test_wrappers_are_unwrapped():
     inner = TinyResNet(SequentialBlock)
     converted = convert_to_normfree(nn.DataParallel(inner))

@@ -57,36 +57,28 @@ def fused_conv(conv: _WsConv) -> nn.Conv2d:
     return fused
 
 
-class FusableScaledStdConv2d(ScaledStdConv2d):
-    """timm's ``ScaledStdConv2d`` with ``fuse()`` for ``reparameterize_model``."""
+class _FuseMixin:
+    """Adds ``fuse()``, the hook timm's ``reparameterize_model`` looks for, to a weight-standardised conv."""
 
     @torch.jit.ignore
     def fuse(self) -> nn.Conv2d:
         return fused_conv(self)
 
 
-class FusableScaledStdConv2dSame(ScaledStdConv2dSame):
-    """timm's ``ScaledStdConv2dSame`` with ``fuse()`` for ``reparameterize_model``."""
-
-    @torch.jit.ignore
-    def fuse(self) -> nn.Conv2d:
-        return fused_conv(self)
+class FusableScaledStdConv2d(_FuseMixin, ScaledStdConv2d):
+    """timm's ``ScaledStdConv2d`` with ``fuse()``."""
 
 
-class FusableStdConv2d(StdConv2d):
-    """timm's ``StdConv2d`` with ``fuse()`` for ``reparameterize_model``."""
-
-    @torch.jit.ignore
-    def fuse(self) -> nn.Conv2d:
-        return fused_conv(self)
+class FusableScaledStdConv2dSame(_FuseMixin, ScaledStdConv2dSame):
+    """timm's ``ScaledStdConv2dSame`` with ``fuse()``."""
 
 
-class FusableStdConv2dSame(StdConv2dSame):
-    """timm's ``StdConv2dSame`` with ``fuse()`` for ``reparameterize_model``."""
+class FusableStdConv2d(_FuseMixin, StdConv2d):
+    """timm's ``StdConv2d`` with ``fuse()``."""
 
-    @torch.jit.ignore
-    def fuse(self) -> nn.Conv2d:
-        return fused_conv(self)
+
+class FusableStdConv2dSame(_FuseMixin, StdConv2dSame):
+    """timm's ``StdConv2dSame`` with ``fuse()``."""
 
 
 _FUSABLE = {

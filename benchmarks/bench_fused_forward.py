@@ -15,7 +15,7 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
-import timm_nofrost
+import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost import convert_to_normfree, fuse_weight_standardization
 
 

@@ -1,5 +1,4 @@
 """Weights in the authors' formats load safely; bad files fail with errors that name them."""
-import os
 import pickle
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from timm_nofrost import CheckpointError, clean_state_dict, read_state_dict
 
-from conftest import TINY_ARGS, TINY_MODEL, authors_state_dict, randomize_gains, tiny_model
+from conftest import TINY_ARGS, TINY_MODEL, authors_state_dict
 
 
 def _load(path: Path, **kwargs) -> torch.nn.Module:

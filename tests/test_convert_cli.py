@@ -5,7 +5,6 @@ import pytest
 import timm
 import torch
 
-from timm_nofrost import convert_to_normfree
 from timm_nofrost.cli import main
 
 from conftest import authors_state_dict, randomize_gains

@@ -1,6 +1,5 @@
 """Weights through huggingface_hub's real download and upload code, against a loopback Hub server."""
 import json
-import shutil
 
 import pytest
 import safetensors.torch

@@ -7,7 +7,7 @@ tracked through the network (reset after transition blocks) and a zero-initialis
 last conv. See ``docs/converter.md`` for the maths and the trade-offs.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 import torch.nn as nn

@@ -1,0 +1,105 @@
+"""Projected gradient descent (Madry et al., 2018) and FGSM with random start (Wong et al., 2020)."""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .base import Attack, project, random_delta, steepest_step
+from .losses import get_loss
+
+__all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
+
+
+def default_step_size(eps: float, steps: int, norm: str = 'Linf') -> float:
+    """``2.5 * eps / steps`` (Madry et al.): enough travel to reach any point of the ball from any start."""
+    return 2.5 * eps / steps
+
+
+def nofrost_step_size(eps: float, steps: int) -> float:
+    """The NoFrost authors' training step: ``min(1.25 * eps, eps + 4/255) / steps`` (1/255 for PGD-10 at 8/255).
+
+    It is tuned for training; for evaluation it is weak (from a random start it cannot reach the far corner
+    of the ball), which is why ``PGD`` defaults to ``default_step_size``.
+    """
+    return min(1.25 * eps, eps + 4 / 255) / steps
+
+
+class PGD(Attack):
+    """L-inf / L2 PGD: random start, restarts, untargeted or targeted, CE / margin / DLR loss.
+
+    Each example keeps its strongest iterate across steps and restarts: a misclassification if one was
+    found (the target class, if targeted), else the highest loss.
+    """
+    name = 'pgd'
+
+    def __init__(
+            self,
+            model: nn.Module,
+            eps: Union[float, str] = 8 / 255,
+            steps: int = 10,
+            step_size: Optional[Union[float, str]] = None,
+            norm: str = 'Linf',
+            random_start: bool = True,
+            restarts: int = 1,
+            loss: str = 'ce',
+            **kwargs,
+    ):
+        super().__init__(model, eps=eps, norm=norm, **kwargs)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f'steps must be a positive integer, got {steps!r}.')
+        if not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f'restarts must be a positive integer, got {restarts!r}.')
+        from .base import parse_eps
+        self.step_size = parse_eps(step_size) if step_size is not None else default_step_size(self.eps, steps, norm)
+        if self.step_size <= 0 and self.eps > 0:
+            raise ValueError(f'step_size must be > 0, got {step_size!r}.')
+        self.steps = steps
+        self.random_start = random_start
+        self.restarts = restarts
+        self.loss_name = loss
+        self.loss_fn = get_loss(loss)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+        eps = self.eps_tensor(x)
+        # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
+        step = (eps * (self.step_size / self.eps) if self.eps > 0 else torch.zeros_like(eps)).view(-1, 1, 1, 1)
+        generator = self.generator(x.device)
+        best = x.clone()
+        best_loss = torch.full((x.shape[0],), float('-inf'), device=x.device)
+        best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        zeros, total = 0, 0
+        for _ in range(self.restarts):
+            delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
+            for _ in range(self.steps):
+                loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
+                self._keep_best(x + delta, loss, logits, y, target, best, best_loss, best_fooled)
+                zeros += int((grad == 0).sum())
+                total += grad.numel()
+                delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
+            with torch.no_grad():
+                logits = self.logits(x + delta)
+                loss = self.loss_fn(logits, y, target)
+            self._keep_best(x + delta, loss, logits, y, target, best, best_loss, best_fooled)
+        return best, zeros / max(total, 1)
+
+    @staticmethod
+    def _keep_best(x_adv, loss, logits, y, target, best, best_loss, best_fooled) -> None:
+        pred = logits.argmax(dim=1)
+        fooled = pred == target if target is not None else pred != y
+        # prefer any fooling iterate; among equals, the higher loss
+        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+        best[better] = x_adv[better].detach()
+        best_loss[better] = loss[better]
+        best_fooled |= fooled
+
+
+class FGSM(PGD):
+    """Single-step attack; with ``random_start`` it is "FGSM-RS" (uniform start, step 1.25 eps)."""
+    name = 'fgsm'
+
+    def __init__(self, model: nn.Module, eps: Union[float, str] = 8 / 255, random_start: bool = False,
+                 step_size: Optional[Union[float, str]] = None, **kwargs):
+        kwargs.pop('steps', None)
+        super().__init__(model, eps=eps, steps=1, random_start=random_start, step_size=step_size, **kwargs)
+        if step_size is None:
+            self.step_size = 1.25 * self.eps if random_start else self.eps

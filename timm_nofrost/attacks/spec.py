@@ -1,0 +1,82 @@
+"""Attacks by name, as the CLI and the evaluation harness spell them.
+
+``clean``, ``fgsm``, ``fgsm-rs``, ``pgd`` / ``pgd-<steps>`` (optionally ``-margin`` / ``-dlr``), ``apgd-ce`` /
+``apgd-dlr`` / ``apgd-t`` (optionally ``-<steps>``, default 100), ``autoattack`` (official, standard).
+"""
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+
+from .apgd import APGD, APGDTargeted
+from .autoattack import AutoAttack
+from .base import Attack
+from .pgd import FGSM, PGD
+
+__all__ = ['AttackSpec', 'parse_attack', 'build_attack', 'ATTACK_NAMES']
+
+ATTACK_NAMES = ('clean', 'fgsm', 'fgsm-rs', 'pgd-<steps>[-margin|-dlr]', 'apgd-ce[-<steps>]', 'apgd-dlr[-<steps>]',
+                'apgd-t[-<steps>]', 'autoattack')
+
+_PGD = re.compile(r'^pgd(?:-(\d+))?(?:-(ce|margin|dlr))?$')
+_APGD = re.compile(r'^apgd-(ce|dlr|t)(?:-(\d+))?$')
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str  # canonical, e.g. 'pgd-20'
+    kind: str  # clean | fgsm | pgd | apgd | apgd-t | autoattack
+    steps: int = 0
+    loss: str = 'ce'
+    random_start: bool = True
+
+    @property
+    def strength(self) -> int:
+        """Rough ordering for sanity checks: single-step < iterative < APGD < AutoAttack."""
+        return {'clean': 0, 'fgsm': 1, 'pgd': 2, 'apgd': 3, 'apgd-t': 3, 'autoattack': 4}[self.kind]
+
+
+def parse_attack(name: str) -> AttackSpec:
+    text = name.strip().lower()
+    if text == 'clean':
+        return AttackSpec('clean', 'clean')
+    if text in ('fgsm', 'fgsm-rs'):
+        return AttackSpec(text, 'fgsm', steps=1, random_start=text == 'fgsm-rs')
+    if text in ('autoattack', 'aa'):
+        return AttackSpec('autoattack', 'autoattack')
+    m = _PGD.match(text)
+    if m:
+        steps = int(m.group(1) or 10)
+        loss = m.group(2) or 'ce'
+        if steps < 1:
+            raise ValueError(f'Invalid attack {name!r}: steps must be >= 1.')
+        return AttackSpec(f'pgd-{steps}' + ('' if loss == 'ce' else f'-{loss}'), 'pgd', steps=steps, loss=loss)
+    m = _APGD.match(text)
+    if m:
+        variant, steps = m.group(1), int(m.group(2) or 100)
+        if steps < 1:
+            raise ValueError(f'Invalid attack {name!r}: steps must be >= 1.')
+        canonical = f'apgd-{variant}' + ('' if steps == 100 else f'-{steps}')
+        if variant == 't':
+            return AttackSpec(canonical, 'apgd-t', steps=steps, loss='dlr')
+        return AttackSpec(canonical, 'apgd', steps=steps, loss=variant)
+    raise ValueError(f'Unknown attack {name!r}; accepted: {", ".join(ATTACK_NAMES)}.')
+
+
+def build_attack(spec: AttackSpec, model: nn.Module, eps: float, norm: str = 'Linf', **kwargs: Any) -> Optional[Attack]:
+    """The attack object for ``spec`` (``None`` for ``clean``)."""
+    options: Dict[str, Any] = dict(eps=eps, norm=norm, **kwargs)
+    if spec.kind == 'clean':
+        return None
+    if spec.kind == 'fgsm':
+        return FGSM(model, random_start=spec.random_start, **options)
+    if spec.kind == 'pgd':
+        return PGD(model, steps=spec.steps, loss=spec.loss, **options)
+    if spec.kind == 'apgd':
+        return APGD(model, steps=spec.steps, loss=spec.loss, **options)
+    if spec.kind == 'apgd-t':
+        return APGDTargeted(model, steps=spec.steps, **options)
+    options.pop('amp_dtype', None)
+    options.pop('cache_standardized_weights', None)
+    return AutoAttack(model, **options)

@@ -1,0 +1,108 @@
+"""``RobustReport``: robust-evaluation results as JSON, a Markdown table and an accuracy-vs-eps plot."""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ['RobustReport', 'WORST_CASE', 'format_eps']
+
+WORST_CASE = 'worst-case'
+_STRONG = ('apgd', 'autoattack')
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """``8/255`` for L-inf radii on the 1/255 grid, else the number."""
+    if norm == 'Linf' and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f'{round(eps * 255)}/255'
+    return f'{eps:g}'
+
+
+@dataclass
+class RobustReport:
+    """Accuracy per attack and eps, per-example worst case, sanity flags and how the examples were chosen."""
+    model: str
+    dataset: str
+    norm: str
+    eps: List[float]
+    attacks: List[str]
+    n_examples: int
+    subset: Dict[str, Any]
+    clean_accuracy: float
+    accuracy: Dict[str, Dict[str, float]]  # eps label -> attack -> accuracy (incl. 'worst-case')
+    zero_grad_frac: Dict[str, Dict[str, float]]
+    sanity: List[Dict[str, Any]] = field(default_factory=list)
+    per_example: Dict[str, Dict[str, List[int]]] = field(default_factory=dict)
+    analysis: Dict[str, Any] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eps_labels(self) -> List[str]:
+        return [format_eps(e, self.norm) for e in self.eps]
+
+    @property
+    def flags_failed(self) -> List[Dict[str, Any]]:
+        return [f for f in self.sanity if not f['ok']]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def save_json(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + '\n')
+        return path
+
+    def to_markdown(self) -> str:
+        labels = self.eps_labels
+        lines = [f'## Robust accuracy of {self.model} on {self.dataset}', '',
+                 f'{self.n_examples} examples ({self.subset.get("kind")}), {self.norm} threat model, '
+                 f'clean accuracy {self.clean_accuracy:.2%}.', '',
+                 '| attack | ' + ' | '.join(f'eps {e}' for e in labels) + ' |',
+                 '|---|' + '---:|' * len(labels)]
+        for attack in self.attacks + [WORST_CASE]:
+            cells = [f'{self.accuracy[e][attack]:.2%}' if attack in self.accuracy[e] else '-' for e in labels]
+            name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else attack
+            lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+        if not any(a.startswith(_STRONG) for a in self.attacks):
+            lines += ['', '> Only weak attacks were run: PGD alone overstates robustness. Add `apgd-ce`, `apgd-t` '
+                          'or `autoattack` before quoting these numbers.']
+        if self.sanity:
+            lines += ['', '### Sanity checks', '']
+            for flag in self.sanity:
+                mark = 'ok' if flag['ok'] else '**FLAG**'
+                lines.append(f'- {mark} {flag["name"]}: {flag["value"]}. {flag["message"]}')
+        if self.analysis:
+            lines += ['', '### Decision margin and local smoothness', '']
+            for key, value in self.analysis.items():
+                if isinstance(value, (int, float)):
+                    lines.append(f'- {key}: {value:.4g}')
+        return '\n'.join(lines) + '\n'
+
+    def plot(self, path: Union[str, Path]) -> Path:
+        """Accuracy vs eps, one line per attack plus the per-example worst case (needs matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'timm-nofrost[eval]'") from None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xs = [0.0] + list(self.eps)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for attack in self.attacks + [WORST_CASE]:
+            ys = [self.clean_accuracy] + [self.accuracy[e].get(attack, float('nan')) for e in self.eps_labels]
+            ax.plot(xs, [100 * v for v in ys], marker='o', linewidth=2.5 if attack == WORST_CASE else 1.5,
+                    linestyle='-' if attack == WORST_CASE else '--', label=attack)
+        ax.set_xlabel(f'eps ({self.norm})')
+        ax.set_xticks(xs)
+        ax.set_xticklabels(['0'] + self.eps_labels)
+        ax.set_ylabel('accuracy (%)')
+        ax.set_ylim(0, 100)
+        ax.set_title(f'{self.model}: robust accuracy, {self.n_examples} examples')
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path

@@ -1,0 +1,96 @@
+"""Sanity checks that flag weak or broken robustness evaluations (Carlini et al., 2019).
+
+Each check returns a ``SanityFlag`` with a one-line explanation. They run on a small subset of correctly
+classified examples with cheap extra attacks, so every report carries them.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..attacks import FGSM, PGD, PixelModel
+
+__all__ = ['SanityFlag', 'check_monotone_in_eps', 'check_zero_gradients', 'run_attack_checks', 'LARGE_EPS']
+
+LARGE_EPS = {'Linf': 0.5, 'L2': 50.0}  # large enough to turn any image into any other
+ZERO_GRAD_LIMIT = 0.01
+
+
+@dataclass
+class SanityFlag:
+    name: str
+    ok: bool
+    value: str
+    message: str
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _tol(n: int) -> float:
+    """Noise allowance: two examples' worth of accuracy."""
+    return 2.0 / max(n, 1)
+
+
+def check_monotone_in_eps(accuracy: Dict[float, Dict[str, float]], n: int) -> SanityFlag:
+    """Robust accuracy must not increase with eps for any attack."""
+    eps_sorted = sorted(accuracy)
+    problems = []
+    for attack in accuracy[eps_sorted[0]]:
+        accs = [accuracy[e][attack] for e in eps_sorted if attack in accuracy[e]]
+        for (e0, a0), (e1, a1) in zip(zip(eps_sorted, accs), zip(eps_sorted[1:], accs[1:])):
+            if a1 > a0 + _tol(n):
+                problems.append(f'{attack}: {a0:.1%} at {e0:.4g} -> {a1:.1%} at {e1:.4g}')
+    return SanityFlag(
+        'accuracy non-increasing in eps', not problems, '; '.join(problems) or 'yes',
+        'A larger threat model contains the smaller one: accuracy rising with eps means the attack is failing.')
+
+
+def check_zero_gradients(zero_fracs: Dict[str, float]) -> SanityFlag:
+    worst = max(zero_fracs.items(), key=lambda kv: kv[1], default=('-', 0.0))
+    return SanityFlag(
+        'input gradients are non-zero', worst[1] <= ZERO_GRAD_LIMIT, f'max {worst[1]:.2%} zero entries ({worst[0]})',
+        'Zero gradients (fp16 underflow, saturation, non-differentiable layers) stall gradient attacks.')
+
+
+def run_attack_checks(
+        model: PixelModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        norm: str,
+        steps: int,
+        seed: int = 0,
+        amp_dtype: Optional[torch.dtype] = None,
+) -> List[SanityFlag]:
+    """Checks that need extra attacks, run on correctly classified examples ``x, y`` (already on device)."""
+    flags = []
+    n = x.shape[0]
+    common = dict(norm=norm, seed=seed, amp_dtype=amp_dtype)
+
+    big = PGD(model, eps=LARGE_EPS[norm], steps=max(steps, 20), **common)(x, y)
+    flags.append(SanityFlag(
+        'near 0 % at a very large eps', big.accuracy <= _tol(n), f'{big.accuracy:.1%} at eps={LARGE_EPS[norm]}',
+        'With an unbounded budget every image can be changed into another class: a non-zero accuracy signals '
+        'gradient masking or a bug.'))
+
+    fgsm = FGSM(model, eps=eps, **common)(x, y)
+    pgd = PGD(model, eps=eps, steps=steps, **common)(x, y)
+    flags.append(SanityFlag(
+        'PGD not weaker than FGSM', pgd.accuracy <= fgsm.accuracy + _tol(n),
+        f'PGD-{steps} {pgd.accuracy:.1%} vs FGSM {fgsm.accuracy:.1%}',
+        'An iterative attack that does worse than a single step points to masked or noisy gradients.'))
+
+    pgd2 = PGD(model, eps=eps, steps=2 * steps, **common)(x, y)
+    flags.append(SanityFlag(
+        'more steps do not raise accuracy', pgd2.accuracy <= pgd.accuracy + _tol(n),
+        f'PGD-{2 * steps} {pgd2.accuracy:.1%} vs PGD-{steps} {pgd.accuracy:.1%}',
+        'Doubling the steps must not help the model beyond noise; if it does, the attack has not converged.'))
+
+    again = PGD(model, eps=eps, steps=steps, **common)(x, y)
+    same = torch.equal(again.x_adv, pgd.x_adv)
+    flags.append(SanityFlag(
+        'deterministic for a seed', same, 'identical' if same else 'different adversarial examples',
+        'The same attack with the same seed must give the same examples; randomness in the model makes '
+        'robustness numbers irreproducible (and can hide behind expectation-over-transformation).'))
+    return flags

@@ -1,0 +1,427 @@
+"""Robustness of ImageNet-1k classifiers to natural distribution shifts, read from local folders.
+
+Benchmarks, each read from ``root`` in the layout it is published in (nothing is ever downloaded):
+
+``imagenet-c``
+    ``ROOT/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG`` (Hendrycks & Dietterich, ICLR 2019).
+    Reported: accuracy per corruption and severity, Corruption Error per corruption
+    ``CE_c = sum_s E_{s,c} / sum_s E^AlexNet_{s,c}`` and their mean, mCE (in %), plus the
+    unnormalised mean accuracy (``top1``).
+``imagenet-r``, ``imagenet-a``
+    ``ROOT/<wnid>/<image>`` over a published 200-class subset of ImageNet-1k. The model's 1000-way
+    logits are restricted to that subset before the argmax, as in the authors' evaluation code.
+``imagenet-sketch``
+    ``ROOT/<wnid>/<image>`` over the 1000 ImageNet-1k classes (or any subset of wnid folders): top-1.
+
+Folder wnids are mapped to ImageNet-1k indices through the standard sorted wnid order (timm's
+``ImageNetInfo``), never to the order of the folders present, so a partial copy is scored correctly.
+All accuracies and errors are percentages.
+"""
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+try:  # tqdm is not a dependency of torch or timm: progress bars are optional
+    from tqdm import tqdm as _tqdm
+except ImportError:  # pragma: no cover - depends on the environment
+    _tqdm = None
+
+__all__ = [
+    'SHIFT_BENCHMARKS',
+    'IMAGENET_C_CORRUPTIONS',
+    'IMAGENET_C_SEVERITIES',
+    'ALEXNET_CORRUPTION_ERRORS',
+    'IMAGENET_R_WNIDS',
+    'IMAGENET_A_WNIDS',
+    'ShiftResult',
+    'evaluate_shift',
+    'corruption_errors',
+    'imagenet_wnids',
+]
+
+SHIFT_BENCHMARKS = ('imagenet-c', 'imagenet-r', 'imagenet-a', 'imagenet-sketch')
+
+# the 15 corruptions of the ImageNet-C benchmark (the 4 extra "held-out" ones are not part of mCE)
+IMAGENET_C_CORRUPTIONS: Tuple[str, ...] = (
+    'gaussian_noise', 'shot_noise', 'impulse_noise',
+    'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
+    'snow', 'frost', 'fog', 'brightness',
+    'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression',
+)
+IMAGENET_C_SEVERITIES: Tuple[int, ...] = (1, 2, 3, 4, 5)
+
+# AlexNet top-1 error on ImageNet-C, per corruption, averaged over the 5 severities (fraction).
+# These are the normalisers of mCE in Hendrycks & Dietterich, "Benchmarking Neural Network Robustness
+# to Common Corruptions and Perturbations" (ICLR 2019), as published by the authors' group in the
+# ImageNet-C evaluation of AugMix (github.com/google-research/augmix, imagenet.py, ``ALEXNET_ERR``:
+# "Raw AlexNet errors taken from https://github.com/hendrycks/robustness"); the same constants are
+# used by e.g. OpenMMLab's mCE metric. Since each value is a mean over 5 severities,
+# sum_s E_s / sum_s E^AlexNet_s == mean_s E_s / ALEXNET_CORRUPTION_ERRORS[c].
+ALEXNET_CORRUPTION_ERRORS: Dict[str, float] = {
+    'gaussian_noise': 0.886428,
+    'shot_noise': 0.894468,
+    'impulse_noise': 0.922640,
+    'defocus_blur': 0.819880,
+    'glass_blur': 0.826268,
+    'motion_blur': 0.785948,
+    'zoom_blur': 0.798360,
+    'snow': 0.866816,
+    'frost': 0.826572,
+    'fog': 0.819324,
+    'brightness': 0.564592,
+    'contrast': 0.853204,
+    'elastic_transform': 0.646056,
+    'pixelate': 0.717840,
+    'jpeg_compression': 0.606500,
+}
+
+# The 200 ImageNet-R classes (Hendrycks et al., "The Many Faces of Robustness", ICCV 2021), as
+# published in github.com/hendrycks/imagenet-r, eval.py (``imagenet_r_wnids``), sorted.
+IMAGENET_R_WNIDS: Tuple[str, ...] = (
+    'n01443537', 'n01484850', 'n01494475', 'n01498041', 'n01514859', 'n01518878', 'n01531178',
+    'n01534433', 'n01614925', 'n01616318', 'n01630670', 'n01632777', 'n01644373', 'n01677366',
+    'n01694178', 'n01748264', 'n01770393', 'n01774750', 'n01784675', 'n01806143', 'n01820546',
+    'n01833805', 'n01843383', 'n01847000', 'n01855672', 'n01860187', 'n01882714', 'n01910747',
+    'n01944390', 'n01983481', 'n01986214', 'n02007558', 'n02009912', 'n02051845', 'n02056570',
+    'n02066245', 'n02071294', 'n02077923', 'n02085620', 'n02086240', 'n02088094', 'n02088238',
+    'n02088364', 'n02088466', 'n02091032', 'n02091134', 'n02092339', 'n02094433', 'n02096585',
+    'n02097298', 'n02098286', 'n02099601', 'n02099712', 'n02102318', 'n02106030', 'n02106166',
+    'n02106550', 'n02106662', 'n02108089', 'n02108915', 'n02109525', 'n02110185', 'n02110341',
+    'n02110958', 'n02112018', 'n02112137', 'n02113023', 'n02113624', 'n02113799', 'n02114367',
+    'n02117135', 'n02119022', 'n02123045', 'n02128385', 'n02128757', 'n02129165', 'n02129604',
+    'n02130308', 'n02134084', 'n02138441', 'n02165456', 'n02190166', 'n02206856', 'n02219486',
+    'n02226429', 'n02233338', 'n02236044', 'n02268443', 'n02279972', 'n02317335', 'n02325366',
+    'n02346627', 'n02356798', 'n02363005', 'n02364673', 'n02391049', 'n02395406', 'n02398521',
+    'n02410509', 'n02423022', 'n02437616', 'n02445715', 'n02447366', 'n02480495', 'n02480855',
+    'n02481823', 'n02483362', 'n02486410', 'n02510455', 'n02526121', 'n02607072', 'n02655020',
+    'n02672831', 'n02701002', 'n02749479', 'n02769748', 'n02793495', 'n02797295', 'n02802426',
+    'n02808440', 'n02814860', 'n02823750', 'n02841315', 'n02843684', 'n02883205', 'n02906734',
+    'n02909870', 'n02939185', 'n02948072', 'n02950826', 'n02951358', 'n02966193', 'n02980441',
+    'n02992529', 'n03124170', 'n03272010', 'n03345487', 'n03372029', 'n03424325', 'n03452741',
+    'n03467068', 'n03481172', 'n03494278', 'n03495258', 'n03498962', 'n03594945', 'n03602883',
+    'n03630383', 'n03649909', 'n03676483', 'n03710193', 'n03773504', 'n03775071', 'n03888257',
+    'n03930630', 'n03947888', 'n04086273', 'n04118538', 'n04133789', 'n04141076', 'n04146614',
+    'n04147183', 'n04192698', 'n04254680', 'n04266014', 'n04275548', 'n04310018', 'n04325704',
+    'n04347754', 'n04389033', 'n04409515', 'n04465501', 'n04487394', 'n04522168', 'n04536866',
+    'n04552348', 'n04591713', 'n07614500', 'n07693725', 'n07695742', 'n07697313', 'n07697537',
+    'n07714571', 'n07714990', 'n07718472', 'n07720875', 'n07734744', 'n07742313', 'n07745940',
+    'n07749582', 'n07753275', 'n07753592', 'n07768694', 'n07873807', 'n07880968', 'n07920052',
+    'n09472597', 'n09835506', 'n10565667', 'n12267677',
+)
+
+# The 200 ImageNet-A classes (Hendrycks et al., "Natural Adversarial Examples", CVPR 2021), as
+# published in github.com/hendrycks/natural-adv-examples, eval.py (the ImageNet-1k indices kept by
+# ``thousand_k_to_200``), written as wnids of the sorted ImageNet-1k order, sorted.
+IMAGENET_A_WNIDS: Tuple[str, ...] = (
+    'n01498041', 'n01531178', 'n01534433', 'n01558993', 'n01580077', 'n01614925', 'n01616318',
+    'n01631663', 'n01641577', 'n01669191', 'n01677366', 'n01687978', 'n01694178', 'n01698640',
+    'n01735189', 'n01770081', 'n01770393', 'n01774750', 'n01784675', 'n01819313', 'n01820546',
+    'n01833805', 'n01843383', 'n01847000', 'n01855672', 'n01882714', 'n01910747', 'n01914609',
+    'n01924916', 'n01944390', 'n01985128', 'n01986214', 'n02007558', 'n02009912', 'n02037110',
+    'n02051845', 'n02077923', 'n02085620', 'n02099601', 'n02106550', 'n02106662', 'n02110958',
+    'n02119022', 'n02123394', 'n02127052', 'n02129165', 'n02133161', 'n02137549', 'n02165456',
+    'n02174001', 'n02177972', 'n02190166', 'n02206856', 'n02219486', 'n02226429', 'n02231487',
+    'n02233338', 'n02236044', 'n02259212', 'n02268443', 'n02279972', 'n02280649', 'n02281787',
+    'n02317335', 'n02325366', 'n02346627', 'n02356798', 'n02361337', 'n02410509', 'n02445715',
+    'n02454379', 'n02486410', 'n02492035', 'n02504458', 'n02655020', 'n02669723', 'n02672831',
+    'n02676566', 'n02690373', 'n02701002', 'n02730930', 'n02777292', 'n02782093', 'n02787622',
+    'n02793495', 'n02797295', 'n02802426', 'n02814860', 'n02815834', 'n02837789', 'n02879718',
+    'n02883205', 'n02895154', 'n02906734', 'n02948072', 'n02951358', 'n02980441', 'n02992211',
+    'n02999410', 'n03014705', 'n03026506', 'n03124043', 'n03125729', 'n03187595', 'n03196217',
+    'n03223299', 'n03250847', 'n03255030', 'n03291819', 'n03325584', 'n03355925', 'n03384352',
+    'n03388043', 'n03417042', 'n03443371', 'n03444034', 'n03445924', 'n03452741', 'n03483316',
+    'n03584829', 'n03590841', 'n03594945', 'n03617480', 'n03666591', 'n03670208', 'n03717622',
+    'n03720891', 'n03721384', 'n03724870', 'n03775071', 'n03788195', 'n03804744', 'n03837869',
+    'n03840681', 'n03854065', 'n03888257', 'n03891332', 'n03935335', 'n03982430', 'n04019541',
+    'n04033901', 'n04039381', 'n04067472', 'n04086273', 'n04099969', 'n04118538', 'n04131690',
+    'n04133789', 'n04141076', 'n04146614', 'n04147183', 'n04179913', 'n04208210', 'n04235860',
+    'n04252077', 'n04252225', 'n04254120', 'n04270147', 'n04275548', 'n04310018', 'n04317175',
+    'n04344873', 'n04347754', 'n04355338', 'n04366367', 'n04376876', 'n04389033', 'n04399382',
+    'n04442312', 'n04456115', 'n04482393', 'n04507155', 'n04509417', 'n04532670', 'n04540053',
+    'n04554684', 'n04562935', 'n04591713', 'n04606251', 'n07583066', 'n07695742', 'n07697313',
+    'n07697537', 'n07714990', 'n07718472', 'n07720875', 'n07734744', 'n07749582', 'n07753592',
+    'n07760859', 'n07768694', 'n07831146', 'n09229709', 'n09246464', 'n09472597', 'n09835506',
+    'n11879895', 'n12057211', 'n12144580', 'n12267677',
+)
+
+_NUM_CLASSES = 1000
+_LAYOUTS = {
+    'imagenet-c': 'ROOT/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG',
+    'imagenet-r': 'ROOT/<wnid>/<image> (200 ImageNet-R wnid folders)',
+    'imagenet-a': 'ROOT/<wnid>/<image> (200 ImageNet-A wnid folders)',
+    'imagenet-sketch': 'ROOT/<wnid>/<image> (ImageNet-1k wnid folders)',
+}
+_SUBSETS = {'imagenet-r': IMAGENET_R_WNIDS, 'imagenet-a': IMAGENET_A_WNIDS}
+
+
+@dataclass
+class ShiftResult:
+    """Outcome of one benchmark: top-1 accuracy (%) over ``n_examples`` images and its breakdown."""
+
+    benchmark: str
+    top1: float
+    n_examples: int
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain (JSON-serialisable) dict of the result."""
+        return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnids() -> Tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in the standard (sorted) class-index order, from timm."""
+    from timm.data import ImageNetInfo
+
+    wnids = tuple(ImageNetInfo('imagenet-1k').label_names())
+    if len(wnids) != _NUM_CLASSES:  # pragma: no cover - guards against a changed timm asset
+        raise RuntimeError(f'timm ImageNetInfo lists {len(wnids)} ImageNet-1k classes, expected 1000')
+    return wnids
+
+
+@functools.lru_cache(maxsize=1)
+def _wnid_to_index() -> Dict[str, int]:
+    return {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+
+
+def corruption_errors(
+        errors: Mapping[str, Union[float, Sequence[float]]],
+) -> Tuple[Dict[str, float], float]:
+    """Corruption Errors and mCE (both in %) from a model's top-1 errors (fractions in [0, 1]).
+
+    ``errors`` maps a corruption name to its error, either one per severity or already averaged over
+    severities. ``CE_c = mean_s E_{s,c} / E^AlexNet_c`` (AlexNet error averaged over severities);
+    mCE is the mean of CE over the corruptions given (the standard number needs all 15).
+    """
+    ces: Dict[str, float] = {}
+    for name, err in errors.items():
+        if name not in ALEXNET_CORRUPTION_ERRORS:
+            raise ValueError(f'unknown ImageNet-C corruption {name!r}; expected one of {IMAGENET_C_CORRUPTIONS}')
+        values = [float(err)] if isinstance(err, (int, float)) else [float(e) for e in err]
+        if not values:
+            raise ValueError(f'no error values given for corruption {name!r}')
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f'errors for {name!r} must be fractions in [0, 1], got {values}')
+        ces[name] = 100.0 * (sum(values) / len(values)) / ALEXNET_CORRUPTION_ERRORS[name]
+    if not ces:
+        raise ValueError('no corruption errors given')
+    return ces, sum(ces.values()) / len(ces)
+
+
+class _WnidFolder(Dataset):
+    """``(image, ImageNet-1k index)`` pairs from ``root/<wnid>/<image>``; labels follow the 1k order."""
+
+    def __init__(self, samples: List[Tuple[Path, int]], transform: Callable) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        path, target = self.samples[index]
+        return self.transform(default_loader(str(path))), target
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith('.') and path.suffix.lower() in IMG_EXTENSIONS
+
+
+def _scan_wnid_folders(
+        root: Path,
+        layout: str,
+        allowed: Optional[Iterable[str]] = None,
+        benchmark: str = '',
+        max_per_class: Optional[int] = None,
+) -> List[Tuple[Path, int]]:
+    """Sorted ``(path, ImageNet-1k index)`` samples of every ``root/<wnid>/`` folder, validated."""
+    if not root.is_dir():
+        raise FileNotFoundError(f'{benchmark} folder {str(root)!r} does not exist; expected layout {layout}')
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if not class_dirs:
+        raise ValueError(f'{benchmark} folder {str(root)!r} holds no class folders; expected layout {layout}')
+    index_of = _wnid_to_index()
+    allowed_set = set(allowed) if allowed is not None else None
+    samples: List[Tuple[Path, int]] = []
+    for class_dir in class_dirs:
+        wnid = class_dir.name
+        if wnid not in index_of:
+            raise ValueError(
+                f'folder {str(class_dir)!r}: {wnid!r} is not an ImageNet-1k wnid; expected layout {layout}')
+        if allowed_set is not None and wnid not in allowed_set:
+            raise ValueError(
+                f'folder {str(class_dir)!r}: {wnid!r} is an ImageNet-1k wnid but not one of the '
+                f'{len(allowed_set)} {benchmark} classes; expected layout {layout}')
+        files = sorted((p for p in class_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
+        if max_per_class is not None:
+            files = files[:max_per_class]
+        samples.extend((p, index_of[wnid]) for p in files)
+    if not samples:
+        raise ValueError(
+            f'{benchmark} folder {str(root)!r} holds no images (extensions {IMG_EXTENSIONS}); '
+            f'expected layout {layout}')
+    return samples
+
+
+def _class_mask(wnids: Sequence[str], device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(_NUM_CLASSES, dtype=torch.bool)
+    index_of = _wnid_to_index()
+    mask[[index_of[w] for w in wnids]] = True
+    return mask.to(device)
+
+
+def _count_correct(
+        model: nn.Module,
+        samples: List[Tuple[Path, int]],
+        transform: Callable,
+        batch_size: int,
+        device: torch.device,
+        num_workers: int,
+        mask: Optional[torch.Tensor],
+        progress: bool,
+        desc: str,
+) -> int:
+    """Number of samples whose (optionally masked) argmax equals their ImageNet-1k label."""
+    loader = DataLoader(
+        _WnidFolder(samples, transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=device.type == 'cuda')
+    batches: Iterable = loader
+    if progress and _tqdm is not None:
+        batches = _tqdm(loader, desc=desc, leave=False)
+    correct = 0
+    with torch.inference_mode():
+        for images, targets in batches:
+            logits = model(images.to(device, non_blocking=True))
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != _NUM_CLASSES:
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f'model must return (batch, 1000) ImageNet-1k logits, got {shape}')
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float('-inf'))
+            pred = logits.argmax(dim=1)
+            correct += int((pred == targets.to(pred.device)).sum().item())
+    return correct
+
+
+def _normalise_benchmark(benchmark: str) -> str:
+    name = str(benchmark).strip().lower().replace('_', '-')
+    if name not in SHIFT_BENCHMARKS:
+        raise ValueError(f'unknown benchmark {benchmark!r}; expected one of {SHIFT_BENCHMARKS}')
+    return name
+
+
+def _evaluate_imagenet_c(
+        root: Path,
+        corruptions: Optional[Sequence[str]],
+        severities: Sequence[int],
+        run: Callable[[List[Tuple[Path, int]], Optional[torch.Tensor], str], int],
+        max_per_class: Optional[int],
+) -> ShiftResult:
+    layout = _LAYOUTS['imagenet-c']
+    names = tuple(IMAGENET_C_CORRUPTIONS if corruptions is None else corruptions)
+    unknown = [c for c in names if c not in ALEXNET_CORRUPTION_ERRORS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f'corruptions must be distinct names from {IMAGENET_C_CORRUPTIONS}, got {list(names)}')
+    sevs = tuple(int(s) for s in severities)
+    if not sevs or len(set(sevs)) != len(sevs) or any(s not in IMAGENET_C_SEVERITIES for s in sevs):
+        raise ValueError(f'severities must be distinct values from {IMAGENET_C_SEVERITIES}, got {list(severities)}')
+    if not root.is_dir():
+        raise FileNotFoundError(f'imagenet-c folder {str(root)!r} does not exist; expected layout {layout}')
+    # check the whole layout before the (long) evaluation starts
+    for c in names:
+        for s in sevs:
+            folder = root / c / str(s)
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f'imagenet-c: missing folder {str(folder)!r} (corruption {c!r}, severity {s}); '
+                    f'expected layout {layout}')
+    accuracy: Dict[str, Dict[int, float]] = {}
+    counts: Dict[str, Dict[int, int]] = {}
+    for c in names:
+        accuracy[c], counts[c] = {}, {}
+        for s in sevs:
+            samples = _scan_wnid_folders(root / c / str(s), layout, None, 'imagenet-c', max_per_class)
+            correct = run(samples, None, f'imagenet-c {c}/{s}')
+            accuracy[c][s] = 100.0 * correct / len(samples)
+            counts[c][s] = len(samples)
+    mean_accuracy = {c: sum(accuracy[c].values()) / len(sevs) for c in names}
+    ces, mce = corruption_errors({c: [1.0 - a / 100.0 for a in accuracy[c].values()] for c in names})
+    top1 = sum(mean_accuracy.values()) / len(names)
+    details: Dict[str, Any] = {
+        'accuracy': accuracy,
+        'mean_accuracy': mean_accuracy,
+        'corruption_error': ces,
+        'mce': mce,
+        'mean_error_unnormalized': 100.0 - top1,
+        'n_examples_per_severity': counts,
+        'corruptions': list(names),
+        'severities': list(sevs),
+        # mCE is the published benchmark number only over all 15 corruptions x 5 severities
+        'mce_standard': set(names) == set(IMAGENET_C_CORRUPTIONS) and set(sevs) == set(IMAGENET_C_SEVERITIES),
+        'alexnet_error': {c: ALEXNET_CORRUPTION_ERRORS[c] for c in names},
+    }
+    n_examples = sum(n for per_sev in counts.values() for n in per_sev.values())
+    return ShiftResult('imagenet-c', top1, n_examples, details)
+
+
+def evaluate_shift(
+        model: nn.Module,
+        benchmark: str,
+        root: Union[str, Path],
+        transform: Optional[Callable] = None,
+        batch_size: int = 64,
+        device: Union[str, torch.device] = 'cpu',
+        num_workers: int = 0,
+        max_per_class: Optional[int] = None,
+        corruptions: Optional[Sequence[str]] = None,
+        severities: Sequence[int] = (1, 2, 3, 4, 5),
+        progress: bool = True,
+) -> ShiftResult:
+    """Top-1 accuracy (%) of an ImageNet-1k classifier on a natural-shift benchmark in a local folder.
+
+    ``transform`` defaults to timm's eval transform for ``model``. The model is moved to ``device``
+    and evaluated in eval mode (its previous train/eval mode is restored afterwards).
+    ``max_per_class`` keeps the first N sorted images of each class folder; ``corruptions`` and
+    ``severities`` select ImageNet-C subsets (mCE is standard only for all of them).
+    """
+    name = _normalise_benchmark(benchmark)
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f'max_per_class must be >= 1 or None, got {max_per_class}')
+    root = Path(root).expanduser()
+    dev = torch.device(device)
+    if transform is None:
+        from timm.data import create_transform, resolve_data_config
+
+        transform = create_transform(**resolve_data_config({}, model=model))
+
+    was_training = model.training
+    model = model.to(dev).eval()
+
+    def run(samples: List[Tuple[Path, int]], mask: Optional[torch.Tensor], desc: str) -> int:
+        return _count_correct(model, samples, transform, batch_size, dev, num_workers, mask, progress, desc)
+
+    try:
+        if name == 'imagenet-c':
+            return _evaluate_imagenet_c(root, corruptions, severities, run, max_per_class)
+        subset = _SUBSETS.get(name)
+        samples = _scan_wnid_folders(root, _LAYOUTS[name], subset, name, max_per_class)
+        mask = _class_mask(subset, dev) if subset is not None else None
+        correct = run(samples, mask, name)
+        classes = sorted({label for _, label in samples})
+        details = {
+            'n_correct': correct,
+            'n_classes': len(classes),
+            'class_subset_size': len(subset) if subset is not None else _NUM_CLASSES,
+            'logits_masked': subset is not None,
+        }
+        return ShiftResult(name, 100.0 * correct / len(samples), len(samples), details)
+    finally:
+        model.train(was_training)

@@ -1,5 +1,23 @@
-"""The official AutoAttack (Croce & Hein, 2020), standard version, through the ``pyautoattack`` package."""
-from typing import Optional, Tuple, Union
+"""The official AutoAttack (Croce & Hein, 2020) through the ``pyautoattack`` package.
+
+Two spellings of the official code exist and both are accepted:
+
+* ``pyautoattack`` on PyPI (``pip install pyautoattack``, imported as ``pyautoattack``): keyword-only
+  constructor without ``verbose`` (it logs to the ``auto-attack`` logger), ``device`` defaulting to CPU,
+  ``run_standard_evaluation(x, y, *, batch_size=...)`` returning ``(x_adv, y_adv)``;
+* the GitHub package (``pip install git+https://github.com/fra31/auto-attack``, imported as ``autoattack``):
+  ``verbose`` prints to stdout, ``device`` defaults to CUDA, ``run_standard_evaluation(x, y, bs=...)``
+  returning ``x_adv``.
+
+The wrapper moves the official attacks to the inputs' device at every call, seeds them with ``seed`` (the
+official code reseeds torch's global generator; the caller's generator state is restored afterwards),
+keeps them quiet unless ``verbose=True``, and limits the targeted attacks (APGD-T, FAB-T: 9 target classes
+in the standard version) to the ``num_classes - 1`` classes that exist, as the official code indexes
+past the logits otherwise.
+"""
+import inspect
+import sys
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,37 +28,97 @@ __all__ = ['AutoAttack', 'autoattack_available']
 
 _INSTALL_HINT = ("AutoAttack needs the optional 'pyautoattack' package (the official implementation): "
                  "pip install 'timm-nofrost[eval]' or pip install pyautoattack.")
+_VERSIONS = ('standard', 'plus', 'rand')
+
+
+def _official_class() -> Any:
+    """The official ``AutoAttack`` class: ``pyautoattack`` (PyPI) first, then ``autoattack`` (GitHub)."""
+    try:
+        from pyautoattack import AutoAttack as official
+        return official
+    except ImportError:
+        pass
+    try:
+        from autoattack import AutoAttack as official
+        return official
+    except ImportError:
+        raise ImportError(_INSTALL_HINT) from None
 
 
 def autoattack_available() -> bool:
     try:
-        import autoattack  # noqa: F401
+        _official_class()
         return True
     except ImportError:
         return False
 
 
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
 class AutoAttack(Attack):
-    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the official implementation."""
+    """AutoAttack from the official implementation; ``version='standard'``: APGD-CE, APGD-T, FAB-T, Square.
+
+    Args:
+        model, eps, norm, mean, std, seed: As for every ``Attack``.
+        version: ``'standard'`` (the reported one), ``'plus'`` or ``'rand'`` (randomised defences).
+        batch_size: Images per official batch; defaults to the whole input.
+        verbose: Let the official code report its progress.
+    """
     name = 'autoattack'
 
     def __init__(self, model: nn.Module, eps: Union[float, str] = 8 / 255, norm: str = 'Linf',
-                 version: str = 'standard', **kwargs):
+                 version: str = 'standard', batch_size: Optional[int] = None, verbose: bool = False, **kwargs):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        try:
-            from autoattack import AutoAttack as _OfficialAutoAttack
-        except ImportError:
-            raise ImportError(_INSTALL_HINT) from None
+        official = _official_class()
+        if version not in _VERSIONS:
+            raise ValueError(f'Unknown AutoAttack version {version!r}; accepted: {", ".join(_VERSIONS)}.')
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
         self.version = version
-        self._official = _OfficialAutoAttack(
-            self.model, norm=norm, eps=self.eps, version=version, seed=self.seed, verbose=False)
+        self.batch_size = batch_size
+        self.verbose = verbose
+        options = dict(norm=norm, eps=self.eps, version=version, seed=self.seed, device='cpu')
+        if _accepts(official.__init__, 'verbose'):  # GitHub package
+            options['verbose'] = verbose
+        self._official = official(self.model, **options)
+        self._official.verbose = verbose  # pyautoattack: attribute only (debug-level log messages)
+        self._batch_arg = 'batch_size' if _accepts(self._official.run_standard_evaluation, 'batch_size') else 'bs'
+        self._n_targets = {name: getattr(self._official, name).n_target_classes
+                           for name in ('apgd_targeted', 'fab') if hasattr(getattr(self._official, name, None),
+                                                                          'n_target_classes')}
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Put the official attacks on ``x``'s device; fit the number of targets to the classes."""
+        official = self._official
+        official.device = x.device
+        for name in ('apgd', 'apgd_targeted', 'fab', 'square'):
+            attack = getattr(official, name, None)
+            if attack is not None and hasattr(attack, 'device'):
+                attack.device = x.device
+        n_classes = self.num_classes(x)
+        runs = set(getattr(official, 'attacks_to_run', None) or ())
+        need = 4 if 'apgd-t' in runs else 3 if 'apgd-dlr' in runs else 2
+        if n_classes < need:
+            raise ValueError(f'AutoAttack ({self.version}) needs at least {need} classes (its DLR losses divide by '
+                             f'gaps between the top-3 or top-4 logits); the model has {n_classes}.')
+        for name, default in self._n_targets.items():
+            getattr(official, name).n_target_classes = max(1, min(default, n_classes - 1))
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
         if target is not None:
-            raise ValueError('AutoAttack is untargeted in its standard version; do not pass target.')
-        self._official.device = x.device
-        for attack in (getattr(self._official, n, None) for n in ('apgd', 'apgd_targeted', 'fab', 'square')):
-            if attack is not None and hasattr(attack, 'device'):
-                attack.device = x.device
-        x_adv = self._official.run_standard_evaluation(x, y, bs=x.shape[0])
-        return x_adv.detach(), 0.0
+            raise ValueError('AutoAttack is untargeted (it picks its own targets); do not pass target.')
+        self._prepare(x)
+        batch = {self._batch_arg: self.batch_size or x.shape[0]}
+        cuda = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
+            if x.device.type == 'cuda' else []
+        trace = sys.gettrace()  # the official dynamic-defence check calls sys.settrace(None)
+        try:
+            with torch.random.fork_rng(devices=cuda):  # the official code reseeds the global generators
+                out = self._official.run_standard_evaluation(x.float(), y.long(), **batch)
+        finally:
+            if sys.gettrace() is not trace:
+                sys.settrace(trace)
+        x_adv = out[0] if isinstance(out, (tuple, list)) else out
+        return x_adv.detach().to(x.dtype), 0.0

@@ -112,6 +112,8 @@ def evaluate(
 
     for x, y in _progress(loader, len(loader), progress, f'evaluating {name}'):
         x, y = x.to(device), y.to(device)
+        if x.dtype == torch.uint8:  # timm's un-normalised eval transform yields uint8 tensors
+            x = x.float().div_(255)
         with torch.no_grad():
             logits = pixel_model(x)
         check_inputs(x, y, logits.shape[1])

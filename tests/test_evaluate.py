@@ -217,3 +217,24 @@ def test_eval_cli(tmp_path, capsys):
     assert (tmp_path / 'p.png').exists() and (tmp_path / 'r.md').read_text().startswith('## Robust accuracy')
     assert main(['eval', '--model', 'nf_resnet18_cifar_nofrost', '--data', str(folder), '--attacks', 'cw']) == 2
     assert "Unknown attack 'cw'" in capsys.readouterr().err
+
+
+def test_shift_cli(tmp_path, capsys):
+    import timm
+    from timm_nofrost import export_checkpoint
+    small = dict(channels=(8, 16, 32, 64), stem_chs=8)
+    ckpt = tmp_path / 'w.pth'
+    torch.save(timm.create_model('nf_resnet18_nofrost', **small).state_dict(), ckpt)
+    export_checkpoint(ckpt, tmp_path / 'exp', model_name='nf_resnet18_nofrost', model_kwargs=small)
+    root = tmp_path / 'sketch'
+    for wnid in ('n01440764', 'n01443537'):
+        (root / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new('RGB', (40, 40), color=(60 * i, 90, 120)).save(root / wnid / f'{i}.JPEG')
+    assert main(['shift', '--model', f'local-dir:{tmp_path / "exp"}', '--pretrained', '--benchmark',
+                 'imagenet-sketch', '--root', str(root), '--json']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['benchmark'] == 'imagenet-sketch' and result['n_examples'] == 4 and 0 <= result['top1'] <= 100
+    assert main(['shift', '--model', 'nf_resnet18_nofrost', '--benchmark', 'imagenet-r',
+                 '--root', str(tmp_path / 'nope')]) == 2
+    assert 'nope' in capsys.readouterr().err

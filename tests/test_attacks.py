@@ -195,3 +195,14 @@ def test_autoattack_missing_package_message(monkeypatch, model):
     monkeypatch.setattr(builtins, '__import__', fake_import)
     with pytest.raises(ImportError, match=r"pip install 'timm-nofrost\[eval\]'"):
         build_attack(parse_attack('autoattack'), model, EPS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_attacks_on_cuda_match_cpu_accuracy(model, data):
+    x, y = data
+    cpu = PGD(model, eps=EPS, steps=10, random_start=False)(x, y).accuracy
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = PGD(gpu_model, eps=EPS, steps=10, random_start=False)(x.cuda(), y.cuda())
+    assert gpu.x_adv.is_cuda and abs(gpu.accuracy - cpu) <= 2 / len(y)
+    bf16 = PGD(gpu_model, eps=EPS, steps=10, amp_dtype=torch.bfloat16)(x.cuda(), y.cuda())
+    assert bf16.zero_grad_frac < 0.01

@@ -185,14 +185,9 @@ def test_bad_inputs(model, data):
 
 
 def test_autoattack_missing_package_message(monkeypatch, model):
-    import builtins
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == 'autoattack':
-            raise ImportError('no module')
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, '__import__', fake_import)
+    import sys
+    for name in ('pyautoattack', 'autoattack'):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail, even if already imported
     with pytest.raises(ImportError, match=r"pip install 'timm-nofrost\[eval\]'"):
         build_attack(parse_attack('autoattack'), model, EPS)
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack
+from .base import Attack, check_inputs
 
 __all__ = ['AutoAttack', 'autoattack_available']
 
@@ -89,7 +89,7 @@ class AutoAttack(Attack):
                            for name in ('apgd_targeted', 'fab') if hasattr(getattr(self._official, name, None),
                                                                           'n_target_classes')}
 
-    def _prepare(self, x: torch.Tensor) -> None:
+    def _prepare(self, x: torch.Tensor) -> int:
         """Put the official attacks on ``x``'s device; fit the number of targets to the classes."""
         official = self._official
         official.device = x.device
@@ -105,11 +105,12 @@ class AutoAttack(Attack):
                              f'gaps between the top-3 or top-4 logits); the model has {n_classes}.')
         for name, default in self._n_targets.items():
             getattr(official, name).n_target_classes = max(1, min(default, n_classes - 1))
+        return n_classes
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
         if target is not None:
             raise ValueError('AutoAttack is untargeted (it picks its own targets); do not pass target.')
-        self._prepare(x)
+        check_inputs(x, y, self._prepare(x))  # label range: the official code would fail deep inside
         batch = {self._batch_arg: self.batch_size or x.shape[0]}
         cuda = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
             if x.device.type == 'cuda' else []

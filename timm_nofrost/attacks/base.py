@@ -233,8 +233,8 @@ class Attack:
         self.cache_standardized_weights = cache_standardized_weights
 
     # -- to implement -------------------------------------------------------------------------------------
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
-        """Return adversarial images and the fraction of zero input-gradient entries."""
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple:
+        """Return ``(adversarial images, fraction of zero input-gradient entries[, their logits])``."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------
@@ -249,6 +249,11 @@ class Attack:
         """Per-example loss, its gradient w.r.t. the input only, and the logits."""
         x_adv = x_adv.detach().requires_grad_(True)
         logits = self.logits(x_adv)
+        if not getattr(self, '_labels_checked', True):
+            # label range needs the class count: checked on the first forward instead of an extra one
+            for labels in (y,) if target is None else (y, target):
+                check_inputs(x_adv.detach(), labels, logits.shape[1])
+            self._labels_checked = True
         loss = loss_fn(logits, y, target)
         # fp16 gradients underflow to exactly 0 (sign(0) = 0, no step): scale the loss; the direction is unchanged
         scale = 1024.0 if self.amp_dtype == torch.float16 else 1.0
@@ -273,15 +278,19 @@ class Attack:
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> AttackResult:
         with attack_mode(self.model, self.cache_standardized_weights):
-            check_inputs(x, y, self.num_classes(x) if x.shape[0] else None)
+            check_inputs(x, y)
             if target is not None:
-                check_inputs(x, target, self.num_classes(x))
+                check_inputs(x, target)
             x = x.detach()
             if x.shape[0] == 0:
                 return AttackResult(x_adv=x, logits=x.new_zeros((0, 0)), correct=torch.zeros(0, dtype=torch.bool))
-            x_adv, zero_frac = self.perturb(x, y, target)
-            with torch.no_grad():
-                logits = self.logits(x_adv)
+            self._labels_checked = False
+            out = self.perturb(x, y, target)
+            x_adv, zero_frac = out[0], out[1]
+            logits = out[2] if len(out) > 2 else None
+            if logits is None:
+                with torch.no_grad():
+                    logits = self.logits(x_adv)
         pred = logits.argmax(dim=1)
         correct = pred != target if target is not None else pred == y
         return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac)

@@ -59,38 +59,46 @@ class PGD(Attack):
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple:
         eps = self.eps_tensor(x)
         # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
         step = (eps * (self.step_size / self.eps) if self.eps > 0 else torch.zeros_like(eps)).view(-1, 1, 1, 1)
         generator = self.generator(x.device)
-        best = x.clone()
-        best_loss = torch.full((x.shape[0],), float('-inf'), device=x.device)
-        best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        zeros, total = 0, 0
+        best = _Best(x)
+        zeros = torch.zeros((), device=x.device)
         for _ in range(self.restarts):
             delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
             for _ in range(self.steps):
                 loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
-                self._keep_best(x + delta, loss, logits, y, target, best, best_loss, best_fooled)
-                zeros += int((grad == 0).sum())
-                total += grad.numel()
+                best.update(x + delta, loss, logits, y, target)
+                zeros += (grad == 0).sum()
                 delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
             with torch.no_grad():
                 logits = self.logits(x + delta)
                 loss = self.loss_fn(logits, y, target)
-            self._keep_best(x + delta, loss, logits, y, target, best, best_loss, best_fooled)
-        return best, zeros / max(total, 1)
+            best.update(x + delta, loss, logits, y, target)
+        total = x.numel() * self.steps * self.restarts
+        return best.x, zeros.item() / max(total, 1), best.logits
 
-    @staticmethod
-    def _keep_best(x_adv, loss, logits, y, target, best, best_loss, best_fooled) -> None:
+
+class _Best:
+    """Per example, the strongest iterate so far: a fooling one if any, else the highest loss (no host syncs)."""
+
+    def __init__(self, x: torch.Tensor):
+        n = x.shape[0]
+        self.x = x.clone()
+        self.logits: Optional[torch.Tensor] = None
+        self.loss = torch.full((n,), float('-inf'), device=x.device)
+        self.fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def update(self, x_adv, loss, logits, y, target) -> None:
         pred = logits.argmax(dim=1)
         fooled = pred == target if target is not None else pred != y
-        # prefer any fooling iterate; among equals, the higher loss
-        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
-        best[better] = x_adv[better].detach()
-        best_loss[better] = loss[better]
-        best_fooled |= fooled
+        better = (fooled & ~self.fooled) | ((fooled == self.fooled) & (loss > self.loss))
+        self.x = torch.where(better.view(-1, 1, 1, 1), x_adv.detach(), self.x)
+        self.logits = logits.detach() if self.logits is None else torch.where(better[:, None], logits.detach(), self.logits)
+        self.loss = torch.where(better, loss, self.loss)
+        self.fooled |= fooled
 
 
 class FGSM(PGD):

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
+from _timing import time_rounds  # benchmarks/_timing.py: interleaved rounds
+
 import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost import convert_to_normfree, fuse_weight_standardization
 
@@ -32,21 +34,6 @@ def build_models(channels_last: bool) -> Dict[str, torch.nn.Module]:
     if channels_last:
         models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
     return models
-
-
-def time_rounds(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, List[float]]:
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:

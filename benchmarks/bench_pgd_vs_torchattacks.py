@@ -30,25 +30,12 @@ from typing import Callable, Dict, List
 import timm
 import torch
 
+from _timing import time_rounds  # benchmarks/_timing.py: interleaved rounds
+
 import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost import fuse_weight_standardization
 from timm_nofrost.attacks import PGD, PixelModel
 from timm_nofrost.layers import WS_CONV_TYPES
-
-
-def time_rounds(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, List[float]]:
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def contenders(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,

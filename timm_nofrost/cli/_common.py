@@ -24,3 +24,12 @@ def add_json_flag(parser: Any) -> None:
 
 def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def add_model_args(parser: Any) -> None:
+    """``--model`` with ``--pretrained`` / ``--checkpoint``: how every evaluation command loads a model."""
+    parser.add_argument('--model', required=True, metavar='NAME',
+                        help='timm model name (hf-hub:ORG/NAME and local-dir:DIR work too)')
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
+    weights.add_argument('--checkpoint', default=None, metavar='FILE', help='load weights from FILE (weights only)')

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from ..attacks import ATTACK_NAMES
-from ._common import add_json_flag, print_json
+from ._common import add_json_flag, add_model_args, print_json
 
 _AMP = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -17,11 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "model's own eval transforms. Prints a Markdown table (per attack and eps, plus the per-example "
                     'worst case across attacks) and sanity-check flags; writes a JSON report. Strong attacks '
                     '(apgd-ce, apgd-t, autoattack) are one flag away: PGD alone overstates robustness.')
-    parser.add_argument('--model', required=True, metavar='NAME',
-                        help='timm model name (hf-hub:ORG/NAME and local-dir:DIR work too)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
-    weights.add_argument('--checkpoint', default=None, metavar='FILE', help='load weights from FILE (weights only)')
+    add_model_args(parser)
     parser.add_argument('--num-classes', type=int, default=None, metavar='N', help='classifier size (default: model\'s)')
     parser.add_argument('--data', required=True, metavar='DIR_OR_NAME',
                         help='ImageFolder directory (ROOT/<class>/<image>) or a timm dataset name with a root, '

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import add_json_flag, print_json
+from ._common import add_json_flag, add_model_args, print_json
 
 _BENCHMARKS = ('imagenet-c', 'imagenet-r', 'imagenet-a', 'imagenet-sketch')
 
@@ -18,10 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'layouts: ImageNet-C ROOT/<corruption>/<severity>/<wnid>/<image> (reports mCE against AlexNet), '
                     'ImageNet-R / ImageNet-A ROOT/<wnid>/<image> (logits restricted to their 200 classes), '
                     'ImageNet-Sketch ROOT/<wnid>/<image>. Nothing is downloaded.')
-    parser.add_argument('--model', required=True, metavar='NAME', help='timm model name (hf-hub: / local-dir: too)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
-    weights.add_argument('--checkpoint', default=None, metavar='FILE', help='load weights from FILE (weights only)')
+    add_model_args(parser)
     parser.add_argument('--benchmark', required=True, choices=_BENCHMARKS, help='which shift benchmark')
     parser.add_argument('--root', required=True, metavar='DIR', help='local folder of the benchmark')
     parser.add_argument('--batch-size', type=int, default=64, help='images per batch (default: %(default)s)')

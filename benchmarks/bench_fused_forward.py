@@ -9,8 +9,7 @@ import argparse
 import json
 import platform
 import statistics
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import timm
 import torch

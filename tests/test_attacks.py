@@ -6,7 +6,7 @@ import timm
 import torch
 
 from timm_nofrost.attacks import (
-    APGD, FGSM, PGD, APGDTargeted, PixelModel, apgd_checkpoints, attack_mode, build_attack, nofrost_step_size,
+    APGD, FGSM, PGD, APGDTargeted, apgd_checkpoints, build_attack, nofrost_step_size,
     parse_attack, parse_eps)
 from timm_nofrost.layers import WS_CONV_TYPES
 

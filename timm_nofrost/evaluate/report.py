@@ -2,7 +2,7 @@
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 __all__ = ['RobustReport', 'WORST_CASE', 'format_eps']
 

@@ -4,7 +4,7 @@ Each check returns a ``SanityFlag`` with a one-line explanation. They run on a s
 classified examples with cheap extra attacks, so every report carries them.
 """
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 

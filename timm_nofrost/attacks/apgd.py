@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, project, random_delta, steepest_step
+from .base import Attack, check_positive_int, project, random_delta, steepest_step
 from .losses import get_loss, targeted_dlr
 
 __all__ = ['APGD', 'APGDTargeted', 'apgd_checkpoints']
@@ -45,10 +45,8 @@ class APGD(Attack):
             **kwargs,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f'steps must be a positive integer, got {steps!r}.')
-        if not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f'restarts must be a positive integer, got {restarts!r}.')
+        check_positive_int('steps', steps)
+        check_positive_int('restarts', restarts)
         self.steps = steps
         self.restarts = restarts
         self.rho = rho

@@ -22,7 +22,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, check_inputs
+from .base import Attack, check_inputs, check_positive_int
 
 __all__ = ['AutoAttack', 'autoattack_available']
 
@@ -74,8 +74,8 @@ class AutoAttack(Attack):
         official = _official_class()
         if version not in _VERSIONS:
             raise ValueError(f'Unknown AutoAttack version {version!r}; accepted: {", ".join(_VERSIONS)}.')
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
+        if batch_size is not None:
+            check_positive_int('batch_size', batch_size)
         self.version = version
         self.batch_size = batch_size
         self.verbose = verbose

@@ -48,6 +48,13 @@ def parse_eps(value: Union[str, float, int]) -> float:
     return eps
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 1, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    return value
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module under DDP / DataParallel / torch.compile wrappers: attacks never run through DDP hooks."""
     while True:

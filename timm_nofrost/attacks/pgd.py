@@ -4,7 +4,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, project, random_delta, steepest_step
+from .base import Attack, check_positive_int, project, random_delta, steepest_step
 from .losses import get_loss
 
 __all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
@@ -45,10 +45,8 @@ class PGD(Attack):
             **kwargs,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f'steps must be a positive integer, got {steps!r}.')
-        if not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f'restarts must be a positive integer, got {restarts!r}.')
+        check_positive_int('steps', steps)
+        check_positive_int('restarts', restarts)
         from .base import parse_eps
         self.step_size = parse_eps(step_size) if step_size is not None else default_step_size(self.eps, steps, norm)
         if self.step_size <= 0 and self.eps > 0:

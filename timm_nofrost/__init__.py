@@ -13,6 +13,7 @@ from .convert import (
     BlockReport, ConversionReport, NormFreeConversionError, convert_and_export, convert_to_normfree, normfree_blocks)
 from .signal_propagation import BlockSignal, signal_propagation
 from .hub import export_checkpoint, list_nofrost_models, push_folder
+from .training import AdversarialConfig, AdversarialTrainer
 
 __all__ = [
     '__version__',
@@ -38,4 +39,6 @@ __all__ = [
     'export_checkpoint',
     'list_nofrost_models',
     'push_folder',
+    'AdversarialConfig',
+    'AdversarialTrainer',
 ]

@@ -58,25 +58,54 @@ class PGD(Attack):
         self.loss_fn = get_loss(loss)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple:
-        eps = self.eps_tensor(x)
-        # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
-        step = (eps * (self.step_size / self.eps) if self.eps > 0 else torch.zeros_like(eps)).view(-1, 1, 1, 1)
-        generator = self.generator(x.device)
         best = _Best(x)
+        generator = self.generator(x.device)  # restarts continue one seeded stream
         zeros = torch.zeros((), device=x.device)
         for _ in range(self.restarts):
-            delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
-            for _ in range(self.steps):
-                loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
-                best.update(x + delta, loss, logits, y, target)
-                zeros += (grad == 0).sum()
-                delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
+            delta, restart_zeros = self._run(x, y, target, self.eps_tensor(x), generator, best)
+            zeros += restart_zeros
             with torch.no_grad():
                 logits = self.logits(x + delta)
                 loss = self.loss_fn(logits, y, target)
             best.update(x + delta, loss, logits, y, target)
         total = x.numel() * self.steps * self.restarts
         return best.x, zeros.item() / max(total, 1), best.logits
+
+    def generate(self, x: torch.Tensor, y: torch.Tensor, eps: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Training path: the last iterate of one PGD run, as adversarial training uses it (Madry et al.).
+
+        Unlike ``__call__``, nothing is validated and nothing waits on the device (no host syncs), no best
+        iterate is kept, and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup)
+        with the ``'ce'`` loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from
+        ``generator``, or torch's global generator (seeded per process by training scripts) when None.
+
+        Returns:
+            ``(x_adv, zero_count)``: adversarial images and the number of exactly-zero input-gradient
+            entries (a 0-dim tensor on the device).
+        """
+        self._labels_checked = True
+        eps = self.eps_tensor(x) if eps is None else eps
+        delta, zeros = self._run(x.detach(), y, None, eps, generator, None)
+        return (x.detach() + delta).detach(), zeros
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
+             generator: Optional[torch.Generator], best: Optional['_Best']) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One restart: ``steps`` signed-gradient steps from a random (or zero) start; the final delta."""
+        # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
+        step = (eps * (self.step_size / self.eps) if self.eps > 0 else torch.zeros_like(eps)).view(-1, 1, 1, 1)
+        zeros = torch.zeros((), device=x.device)
+        if self.random_start:
+            delta = random_delta(x, eps, self.norm, generator)
+        else:
+            delta = torch.zeros_like(x)
+        for _ in range(self.steps):
+            loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
+            if best is not None:
+                best.update(x + delta, loss, logits, y, target)
+            zeros += (grad == 0).sum()
+            delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
+        return delta, zeros
 
 
 class _Best:

@@ -1,0 +1,206 @@
+"""``AdversarialTrainer``: NoFrost adversarial training as a timm ``ClassificationTask``.
+
+Each ``forward(input, target)`` makes adversarial examples with the attacks' own PGD loop (eval mode, frozen
+parameters, input-only gradients, weight standardisation once per attack, on the module under any DDP /
+compile wrapper) and returns the mixed loss ``(1 - lambda) * loss(clean) + lambda * loss(adv)``. A model
+without batch-statistics layers gets both halves in ONE forward on the concatenated batch; BatchNorm models
+get the paper's baselines (shared BN with two forwards, or split BN).
+"""
+import logging
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from timm.task import ClassificationTask
+
+from ..attacks.base import PixelModel, attack_mode, unwrap_model
+from ..attacks.pgd import PGD
+from .batch_stats import batch_statistics_layers, has_split_batchnorm
+from .config import AdversarialConfig
+
+__all__ = ['AdversarialTrainer', 'resolve_batch_mode']
+
+_logger = logging.getLogger(__name__)
+
+NOFROST_CRITERION_KWARGS = dict(smoothing=0.1)  # the authors' label smoothing
+
+
+def resolve_batch_mode(model: nn.Module, batch_mode: str) -> str:
+    """The batch mode ``model`` can use: ``'auto'`` picks concat for normalizer-free models.
+
+    Raises:
+        ValueError: ``'concat'`` on a model with batch-statistics layers (the concatenated batch would change
+            the loss), or ``'split'`` on a model without BatchNorm.
+    """
+    layers = batch_statistics_layers(model)
+    if batch_mode == 'auto':
+        if not layers:
+            return 'concat'
+        return 'split' if has_split_batchnorm(model) else 'separate'
+    if batch_mode == 'concat' and layers:
+        shown = ', '.join(layers[:3]) + (f' and {len(layers) - 3} more' if len(layers) > 3 else '')
+        raise ValueError(
+            f"batch_mode='concat' needs a model whose layers never mix batch statistics, but {shown} do: one "
+            f"forward on cat([clean, adv]) would normalise both halves together. Use batch_mode='separate' "
+            f"(shared BN, BN-AT) or 'split' (split BN, MBN-AT), or convert the model with convert_to_normfree.")
+    if batch_mode == 'split' and not layers:
+        raise ValueError("batch_mode='split' needs BatchNorm layers to split; this model has none "
+                         "(use 'concat' or 'auto').")
+    return batch_mode
+
+
+class AdversarialTrainer(ClassificationTask):
+    """Adversarial training task for timm's ``train.py`` or any training loop.
+
+    Args:
+        model: The model to train (a timm model, a converted model, any classifier).
+        criterion: Training loss (timm's, label smoothing and soft targets included); None creates one from
+            ``criterion_kwargs``, which default to the authors' label smoothing 0.1.
+        criterion_kwargs: Arguments for ``timm.loss.create_classification_loss`` when ``criterion`` is None.
+        adv_cfg: Attack and loss settings; or pass them as keyword arguments (``eps='8/255', steps=10, ...``).
+        mean, std: Normalisation of the inputs (the data config's); default: the model's pretrained config.
+        input_normalized: Inputs arrive normalised (timm's loaders and prefetcher do this); False for pixels
+            in [0, 1].
+        device, dtype, verbose: As for ``timm.task.ClassificationTask``.
+
+    ``forward`` returns ``loss``, ``output`` (clean logits; adversarial ones when lambda is 1), ``output_adv``,
+    ``loss_clean``, ``loss_adv`` and attack statistics (``adv_eps``, ``acc_clean``, ``acc_adv``,
+    ``attack_zero_grad_frac``), all tensors, none of them synchronised with the host.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            adv_cfg: Optional[AdversarialConfig] = None,
+            mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None,
+            input_normalized: bool = True,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+            **adv_kwargs: Any,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f'AdversarialTrainer needs a torch.nn.Module, got {type(model).__name__}.')
+        if adv_cfg is not None and adv_kwargs:
+            raise ValueError(f'Pass either adv_cfg or adversarial keyword arguments, not both: {sorted(adv_kwargs)}.')
+        if adv_cfg is not None and not isinstance(adv_cfg, AdversarialConfig):
+            raise TypeError(f'adv_cfg must be an AdversarialConfig, got {type(adv_cfg).__name__}.')
+        try:
+            adv_cfg = adv_cfg or AdversarialConfig(**adv_kwargs)
+        except TypeError as e:
+            raise TypeError(f'{e}; accepted adversarial settings: {", ".join(AdversarialConfig.__dataclass_fields__)}.') \
+                from None
+        if criterion is None and criterion_kwargs is None:
+            criterion_kwargs = dict(NOFROST_CRITERION_KWARGS)
+        self.batch_mode = resolve_batch_mode(unwrap_model(model), adv_cfg.batch_mode)
+        if self.batch_mode == 'split' and not has_split_batchnorm(model):
+            from timm.layers import convert_splitbn_model
+            model = convert_splitbn_model(model, num_splits=2)
+        super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype,
+                         verbose=verbose)
+        self.adv_cfg = adv_cfg
+        cfg = getattr(unwrap_model(model), 'pretrained_cfg', None) or {}
+        self.mean = tuple(mean if mean is not None else cfg.get('mean', (0.485, 0.456, 0.406)))
+        self.std = tuple(std if std is not None else cfg.get('std', (0.229, 0.224, 0.225)))
+        self.input_normalized = input_normalized
+        self.adv_batches = 0  # batches attacked so far: drives the eps warm-up, kept in the task state
+        self._attack: Optional[PGD] = None
+        if verbose:
+            _logger.info(
+                f'AdversarialTrainer: {adv_cfg.norm} eps {adv_cfg.eps:.5g}, PGD-{adv_cfg.steps} step '
+                f'{adv_cfg.attack_step_size:.5g}, lambda {adv_cfg.adv_weight:g}, batch mode {self.batch_mode}')
+
+    # -- attack ------------------------------------------------------------------------------------------
+    def attack(self) -> PGD:
+        """The PGD attack on the current (unwrapped) trainable module."""
+        module = unwrap_model(self.get_trainable_module())
+        if self._attack is None or self._attack.model.model is not module:
+            cfg = self.adv_cfg
+            self._attack = PGD(
+                PixelModel(module, self.mean, self.std), eps=cfg.eps, steps=max(cfg.steps, 1),
+                step_size=cfg.attack_step_size, norm=cfg.norm, random_start=cfg.random_start, loss='ce')
+        return self._attack
+
+    def _stats(self, input: torch.Tensor) -> tuple:
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=input.device, dtype=input.dtype).view(shape)
+        std = torch.tensor(self.std, device=input.device, dtype=input.dtype).view(shape)
+        return mean, std
+
+    def make_adversarial(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Adversarial versions of ``input`` (in the same normalisation and memory format) and attack stats."""
+        cfg = self.adv_cfg
+        eps = cfg.eps_at(self.adv_batches)
+        mean, std = self._stats(input)
+        pixels = (input * std + mean) if self.input_normalized else input
+        # random erasing / noise can leave the [0, 1] range: the attack's ball lives in valid images
+        pixels = pixels.detach().clamp(0, 1)
+        attack = self.attack()
+        device_type = input.device.type
+        attack.amp_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
+        with attack_mode(attack.model):
+            x_adv, zeros = attack.generate(pixels, target, eps=eps_t)
+        x_adv = ((x_adv - mean) / std) if self.input_normalized else x_adv
+        if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+        x_adv = x_adv.to(input.dtype).detach()
+        return {
+            'input_adv': x_adv,
+            'adv_eps': torch.tensor(eps, device=input.device),
+            'attack_zero_grad_frac': zeros.float() / max(input.numel() * cfg.steps, 1),
+        }
+
+    # -- training forward -----------------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Attack the batch, then one training forward (or two, for shared BN) and the mixed loss."""
+        cfg = self.adv_cfg
+        if cfg.adv_weight == 0:
+            result = super().forward(input, target)
+            result['loss_clean'] = result['loss'].detach()
+            return result
+        adv = self.make_adversarial(input, target)
+        self.adv_batches += 1
+        x_adv = adv.pop('input_adv')
+        module = self.trainable_module
+        n = input.shape[0]
+        out_clean = None
+        if cfg.adv_weight == 1 and self.batch_mode != 'split':
+            out_adv = module(x_adv)  # Madry AT: the clean half would carry no weight
+        elif self.batch_mode == 'separate':
+            out_clean, out_adv = module(input), module(x_adv)
+        else:  # concat (normalizer-free) or split BN: one forward on both halves
+            out_clean, out_adv = module(torch.cat([input, x_adv], dim=0)).split(n)
+        loss_adv = self.criterion(out_adv, target)
+        result = dict(adv)
+        if out_clean is not None:
+            loss_clean = self.criterion(out_clean, target)
+            loss = (1 - cfg.adv_weight) * loss_clean + cfg.adv_weight * loss_adv
+            result['loss_clean'] = loss_clean.detach()
+        else:
+            loss = loss_adv
+        labels = target.argmax(dim=1) if target.ndim == 2 else target
+        result.update(
+            loss=loss,
+            loss_adv=loss_adv.detach(),
+            output=out_clean if out_clean is not None else out_adv,
+            output_adv=out_adv,
+            acc_adv=(out_adv.detach().argmax(dim=1) == labels).float().mean(),
+        )
+        if out_clean is not None:
+            result['acc_clean'] = (out_clean.detach().argmax(dim=1) == labels).float().mean()
+        return result
+
+    # -- task state (resume keeps the warm-up position) -------------------------------------------------
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        if ema:
+            return {}
+        return {'adv_batches': self.adv_batches, 'adv_cfg': self.adv_cfg.to_dict(), 'batch_mode': self.batch_mode}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+                        ema: bool = False) -> None:
+        if state and not ema:
+            self.adv_batches = int(state.get('adv_batches', 0))

@@ -194,6 +194,14 @@ class AdversarialTrainer(ClassificationTask):
             result['acc_clean'] = (out_clean.detach().argmax(dim=1) == labels).float().mean()
         return result
 
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> 'AdversarialTrainer':
+        """Wrap the model in DDP. CPU device ids are dropped (timm's train.py passes ``[device]`` on every
+        device, but DDP takes device ids for GPU modules only), so gloo training on CPUs works too."""
+        if device_ids and all(isinstance(d, (str, torch.device)) and torch.device(d).type == 'cpu'
+                              for d in device_ids):
+            device_ids = None
+        return super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+
     # -- task state (resume keeps the warm-up position) -------------------------------------------------
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         if ema:

@@ -1,0 +1,451 @@
+"""Run timm's own, unmodified ``train.py`` with NoFrost adversarial training and robust validation.
+
+timm's ``train.py`` ships only in a clone of the timm repository. It looks ``ClassificationTask``,
+``validate`` and ``_parse_args`` up in its module globals when ``main()`` runs, so a launcher that loads the
+script by path can replace them before calling ``main()``:
+
+* ``_parse_args`` is wrapped to keep the parsed arguments (for the data config's mean / std), to refuse
+  distillation (its tasks are not adversarial) and to record the adversarial settings in ``args.yaml``;
+* ``ClassificationTask`` becomes a factory building an :class:`AdversarialTrainer` with those settings and the
+  data config's normalisation (timm's loaders normalise, with or without the prefetcher);
+* ``validate`` is wrapped: while timm's clean validation runs, the images of a fixed subset spread evenly over
+  the validation set are kept on the way (no second pass over the data); they are then attacked in pixel
+  space and ``robust_top1_<attack>`` is added to the returned metrics, so it lands in ``summary.csv``, in the
+  ``--result`` JSON and can drive checkpoint selection (``--eval-metric robust_top1_pgd-10``). The EMA
+  model's validation gets its own.
+
+The script is loaded under a private module name, without putting its directory on ``sys.path``: a clone's
+root holds a ``timm/`` package that would shadow the installed timm.
+"""
+import argparse
+import functools
+import importlib.util
+import inspect
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..attacks import build_attack, parse_attack
+from ..attacks.autoattack import autoattack_available
+from ..attacks.base import PixelModel, unwrap_model
+from .config import AdversarialConfig
+from .trainer import AdversarialTrainer
+
+__all__ = [
+    'LaunchedAdversarialTrainer', 'REQUIRED_GLOBALS', 'RobustValidationConfig', 'SubsetCollector',
+    'TimmTrainLauncher', 'load_train_script', 'robust_correct', 'run_timm_train', 'spread_indices',
+]
+
+_logger = logging.getLogger(__name__)
+
+# what the launcher replaces or calls in the script; every timm train.py since the task API has them
+REQUIRED_GLOBALS = ('ClassificationTask', 'validate', 'main', '_parse_args')
+SCRIPT_MODULE_NAME = '_timm_nofrost_train_script'
+METRIC_PREFIX = 'robust_top1_'
+
+
+@dataclass
+class RobustValidationConfig:
+    """Robust accuracy measured after each of timm's validations.
+
+    Args:
+        attacks: Attack names as ``timm-nofrost eval`` spells them (``pgd-10``, ``pgd-20``, ``apgd-ce``,
+            ``clean`` for the subset's clean accuracy, ...), a list or a comma-separated string.
+        examples: Attack this many validation images, spread evenly over the set (indices ``floor(i * size / n)``);
+            0 turns robust validation off.
+    """
+    attacks: Union[str, Sequence[str]] = ('pgd-10',)
+    examples: int = 500
+    specs: List[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = self.attacks.split(',') if isinstance(self.attacks, str) else list(self.attacks)
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise ValueError('No validation attack given; name at least one, e.g. pgd-10 (or set examples=0 '
+                             'to turn robust validation off).')
+        specs = []
+        for name in names:
+            spec = parse_attack(name)
+            if spec.name not in [s.name for s in specs]:
+                specs.append(spec)
+        if any(s.kind == 'autoattack' for s in specs) and not autoattack_available():
+            raise ValueError('autoattack needs the official AutoAttack package: pip install pyautoattack.')
+        self.specs = specs
+        self.attacks = tuple(s.name for s in specs)
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
+            raise ValueError(f'The number of robust validation examples must be an integer >= 0, '
+                             f'got {self.examples!r}.')
+
+    @property
+    def enabled(self) -> bool:
+        return self.examples > 0
+
+    def metric_names(self) -> List[str]:
+        """Keys added to timm's validation metrics, in order."""
+        names = [METRIC_PREFIX + a for a in self.attacks]
+        if sum(s.kind != 'clean' for s in self.specs) > 1:
+            names.append(METRIC_PREFIX + 'worst')
+        return names
+
+
+# -- loading the script ---------------------------------------------------------------------------------------
+def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_NAME) -> ModuleType:
+    """Import ``path`` (a timm ``train.py``) as a private module, leaving ``sys.path`` untouched.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a Python file, or a script without the globals the launcher needs.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f'No timm train.py at {str(path)!r}: give the path of train.py in a clone of '
+                                f'https://github.com/huggingface/pytorch-image-models.')
+    if path.suffix != '.py':
+        raise ValueError(f'{str(path)!r} is not a Python script; give the path of timm\'s train.py.')
+    importlib.import_module('timm_nofrost.models')  # registers our models before train.py creates one
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(module_name)
+    sys.modules[module_name] = module  # some machinery (pickling, dataclasses) looks the module up by name
+    argv = sys.argv
+    sys.argv = [str(path)] + argv[1:]  # train.py's parser takes its program name (for errors) from argv[0]
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        if previous is None:
+            sys.modules.pop(module_name, None)
+        else:
+            sys.modules[module_name] = previous
+        raise
+    finally:
+        sys.argv = argv
+    missing = [name for name in REQUIRED_GLOBALS if not callable(getattr(module, name, None))]
+    if missing:
+        raise ValueError(f'{str(path)!r} does not look like timm\'s train.py: it has no {", ".join(missing)}. '
+                         f'The launcher needs a train.py from timm >= 1.0.31 (with timm.task).')
+    return module
+
+
+# -- robust validation ----------------------------------------------------------------------------------------
+def spread_indices(n_examples: int, dataset_size: int) -> List[int]:
+    """``n_examples`` dataset indices spread evenly over ``range(dataset_size)``: ``floor(i * size / n)``.
+
+    A fixed subset that visits every part of the validation set: ImageFolder sorts images by class, so the
+    first N images would cover only the first few classes.
+    """
+    n = min(n_examples, dataset_size)
+    return [i * dataset_size // n for i in range(n)]
+
+
+class SubsetCollector:
+    """Hands timm's eval loader to its ``validate`` unchanged, keeping the images of the robust subset on the way.
+
+    No second pass over the data: each batch timm's validation loads is checked for subset members, which are
+    kept as pixels in [0, 1] (the loader's normalisation undone with ``mean`` / ``std``; as 8-bit values when
+    the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees dataset
+    positions ``r, r + W, r + 2W, ...`` (positions past the dataset are padding), so the ranks together keep
+    each subset image exactly once.
+
+    Args:
+        loader: The eval loader; its ``dataset`` length places the subset (without one: the first N images).
+        n_examples: Subset size.
+        mean, std: The loader's normalisation.
+        rank, world_size: This process's place in distributed validation.
+    """
+
+    def __init__(self, loader: Any, n_examples: int, mean: Sequence[float], std: Sequence[float], rank: int = 0,
+                 world_size: int = 1):
+        self.loader = loader
+        try:
+            size = len(loader.dataset)
+        except (AttributeError, TypeError):
+            size = None
+        self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
+        self.dataset_size = size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.rank, self.world_size = rank, world_size
+        self.pixels: List[torch.Tensor] = []
+        self.targets: List[torch.Tensor] = []
+        self.batch_size = 0
+        self.unsupported: Optional[str] = None
+        self._seen = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__['loader'], name)
+
+    def __iter__(self):
+        self._seen = 0
+        for batch in self.loader:
+            self._keep(batch)
+            yield batch
+
+    def _positions(self, n: int) -> List[int]:
+        """Dataset positions of the next ``n`` samples this rank receives."""
+        start = self._seen
+        self._seen += n
+        return [self.rank + j * self.world_size for j in range(start, start + n)]
+
+    def _keep(self, batch: Any) -> None:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)
+                and batch[0].ndim == 4):
+            self.unsupported = f'batches of {type(batch).__name__} instead of (images, targets)'
+            return
+        input, target = batch
+        self.batch_size = max(self.batch_size, input.shape[0])
+        rows = [i for i, p in enumerate(self._positions(input.shape[0]))
+                if p in self.subset and (self.dataset_size is None or p < self.dataset_size)]
+        if not rows:
+            return
+        index = torch.tensor(rows, device=input.device)
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=input.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.std, device=input.device, dtype=torch.float32).view(shape)
+        pixels = (input.index_select(0, index).float() * std + mean).clamp_(0, 1)
+        levels = pixels * 255
+        if (levels - levels.round()).abs().max() < 1e-3:  # 8-bit images: keep them in a quarter of the memory
+            pixels = levels.round_().to(torch.uint8)
+        self.pixels.append(pixels)
+        self.targets.append(target.index_select(0, index.to(target.device)))
+
+    def examples(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The kept images as float pixels in [0, 1] (ordinary tensors, usable with autograd) and their labels."""
+        if not self.pixels:
+            return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
+        pixels = torch.cat([p.float() / 255 if p.dtype == torch.uint8 else p.float() for p in self.pixels]).clone()
+        targets = torch.cat(self.targets).clone()
+        if targets.ndim == 2:  # one-hot / soft targets
+            targets = targets.argmax(dim=1)
+        return pixels, targets.long()
+
+
+def _autocast_dtype(amp_autocast: Callable) -> Optional[torch.dtype]:
+    """The autocast dtype train.py uses (a ``partial(torch.autocast, dtype=...)``), None without AMP."""
+    if isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast:
+        dtype = amp_autocast.keywords.get('dtype')
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return None
+
+
+def _reduce_sum(values: List[float], device: torch.device, distributed: bool) -> List[float]:
+    if not distributed or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def robust_correct(
+        model: nn.Module,
+        pixels: torch.Tensor,
+        targets: torch.Tensor,
+        config: RobustValidationConfig,
+        eps: float,
+        norm: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        model_dtype: Optional[torch.dtype] = None,
+        amp_dtype: Optional[torch.dtype] = None,
+        seed: int = 0,
+) -> Dict[str, int]:
+    """How many of ``pixels`` (images in [0, 1]) each attack leaves correctly classified, keyed by metric name.
+
+    Attacks run batch by batch, each seeded alike, in eval mode with input-only gradients. With several
+    attacks, ``robust_top1_worst`` counts an image only if it survives every one.
+    """
+    attacks = {spec.name: build_attack(spec, model, eps=eps, norm=norm, mean=mean, std=std, seed=seed,
+                                       amp_dtype=amp_dtype) for spec in config.specs}
+    correct = {name: 0 for name in config.metric_names()}
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        # timm's validate runs under inference_mode; attacks need autograd (input gradients only)
+        with torch.inference_mode(False), torch.enable_grad():
+            for start in range(0, pixels.shape[0], max(batch_size, 1)):
+                x = pixels[start:start + batch_size]
+                y = targets[start:start + batch_size]
+                if model_dtype is not None:
+                    x = x.to(model_dtype)
+                survived = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+                for name, attack in attacks.items():
+                    if attack is None:  # the subset's clean accuracy
+                        with torch.no_grad():
+                            ok = PixelModel(net, mean, std)(x).argmax(dim=1) == y
+                    else:
+                        ok = attack(x, y).correct
+                        survived &= ok
+                    correct[METRIC_PREFIX + name] += int(ok.sum().item())
+                if METRIC_PREFIX + 'worst' in correct:
+                    correct[METRIC_PREFIX + 'worst'] += int(survived.sum().item())
+    finally:
+        net.train(was_training)
+    return correct
+
+
+# -- the launcher ---------------------------------------------------------------------------------------------
+class LaunchedAdversarialTrainer(AdversarialTrainer):
+    """The :class:`AdversarialTrainer` train.py gets (a separate name, so logs say where it came from)."""
+
+
+# -- launching -----------------------------------------------------------------------------------------------
+class TimmTrainLauncher:
+    """Swaps NoFrost adversarial training and robust validation into a loaded timm ``train.py``.
+
+    Args:
+        module: The loaded script (see :func:`load_train_script`).
+        adv_cfg: Adversarial training settings (the NoFrost recipe by default).
+        robust_val: Robust validation settings; its attacks run at the training eps and norm.
+    """
+
+    def __init__(self, module: ModuleType, adv_cfg: Optional[AdversarialConfig] = None,
+                 robust_val: Optional[RobustValidationConfig] = None):
+        self.module = module
+        self.adv_cfg = adv_cfg or AdversarialConfig()
+        self.robust_val = robust_val or RobustValidationConfig()
+        self.args: Optional[argparse.Namespace] = None
+        self.mean: Optional[Tuple[float, ...]] = None
+        self.std: Optional[Tuple[float, ...]] = None
+        self.tasks: List[AdversarialTrainer] = []
+        self.robust_history: List[Dict[str, Any]] = []  # one entry per validation: metrics, images, suffix
+        self._original: Dict[str, Any] = {name: getattr(module, name) for name in REQUIRED_GLOBALS}
+        self._validate_signature = inspect.signature(self._original['validate'])
+
+    # -- installation ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Replace ``_parse_args``, ``ClassificationTask`` and ``validate`` in the script's globals."""
+        self.module._parse_args = self._parse_args
+        self.module.ClassificationTask = self.make_task
+        self.module.validate = self.validate
+
+    def uninstall(self) -> None:
+        """Put the script's own functions back."""
+        for name, value in self._original.items():
+            setattr(self.module, name, value)
+
+    def settings(self) -> Dict[str, Any]:
+        """The launcher's settings, as recorded in ``args.yaml``."""
+        return {'adversarial': self.adv_cfg.to_dict(),
+                'robust_validation': {'attacks': list(self.robust_val.attacks), 'examples': self.robust_val.examples,
+                                      'eps': self.adv_cfg.eps, 'norm': self.adv_cfg.norm}}
+
+    # -- replacements ---------------------------------------------------------------------------------------
+    def _parse_args(self, *a: Any, **kw: Any) -> Any:
+        """train.py's own parsing; keeps the arguments and adds our settings to the saved ``args.yaml``."""
+        parsed = self._original['_parse_args'](*a, **kw)
+        args, rest = (parsed[0], parsed[1:]) if isinstance(parsed, tuple) else (parsed, None)
+        if getattr(args, 'kd_model_name', None):
+            raise ValueError('timm-train runs adversarial training through ClassificationTask; train.py\'s '
+                             'distillation tasks (--kd-model-name) are not adversarial. Drop --kd-model-name.')
+        self.args = args
+        if rest is None:
+            return args
+        if rest and isinstance(rest[0], str):  # args_text: the YAML written to the output folder
+            import yaml
+            rest = (rest[0] + yaml.safe_dump({'nofrost': self.settings()}, default_flow_style=False),) + rest[1:]
+        return (args,) + tuple(rest)
+
+    def make_task(self, model: nn.Module, criterion: Optional[Callable] = None, device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None, verbose: bool = True, **kwargs: Any) -> AdversarialTrainer:
+        """Stands in for ``ClassificationTask(...)``: an :class:`AdversarialTrainer` on normalised inputs."""
+        self.mean, self.std = self._normalization(model)
+        task = LaunchedAdversarialTrainer(
+            model, criterion=criterion, adv_cfg=self.adv_cfg, mean=self.mean, std=self.std, input_normalized=True,
+            device=device, dtype=dtype, verbose=verbose, **kwargs)
+        self.tasks.append(task)
+        return task
+
+    def validate(self, *a: Any, **kw: Any) -> Any:
+        """timm's validation, then robust top-1 on the fixed subset added to its metrics."""
+        if not self.robust_val.enabled:
+            return self._original['validate'](*a, **kw)
+        bound = self._validate_signature.bind(*a, **kw)
+        bound.apply_defaults()
+        call = bound.arguments
+        args = call.get('args') or self.args
+        model = call['model']
+        rank, world_size = getattr(args, 'rank', 0), getattr(args, 'world_size', 1)
+        mean, std = (self.mean, self.std) if self.mean is not None else self._normalization(model)
+        collector = SubsetCollector(call['loader'], self.robust_val.examples, mean, std, rank, world_size)
+        call['loader'] = collector  # timm's loop loads the subset for us: no second pass over the data
+        metrics = self._original['validate'](*bound.args, **bound.kwargs)
+        if not isinstance(metrics, dict):
+            return metrics
+        start = time.time()
+        device = torch.device(call.get('device') or getattr(args, 'device', 'cpu'))
+        names = self.robust_val.metric_names()
+        if collector.unsupported:
+            _logger.warning(f'Robust validation skipped: the eval loader yields {collector.unsupported}.')
+            counts, n_local = {name: 0 for name in names}, 0
+        else:
+            pixels, targets = collector.examples()
+            pixels, targets = pixels.to(device), targets.to(device)
+            counts = robust_correct(
+                model, pixels, targets, self.robust_val, eps=self.adv_cfg.eps, norm=self.adv_cfg.norm, mean=mean,
+                std=std, batch_size=collector.batch_size, model_dtype=call.get('model_dtype'),
+                amp_dtype=_autocast_dtype(call.get('amp_autocast')))
+            n_local = pixels.shape[0]
+        totals = _reduce_sum([float(counts[k]) for k in names] + [float(n_local)], device,
+                             bool(getattr(args, 'distributed', False)))
+        n = int(round(totals[-1]))
+        robust = {k: (100.0 * v / n if n else float('nan')) for k, v in zip(names, totals[:-1])}
+        metrics.update(robust)
+        suffix = call.get('log_suffix', '') or ''
+        self.robust_history.append({'metrics': dict(robust), 'examples': n, 'log_suffix': suffix})
+        if rank == 0:
+            shown = '  '.join(f'{k[len(METRIC_PREFIX):]}: {v:.3f}' for k, v in robust.items())
+            _logger.info(f'Robust{suffix}: {shown}  ({self.adv_cfg.norm} eps {self.adv_cfg.eps:.5g}, {n} images, '
+                         f'{time.time() - start:.1f}s)')
+        return metrics
+
+    def _normalization(self, model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """mean / std of timm's loaders: the data config train.py resolves from its arguments and the model."""
+        from timm.data import resolve_data_config
+        args = vars(self.args) if self.args is not None else {}
+        config = resolve_data_config(args, model=unwrap_model(model), verbose=False)
+        return tuple(float(m) for m in config['mean']), tuple(float(s) for s in config['std'])
+
+    # -- running --------------------------------------------------------------------------------------------
+    def run(self, train_args: Sequence[str]) -> Any:
+        """Call the script's ``main()`` with ``train_args`` as its command line; returns what main returns."""
+        argv = sys.argv
+        sys.argv = [str(getattr(self.module, '__file__', 'train.py'))] + list(train_args)
+        self.install()
+        try:
+            result = self.module.main()
+        finally:
+            sys.argv = argv
+            self.uninstall()
+        if not self.tasks:
+            _logger.warning('train.py never built a ClassificationTask: nothing was trained adversarially.')
+        return result
+
+
+def run_timm_train(
+        script: Union[str, Path],
+        train_args: Sequence[str],
+        adv_cfg: Optional[AdversarialConfig] = None,
+        robust_val: Optional[RobustValidationConfig] = None,
+) -> TimmTrainLauncher:
+    """Run timm's ``train.py`` at ``script`` with ``train_args``, adversarially; returns the launcher.
+
+    Example::
+
+        run_timm_train('pytorch-image-models/train.py', ['/data/imagenet', '--model', 'nf_resnet50_nofrost'],
+                       AdversarialConfig(eps='4/255'), RobustValidationConfig('pgd-20,apgd-ce', examples=1000))
+    """
+    launcher = TimmTrainLauncher(load_train_script(script), adv_cfg, robust_val)
+    launcher.run(train_args)
+    return launcher
+

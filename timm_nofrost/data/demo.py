@@ -45,14 +45,14 @@ def render_shapes(n: int, img_size: int = 32, seed: int = 0) -> Tuple[np.ndarray
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(DEMO_CLASSES)
     rng.shuffle(labels)
-    # per image: background colour and gradient, shape colour (a clear but varying contrast), radius, centre
-    base = rng.uniform(0.2, 0.8, size=(n, 1, 1, 3))
-    grad = rng.uniform(-0.15, 0.15, size=(n, 2, 1, 1, 3))
-    fg = np.clip(base + rng.choice([-1, 1], size=(n, 1, 1, 3)) * rng.uniform(0.15, 0.4, size=(n, 1, 1, 3)), 0, 1)
-    r = rng.uniform(0.2, 0.32, size=(n, 1, 1)) * img_size
+    # per image: a darker background with a random gradient, a brighter shape colour, radius, centre
+    base = rng.uniform(0.1, 0.45, size=(n, 1, 1, 3))
+    grad = rng.uniform(-0.1, 0.1, size=(n, 2, 1, 1, 3))
+    fg = rng.uniform(0.55, 0.95, size=(n, 1, 1, 3))
+    r = rng.uniform(0.25, 0.4, size=(n, 1, 1)) * img_size
     cx = rng.uniform(0, 1, size=(n, 1, 1)) * (img_size - 2 * r - 2) + r + 1
     cy = rng.uniform(0, 1, size=(n, 1, 1)) * (img_size - 2 * r - 2) + r + 1
-    noise = rng.normal(0, 0.04, size=(n, img_size, img_size, 3))
+    noise = rng.normal(0, 0.03, size=(n, img_size, img_size, 3))
     yy, xx = np.mgrid[0:img_size, 0:img_size].astype(np.float64)
     bg = base + (xx[None, :, :, None] / img_size - 0.5) * grad[:, 0] + (yy[None, :, :, None] / img_size - 0.5) * grad[:, 1]
     mask = np.zeros((n, img_size, img_size), dtype=bool)

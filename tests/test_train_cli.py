@@ -1,0 +1,216 @@
+"""``timm-nofrost train``: outputs, resume, atomic checkpoints, faults and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from timm_nofrost.cli import main
+from timm_nofrost.data import write_image_folder
+from timm_nofrost.training import checkpointing
+from timm_nofrost.training.checkpointing import atomic_save, load_training_checkpoint
+from timm_nofrost.training.run import TrainConfig, TrainingDiverged, train
+
+from conftest import TINY_ARGS, TINY_MODEL
+
+TESTS = Path(__file__).parent
+TINY_KWARGS = json.dumps({**TINY_ARGS, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('shapes')
+    write_image_folder(root / 'train', 'train', num_samples=40, img_size=16)
+    write_image_folder(root / 'val', 'val', num_samples=15, img_size=16)
+    return root
+
+
+def tiny_args(data_dir: Path, out: Path, *extra: str) -> list:
+    return ['train', '--data', str(data_dir), '--model', TINY_MODEL, '--model-kwargs', TINY_KWARGS,
+            '--img-size', '16', '-b', '10', '--epochs', '2', '--adv-steps', '1', '--robust-examples', '6',
+            '--final-attacks', 'clean,pgd-5,apgd-ce-5', '--eval-attack', 'pgd-3', '--out', str(out),
+            '--no-progress', *extra]
+
+
+def test_train_writes_timm_checkpoints_summary_and_table(data_dir, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(tiny_args(data_dir, out, '--json')) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)  # with --json, stdout is only JSON; the log went to stderr
+    assert '| model | clean | pgd-5 | apgd-ce-5 | worst-case |' in captured.err
+    assert 'epoch 2/2' in captured.err and 'val pgd-3' in captured.err
+    run = results['runs']['nofrost']
+    assert [e['epoch'] for e in run['epochs']] == [1, 2]
+    final = run['final']['accuracy']
+    assert 0 <= final['worst-case'] <= min(final['pgd-5'], final['apgd-ce-5']) <= final['clean'] <= 100
+    lines = [json.loads(line) for line in (out / 'summary.jsonl').read_text().splitlines()]
+    assert [row['epoch'] for row in lines] == [1, 2]
+    for row in lines:
+        assert {'train_loss', 'train_loss_clean', 'train_loss_adv', 'val_clean_top1', 'val_robust_top1', 'lr'} <= set(row)
+        assert torch.isfinite(torch.tensor(row['train_loss']))
+    # a timm-format checkpoint: timm's own loader reads it (weights_only) into the same architecture
+    state = load_training_checkpoint(out / 'checkpoint-last.pth')
+    assert state['epoch'] == 1 and state['arch'] == TINY_MODEL
+    model = timm.create_model(TINY_MODEL, num_classes=5, checkpoint_path=str(out / 'checkpoint-last.pth'),
+                              **json.loads(TINY_KWARGS))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state['state_dict'][k])
+    assert (out / 'model_best.pth').is_file() and (out / 'robustness.md').is_file()
+    assert json.loads((out / 'results.json').read_text())['runs']['nofrost']['final']['accuracy'] == final
+
+
+def test_resume_continues_where_the_run_stopped(data_dir, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(tiny_args(data_dir, out, '--epochs', '1')) == 0
+    assert main(tiny_args(data_dir, out)) == 2  # a second run into the same folder must say so
+    assert 'pass --resume to continue it or --overwrite' in capsys.readouterr().err
+    assert main(tiny_args(data_dir, out, '--resume')) == 0
+    text = capsys.readouterr().out
+    assert 'resumed from' in text and 'epoch 1 of 2 done' in text and 'epoch 2/2' in text and 'epoch 1/2' not in text
+    assert [json.loads(x)['epoch'] for x in (out / 'summary.jsonl').read_text().splitlines()] == [1, 2]
+    assert load_training_checkpoint(out / 'checkpoint-last.pth')['epoch'] == 1
+
+
+class NaNAfter(nn.Module):
+    """A tiny classifier whose output turns NaN after ``n`` training forwards."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.net = timm.create_model(TINY_MODEL, num_classes=5, **json.loads(TINY_KWARGS))
+        self.pretrained_cfg = self.net.pretrained_cfg
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        out = self.net(x)
+        return out * float('nan') if self.training and self.calls > self.n else out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    cfg = TrainConfig(data=str(data_dir), model=TINY_MODEL, img_size=16, batch_size=10, epochs=3, robust_examples=4,
+                      final_attacks='clean,pgd-3', eval_attack='pgd-3', out_dir=str(out), progress=False)
+    model = NaNAfter(n=5)  # 4 training batches per epoch: NaN in the second epoch
+    with pytest.raises(TrainingDiverged, match=r'loss is nan at epoch 2, step 2: training stopped; the last good '
+                                               r'checkpoint .*checkpoint-last.pth \(epoch 1\) is kept'):
+        train(cfg, model=model)
+    state = load_training_checkpoint(out / 'checkpoint-last.pth')
+    assert state['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in state['state_dict'].values())
+    assert not list(out.glob('.*.tmp'))
+
+
+def test_nan_loss_exit_code(data_dir, tmp_path, monkeypatch, capsys):
+    from timm_nofrost.training import run
+    monkeypatch.setattr(run, 'build_model', lambda cfg, num_classes, model=None: NaNAfter(n=0))
+    assert main(tiny_args(data_dir, tmp_path / 'run')) == 3
+    assert 'loss is nan at epoch 1, step 1' in capsys.readouterr().err
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint-last.pth'
+    atomic_save({'state_dict': {'w': torch.ones(3)}, 'epoch': 0}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(checkpointing.torch, 'save', crash)
+    with pytest.raises(OSError, match='disk full'):
+        atomic_save({'state_dict': {'w': torch.zeros(3)}, 'epoch': 1}, path)
+    monkeypatch.undo()
+    state = load_training_checkpoint(path)
+    assert state['epoch'] == 0 and torch.equal(state['state_dict']['w'], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']
+
+
+def _run_cli(args: list, env: dict, **kwargs) -> subprocess.Popen:
+    code = (f'import sys; sys.path.insert(0, {str(TESTS)!r}); import slow_training; '
+            'from timm_nofrost.cli import main; sys.exit(main(sys.argv[1:]))')
+    return subprocess.Popen([sys.executable, '-c', code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(data_dir, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    args = lambda out, *extra: [a for a in tiny_args(data_dir, out, '--epochs', '3', '--deterministic', *extra)]  # noqa
+    reference = _run_cli(args(tmp_path / 'ref'), env)
+    assert reference.wait(timeout=240) == 0, reference.stdout.read()
+
+    killed = _run_cli(args(tmp_path / 'run'), env)
+    summary = tmp_path / 'run' / 'summary.jsonl'
+    deadline = time.time() + 200
+    while not (summary.exists() and summary.read_text().count('\n') >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)  # well inside epoch 2 (4 batches of >= 0.15 s each)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    assert summary.read_text().count('\n') == 1  # it died during epoch 2
+    assert load_training_checkpoint(tmp_path / 'run' / 'checkpoint-last.pth')['epoch'] == 0
+
+    resumed = _run_cli(args(tmp_path / 'run', '--resume'), env)
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output
+    ref = load_training_checkpoint(tmp_path / 'ref' / 'checkpoint-last.pth')
+    got = load_training_checkpoint(tmp_path / 'run' / 'checkpoint-last.pth')
+    assert got['epoch'] == ref['epoch'] == 2
+    for k, v in ref['state_dict'].items():
+        assert torch.equal(v, got['state_dict'][k]), k
+
+
+def test_bad_input_fails_before_training(data_dir, tmp_path, capsys):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / 'cat').mkdir()
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    cases = [
+        (['--data', str(tmp_path / 'missing')], 'does not exist'),
+        (['--data', str(empty)], 'has class folders (cat) but no images'),
+        (['--model', 'resnet_does_not_exist'], "Unknown model 'resnet_does_not_exist'"),
+        (['--out', str(blocker / 'sub')], 'is not writable'),
+        (['--adv-eps', '-1'], 'must be a finite number >= 0'),
+        (['--adv-steps', '0'], 'steps=0 makes no adversarial examples'),
+        (['--epochs', '0'], 'epochs must be a positive integer'),
+        (['--eval-attack', 'pgd-x'], "Unknown attack 'pgd-x'"),
+        (['--model-kwargs', '{bad'], '--model-kwargs is not valid JSON'),
+        (['--resume', str(tmp_path / 'nope.pth')], 'Nothing to resume'),
+    ]
+    for extra, message in cases:
+        out = tmp_path / 'out'
+        start = time.time()
+        assert main(tiny_args(data_dir, out, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+        assert 'Traceback' not in err and time.time() - start < 20
+        assert not (out / 'checkpoint-last.pth').exists()
+
+
+def test_compare_bn_trains_the_batchnorm_twin(data_dir, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(tiny_args(data_dir, out, '--epochs', '1', '--compare-bn', '--json')) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results['runs']) == {'nofrost', 'bn-at'}
+    assert results['runs']['bn-at']['name'] == 'BN-AT (resnet18)'
+    state = load_training_checkpoint(out / 'bn-at' / 'checkpoint-last.pth')
+    assert any('bn1.running_mean' in k for k in state['state_dict'])  # a BatchNorm model, trained (separate BN)
+
+
+def test_convert_trains_a_batchnorm_model_without_batchnorm(data_dir, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(tiny_args(data_dir, out, '--epochs', '1', '--model', 'resnet18', '--model-kwargs', '{}', '--convert',
+                          '--json')) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results['runs']['nofrost']['epochs'][0]['epoch'] == 1
+    state = load_training_checkpoint(out / 'checkpoint-last.pth')
+    assert not any('running_mean' in k for k in state['state_dict'])

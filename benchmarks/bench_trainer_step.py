@@ -20,9 +20,9 @@ momentum, the authors' lr / weight decay, label smoothing 0.1), and the copies a
   splits the trainer's gain into the attack's share and the concatenated forward's share;
 * ``trainer_cl``: ``trainer`` with the model and batch in channels_last;
 * ``trainer_bf16``: ``trainer`` under ``torch.autocast(dtype=torch.bfloat16)`` (attack included);
-* ``trainer_bf16_attack``: ``trainer`` with only the attack under bf16 autocast (``make_adversarial``
-  wrapped here), the training forward and backward in fp32: a prototype of an attack-precision setting
-  (the attack only needs the sign of the input gradient);
+* ``trainer_bf16_attack``: ``trainer`` with ``attack_dtype='bfloat16'``: only the attack under bf16
+  autocast, the training forward and backward in fp32 (the attack only needs the sign of the input
+  gradient);
 * ``trainer_cl_bf16_attack``: ``trainer_cl`` and ``trainer_bf16_attack`` combined.
 
 Prints median (and min) step times, their ratios to the authors' loop and to the clean step, and a JSON
@@ -184,12 +184,7 @@ def build(name: str, setup: Setup) -> Callable[[], None]:
         model.to(memory_format=torch.channels_last)
         xn = xn.contiguous(memory_format=torch.channels_last)
     if name.endswith('bf16_attack'):
-        make_adversarial = task.make_adversarial
-
-        def bf16_attack(input: torch.Tensor, target: torch.Tensor):
-            with torch.autocast(device_type=setup.device.type, dtype=torch.bfloat16):
-                return make_adversarial(input, target)
-        task.make_adversarial = bf16_attack
+        task.adv_cfg.attack_dtype = 'bfloat16'  # the shipped setting: attack in bf16, training step in fp32
     optimizer = setup.optimizer(model)
     autocast = name == 'trainer_bf16'
 

@@ -274,3 +274,18 @@ def test_torch_compile_matches_eager():
     assert compiled is task.trainable_module
     assert out['loss'].item() == pytest.approx(eager['loss'].item(), rel=1e-4)
     out['loss'].backward()
+
+
+def test_attack_dtype_runs_only_the_attack_in_low_precision():
+    x, y = batch()
+    task = trainer(nf_model(), steps=2, attack_dtype='bfloat16')
+    seen = []
+    model = task.trainable_module
+    handle = model.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+    out = task(normalize(x), y)
+    handle.remove()
+    assert task.attack().amp_dtype == torch.bfloat16
+    assert seen == [(False, torch.bfloat16)] * 2 + [(True, torch.float32)]  # attack in bf16, training in fp32
+    assert out['loss'].dtype == torch.float32 and out['attack_zero_grad_frac'].item() < 0.5
+    with pytest.raises(ValueError, match="Unknown attack_dtype 'int8'; accepted: bfloat16, float16"):
+        AdversarialConfig(attack_dtype='int8')

@@ -27,6 +27,9 @@ def _add_adv_arguments(parser: argparse.ArgumentParser) -> None:
                        help='how clean and adversarial halves go through the model: concat (one forward, '
                             'normalizer-free models), separate (two forwards, shared BN), split (split BN); auto '
                             'picks concat for models without BatchNorm (default: %(default)s)')
+    group.add_argument('--adv-attack-dtype', default=None, choices=('bfloat16', 'float16'),
+                    help='run only the attack under autocast in this dtype, the training step keeps its precision '
+                         '(faster on hardware with bf16; default: follow the training autocast)')
     group.add_argument('--adv-no-random-start', action='store_true',
                        help='start PGD from the clean image instead of a uniform random point of the ball')
     group = parser.add_argument_group('robust validation (after each of timm\'s validations)')
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     adv_cfg = AdversarialConfig(
         eps=args.adv_eps, steps=args.adv_steps, step_size=args.adv_step_size, norm=args.adv_norm,
         random_start=not args.adv_no_random_start, adv_weight=args.adv_weight,
-        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode)
+        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
+        attack_dtype=args.adv_attack_dtype)
     robust_val = RobustValidationConfig(attacks=args.adv_val_attacks, examples=args.adv_val_examples)
     launcher = TimmTrainLauncher(load_train_script(args.script), adv_cfg, robust_val)
     launcher.run(train_args)

@@ -75,6 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     adv.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
                      help='concat (one forward, normalizer-free models), separate (BN-AT), split (MBN-AT); auto '
                           'picks concat for models without BatchNorm (default: %(default)s)')
+    adv.add_argument('--adv-attack-dtype', default=None, choices=('bfloat16', 'float16'),
+                    help='run only the attack under autocast in this dtype, the training step keeps its precision '
+                         '(faster on hardware with bf16; default: follow the training autocast)')
     adv.add_argument('--adv-no-random-start', action='store_true', help='start PGD from the clean image')
 
     ev = parser.add_argument_group('evaluation')
@@ -121,7 +124,8 @@ def build_config(args: argparse.Namespace):
     adv = AdversarialConfig(
         eps=args.adv_eps, steps=steps, step_size=args.adv_step_size, norm=args.adv_norm,
         random_start=not args.adv_no_random_start, adv_weight=args.adv_weight,
-        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode)
+        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
+        attack_dtype=args.adv_attack_dtype)
     return TrainConfig(
         data=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, model=args.model,
         model_kwargs=model_kwargs, pretrained=args.pretrained, convert=args.convert, num_classes=args.num_classes,

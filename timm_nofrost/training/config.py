@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Union
 from ..attacks.base import NORMS, parse_eps
 from ..attacks.pgd import nofrost_step_size
 
-__all__ = ['BATCH_MODES', 'AdversarialConfig']
+__all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'AdversarialConfig']
 
 # How clean and adversarial examples go through the training forward:
 #   concat:   one forward on cat([clean, adv]); needs a model whose layers never mix batch statistics
@@ -14,6 +14,7 @@ __all__ = ['BATCH_MODES', 'AdversarialConfig']
 #   split:    one forward through timm's split BatchNorm, one BN for each half (the paper's MBN-AT)
 #   auto:     concat when the model has no batch-statistics layer, else separate
 BATCH_MODES = ('auto', 'concat', 'separate', 'split')
+ATTACK_DTYPES = ('bfloat16', 'float16')
 
 
 @dataclass
@@ -33,6 +34,9 @@ class AdversarialConfig:
         adv_weight: lambda; 1.0 is Madry-style AT on adversarial examples only, 0.0 standard training.
         eps_warmup_steps: Ramp eps linearly from 0 over this many training batches (0: no warm-up).
         batch_mode: One of ``BATCH_MODES`` (see above).
+        attack_dtype: Run the attack's forwards and backwards under autocast in this dtype (``'bfloat16'``
+            or ``'float16'``) while the training step keeps its own precision. The attack only needs the
+            sign of the input gradient; None follows the caller's autocast.
     """
     eps: Union[float, str] = 8 / 255
     steps: int = 10
@@ -42,6 +46,7 @@ class AdversarialConfig:
     adv_weight: float = 0.5
     eps_warmup_steps: int = 0
     batch_mode: str = 'auto'
+    attack_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.eps = parse_eps(self.eps)
@@ -71,6 +76,9 @@ class AdversarialConfig:
             raise ValueError(f'eps_warmup_steps must be an integer >= 0, got {self.eps_warmup_steps!r}.')
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f'Unknown batch_mode {self.batch_mode!r}; accepted: {", ".join(BATCH_MODES)}.')
+        if self.attack_dtype not in (None,) + ATTACK_DTYPES:
+            raise ValueError(f'Unknown attack_dtype {self.attack_dtype!r}; accepted: {", ".join(ATTACK_DTYPES)} '
+                             f'(or None to follow the caller\'s autocast).')
         if not isinstance(self.random_start, bool):
             raise ValueError(f'random_start must be True or False, got {self.random_start!r}.')
 

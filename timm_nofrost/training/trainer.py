@@ -140,7 +140,12 @@ class AdversarialTrainer(ClassificationTask):
         pixels = pixels.detach().clamp(0, 1)
         attack = self.attack()
         device_type = input.device.type
-        attack.amp_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if cfg.attack_dtype is not None:
+            attack.amp_dtype = getattr(torch, cfg.attack_dtype)
+        elif torch.is_autocast_enabled(device_type):
+            attack.amp_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            attack.amp_dtype = None
         eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
         with attack_mode(attack.model):
             x_adv, zeros = attack.generate(pixels, target, eps=eps_t)

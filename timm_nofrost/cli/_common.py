@@ -33,3 +33,19 @@ def add_model_args(parser: Any) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--pretrained', action='store_true', help="load the model's pretrained weights")
     weights.add_argument('--checkpoint', default=None, metavar='FILE', help='load weights from FILE (weights only)')
+    parser.add_argument('--model-kwargs', default=None, metavar='JSON',
+                        help='extra create_model arguments as a JSON object, e.g. \'{"channels": [16, 32, 64, 128]}\' '
+                             '(timm-nofrost train prints the ones its checkpoints need)')
+
+
+def parse_model_kwargs(text: Any) -> dict:
+    """``--model-kwargs`` as a dict; a CliError naming the bad text."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f'--model-kwargs is not valid JSON ({e.msg}): {text!r}') from None
+    if not isinstance(value, dict):
+        raise CliError(f'--model-kwargs must be a JSON object, got {text!r}.')
+    return value

@@ -4,7 +4,7 @@ import contextlib
 import json
 import sys
 
-from ._common import CliError
+from ._common import CliError, parse_model_kwargs
 
 _DEMO_NOTE = ('With no --data, trains on the embedded demo set (five procedurally drawn shapes, 32px, no download) '
               'with a demo preset sized for a CPU: a narrow nf_resnet18_cifar_nofrost, AdamW lr 3e-3, 4 epochs, '
@@ -112,14 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     from ..training import AdversarialConfig
     from ..training.run import TrainConfig, preset_for
-    model_kwargs = {}
-    if args.model_kwargs:
-        try:
-            model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise CliError(f'--model-kwargs is not valid JSON ({e.msg}): {args.model_kwargs!r}') from None
-        if not isinstance(model_kwargs, dict):
-            raise CliError(f'--model-kwargs must be a JSON object, got {args.model_kwargs!r}.')
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
     steps = args.adv_steps if args.adv_steps is not None else preset_for(args.data)['attack_steps']
     adv = AdversarialConfig(
         eps=args.adv_eps, steps=steps, step_size=args.adv_step_size, norm=args.adv_norm,

@@ -22,13 +22,16 @@ def pixel_transform(model: nn.Module) -> Callable:
 
 
 def load_dataset(source: Union[str, Path, Dataset], model: nn.Module, split: str = 'validation') -> Dataset:
-    """An ImageFolder-style directory, a timm dataset name (``torch/cifar10:DIR`` etc.), or a Dataset.
+    """An ImageFolder-style directory, a timm dataset name (``torch/cifar10:DIR`` etc.), ``'demo'``, or a Dataset.
 
     Raises:
         FileNotFoundError / ValueError: a missing directory, or a dataset with no images.
     """
     if isinstance(source, Dataset):
         dataset = source
+    elif str(source) == 'demo':  # the embedded demo set's validation split (timm-nofrost train's default data)
+        from ..data import NoFrostShapes
+        dataset = NoFrostShapes('val', transform=pixel_transform(model))
     else:
         text = str(source)
         name, _, root = text.partition(':') if ':' in text and not Path(text).exists() else ('', '', text)

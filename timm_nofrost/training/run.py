@@ -330,8 +330,12 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
         bn_run = _Run(bn_cfg, source, bn_model, num_classes, info, device, bn_dir, f'BN-AT ({bn_name})')
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
     if info.primary:
+        results['eval_command'] = eval_command(cfg, out_dir)
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
+        if results['eval_command']:
+            _log(info, f"\nCheckpoints, per-epoch JSON and reports are in {out_dir}. A stronger evaluation of the best "
+                       f"checkpoint:\n  {results['eval_command']}")
     if info.world_size > 1:
         dist.barrier()
     return results
@@ -357,10 +361,26 @@ def atomic_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def _jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
 def _jsonable(cfg: TrainConfig) -> Dict[str, Any]:
     d = asdict(cfg)
-    d['model_kwargs'] = {k: list(v) if isinstance(v, tuple) else v for k, v in d['model_kwargs'].items()}
+    d['model_kwargs'] = _jsonable_kwargs(d['model_kwargs'])
     return d
+
+
+def eval_command(cfg: TrainConfig, out_dir: Path) -> str:
+    """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks."""
+    parts = ['timm-nofrost eval', f'--model {cfg.model}']
+    if cfg.model_kwargs:
+        parts.append(f"--model-kwargs '{json.dumps(_jsonable_kwargs(cfg.model_kwargs))}'")
+    if cfg.convert:
+        return ''  # a converted model is not a timm name: evaluate it from Python (see docs/training.md)
+    parts += [f'--checkpoint {out_dir / CHECKPOINT_BEST}', f'--data {cfg.data}', '--attacks clean,pgd-20,apgd-ce,apgd-t',
+              f'--eps {cfg.adv.eps * 255:.4g}/255' if cfg.adv.norm == 'Linf' else f'--eps {cfg.adv.eps:g} --norm L2']
+    return ' '.join(parts)
 
 
 class _Run:
@@ -401,6 +421,8 @@ class _Run:
         return {
             'state_dict': unwrap_model(self.model).state_dict(),
             'arch': self.cfg.model if self.name == 'nofrost' else unwrap_model(self.model).pretrained_cfg.get('architecture'),
+            'num_classes': self.num_classes,
+            'model_kwargs': json.dumps(_jsonable_kwargs(self.cfg.model_kwargs) if self.name == 'nofrost' else {}),
             'epoch': epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),

@@ -1,6 +1,7 @@
 """``timm-nofrost train``: outputs, resume, atomic checkpoints, faults and bad input."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def test_train_writes_timm_checkpoints_summary_and_table(data_dir, tmp_path, cap
         assert torch.equal(v, state['state_dict'][k])
     assert (out / 'model_best.pth').is_file() and (out / 'robustness.md').is_file()
     assert json.loads((out / 'results.json').read_text())['runs']['nofrost']['final']['accuracy'] == final
+    # the printed follow-up command evaluates the best checkpoint (model kwargs and class count included)
+    command = shlex.split(results['eval_command'])
+    assert command[:2] == ['timm-nofrost', 'eval'] and '--model-kwargs' in command and '--num-classes' in command
+    assert main(command[1:] + ['--n-examples', '6', '--no-sanity', '--no-progress', '--json']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['n_examples'] == 6 and set(report['attacks']) == {'pgd-20', 'apgd-ce', 'apgd-t'}
+    # without the model kwargs the checkpoint does not fit: a one-line error, no traceback
+    assert main(['eval', '--model', TINY_MODEL, '--checkpoint', str(out / 'model_best.pth'), '--data', str(data_dir),
+                 '--n-examples', '2']) == 2
+    err = capsys.readouterr().err
+    assert 'does not fit nf_resnet18_cifar_nofrost: size mismatch' in err and 'Traceback' not in err
 
 
 def test_resume_continues_where_the_run_stopped(data_dir, tmp_path, capsys):

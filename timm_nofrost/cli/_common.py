@@ -49,3 +49,21 @@ def parse_model_kwargs(text: Any) -> dict:
     if not isinstance(value, dict):
         raise CliError(f'--model-kwargs must be a JSON object, got {text!r}.')
     return value
+
+
+def create_model_from_args(args: Any, **kwargs: Any) -> Any:
+    """``timm.create_model`` from ``--model``, ``--pretrained`` / ``--checkpoint`` and ``--model-kwargs``.
+
+    A checkpoint that does not fit the architecture becomes a CliError listing the mismatches, not a traceback.
+    """
+    import timm
+    kwargs = {**parse_model_kwargs(getattr(args, 'model_kwargs', None)), **kwargs}
+    try:
+        return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
+    except RuntimeError as e:
+        if 'state_dict' not in str(e) or not args.checkpoint:
+            raise
+        details = [line.strip().rstrip('.') for line in str(e).splitlines()[1:] if line.strip()]
+        shown = '; '.join(details[:3]) + (f' (and {len(details) - 3} more)' if len(details) > 3 else '')
+        raise CliError(f'Checkpoint {args.checkpoint} does not fit {args.model}: {shown}. Pass the --num-classes and '
+                       f'--model-kwargs the model was trained with.') from None

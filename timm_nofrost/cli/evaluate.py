@@ -5,7 +5,7 @@ import sys
 import torch
 
 from ..attacks import ATTACK_NAMES
-from ._common import add_json_flag, add_model_args, parse_model_kwargs, print_json
+from ._common import add_json_flag, add_model_args, create_model_from_args, print_json
 
 _AMP = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -50,12 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
     from ..evaluate import evaluate
-    kwargs = parse_model_kwargs(args.model_kwargs)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
+    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+    model = create_model_from_args(args, **kwargs)
     report = evaluate(
         model, args.data, attacks=args.attacks, eps=args.eps, norm=args.norm, n_examples=args.n_examples,
         subset_ids=args.subset_ids, batch_size=args.batch_size, device=args.device, seed=args.seed,

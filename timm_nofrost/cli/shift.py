@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import add_json_flag, add_model_args, parse_model_kwargs, print_json
+from ._common import add_json_flag, add_model_args, create_model_from_args, print_json
 
 _BENCHMARKS = ('imagenet-c', 'imagenet-r', 'imagenet-a', 'imagenet-sketch')
 
@@ -36,10 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
     from ..evaluate import evaluate_shift
-    model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                              **parse_model_kwargs(args.model_kwargs))
+    model = create_model_from_args(args)
     corruptions = [c.strip() for c in args.corruptions.split(',')] if args.corruptions else None
     try:
         severities = [int(s) for s in args.severities.split(',') if s.strip()]

@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
         bn_run = _Run(bn_cfg, source, bn_model, num_classes, info, device, bn_dir, f'BN-AT ({bn_name})')
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
     if info.primary:
-        results['eval_command'] = eval_command(cfg, out_dir)
+        results['eval_command'] = eval_command(cfg, out_dir, num_classes)
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
         if results['eval_command']:
@@ -371,9 +371,9 @@ def _jsonable(cfg: TrainConfig) -> Dict[str, Any]:
     return d
 
 
-def eval_command(cfg: TrainConfig, out_dir: Path) -> str:
+def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks."""
-    parts = ['timm-nofrost eval', f'--model {cfg.model}']
+    parts = ['timm-nofrost eval', f'--model {cfg.model}', f'--num-classes {num_classes}']
     if cfg.model_kwargs:
         parts.append(f"--model-kwargs '{json.dumps(_jsonable_kwargs(cfg.model_kwargs))}'")
     if cfg.convert:

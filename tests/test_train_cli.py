@@ -226,3 +226,21 @@ def test_convert_trains_a_batchnorm_model_without_batchnorm(data_dir, tmp_path, 
     assert results['runs']['nofrost']['epochs'][0]['epoch'] == 1
     state = load_training_checkpoint(out / 'checkpoint-last.pth')
     assert not any('running_mean' in k for k in state['state_dict'])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_torchrun_two_cpu_processes(data_dir, tmp_path):
+    out = tmp_path / 'ddp'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               '-m', 'timm_nofrost', *tiny_args(data_dir, out, '-b', '5', '--json')]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)  # only rank 0 prints
+    run = results['runs']['nofrost']
+    assert [e['epoch'] for e in run['epochs']] == [1, 2]
+    assert 'batch 5 x 2' in done.stderr  # 2 processes of 5 images: the same global batch of 10
+    assert [json.loads(x)['epoch'] for x in (out / 'summary.jsonl').read_text().splitlines()] == [1, 2]
+    state = load_training_checkpoint(out / 'checkpoint-last.pth')
+    assert not any(k.startswith('module.') for k in state['state_dict'])  # saved unwrapped, timm-loadable

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from ._common import CliError, parse_model_kwargs
@@ -139,7 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
             results = train(cfg)
     except TrainingDiverged as e:
         raise CliError(str(e), exit_code=3) from None
-    if args.json:
+    if args.json and int(os.environ.get('RANK', '0')) == 0:  # under torchrun, one JSON document
         json.dump(results, sys.stdout, indent=2, sort_keys=True)
         print()
     return 0

@@ -100,9 +100,14 @@ def preset_for(data: str) -> Dict[str, Any]:
     return DEMO if data == 'demo' else RECIPE
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill unset values (recipe, or demo preset on the demo data) and validate everything before training."""
+def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> TrainConfig:
+    """Fill unset values (recipe, or demo preset on the demo data) and validate everything before training.
+
+    With a ready ``model``, ``cfg.model`` is only its label (default: the class name).
+    """
     preset = preset_for(cfg.data)
+    if model is not None:
+        cfg.model = cfg.model or type(model).__name__
     cfg.model = cfg.model or preset['model']
     if cfg.model == DEMO_MODEL and cfg.data == 'demo' and not cfg.model_kwargs:
         cfg.model_kwargs = dict(DEMO_MODEL_KWARGS)
@@ -131,7 +136,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f'eval_attack must be an attack, not {cfg.eval_attack!r} (e.g. pgd-10, apgd-ce).')
     for name in cfg.final_attacks.split(','):
         parse_attack(name.strip())
-    _check_model_name(cfg.model)
+    if model is None:
+        _check_model_name(cfg.model)
     return cfg
 
 
@@ -295,16 +301,15 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
             any training step.
         TrainingDiverged: a non-finite loss; the last good checkpoint stays in place.
     """
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(cfg, model)
     out_dir = Path(cfg.out_dir)
     resume_path = None
     if cfg.resume:
         resume_path = out_dir / CHECKPOINT_LAST if cfg.resume == 'auto' else Path(cfg.resume)
         if not resume_path.is_file():
             raise FileNotFoundError(f'Nothing to resume: checkpoint {resume_path} does not exist.')
+    check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
     info, device = _init_distributed(cfg.device)
-    if info.primary:
-        check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)
     source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO['img_size'],
                             val_fraction=cfg.val_fraction, seed=cfg.seed)
     num_classes = cfg.num_classes or source.num_classes
@@ -349,10 +354,14 @@ def final_table(results: Dict[str, Any]) -> str:
     for run in runs.values():
         acc = run['final']['accuracy']
         lines.append(f"| {run['name']} | " + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
-    eps = results['config']['adv']['eps']
+    adv = results['config']['adv']
     return (f"Accuracy on the first {next(iter(runs.values()))['final']['n_examples']} validation images, "
-            f"{results['config']['adv']['norm']} eps {eps * 255:.3g}/255 (worst case = lowest over attacks per image):\n"
+            f"{adv['norm']} eps {_eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
             + '\n'.join(lines))
+
+
+def _eps_text(value: float, norm: str) -> str:
+    return f'{value * 255:.3g}/255' if norm == 'Linf' else f'{value:.3g}'
 
 
 def atomic_json(path: Path, payload: Any) -> None:
@@ -379,7 +388,7 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     if cfg.convert:
         return ''  # a converted model is not a timm name: evaluate it from Python (see docs/training.md)
     parts += [f'--checkpoint {out_dir / CHECKPOINT_BEST}', f'--data {cfg.data}', '--attacks clean,pgd-20,apgd-ce,apgd-t',
-              f'--eps {cfg.adv.eps * 255:.4g}/255' if cfg.adv.norm == 'Linf' else f'--eps {cfg.adv.eps:g} --norm L2']
+              f'--eps {_eps_text(cfg.adv.eps, cfg.adv.norm)}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
     return ' '.join(parts)
 
 
@@ -456,13 +465,19 @@ class _Run:
             self.restore(resume)
         _log(info, f'[{self.name}] {self.source.description}; model {cfg.model if self.name == "nofrost" else self.name}, '
                    f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, batch mode '
-                   f'{self.task.batch_mode}; {cfg.adv.norm} eps {cfg.adv.eps * 255:.3g}/255, PGD-{cfg.adv.steps} '
-                   f'step {cfg.adv.attack_step_size * 255:.3g}/255, lambda {cfg.adv.adv_weight:g}; '
-                   f'{cfg.epochs} epochs, batch {cfg.batch_size} x {info.world_size}, lr {self.lr:.4g}')
+                   f'{self.task.batch_mode}; {self._attack_summary()}; '
+                   f'{cfg.epochs} epochs, batch {cfg.batch_size} x {info.world_size}, {cfg.opt} lr {self.lr:.4g}')
         for epoch in range(self.start_epoch, cfg.epochs):
             self.train_epoch(epoch)
         final = self.final_evaluation()
         return {'name': self.name, 'out_dir': str(self.out_dir), 'epochs': self.history, 'final': final}
+
+    def _attack_summary(self) -> str:
+        adv = self.cfg.adv
+        if adv.adv_weight == 0:
+            return 'standard training (no adversarial examples)'
+        return (f'{adv.norm} eps {_eps_text(adv.eps, adv.norm)}, PGD-{adv.steps} step '
+                f'{_eps_text(adv.attack_step_size, adv.norm)}, lambda {adv.adv_weight:g}')
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info

@@ -23,5 +23,5 @@ timm-nofrost train --data "$ROOT" --model nf_resnet18_cifar_nofrost --img-size 3
 timm-nofrost eval --model nf_resnet18_cifar_nofrost --num-classes 5 \
     --model-kwargs '{"channels": [16, 32, 64, 128], "stem_chs": 16}' \
     --checkpoint "$OUT/model_best.pth" --data "$ROOT" --attacks clean,pgd-20,apgd-ce,apgd-t \
-    --eps 4/255,8/255,16/255 --n-examples 256 --markdown "$OUT/eval.md" --out "$OUT/eval.json"
+    --eps 8/255,16/255 --n-examples 128 --no-progress --markdown "$OUT/eval.md" --out "$OUT/eval.json"
 cat "$OUT/eval.md"

@@ -302,6 +302,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
         TrainingDiverged: a non-finite loss; the last good checkpoint stays in place.
     """
     cfg = resolve_config(cfg, model)
+    custom_model = model
     out_dir = Path(cfg.out_dir)
     resume_path = None
     if cfg.resume:
@@ -335,7 +336,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
         bn_run = _Run(bn_cfg, source, bn_model, num_classes, info, device, bn_dir, f'BN-AT ({bn_name})')
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
     if info.primary:
-        results['eval_command'] = eval_command(cfg, out_dir, num_classes)
+        # a ready model passed in is not a timm name the eval command could rebuild
+        results['eval_command'] = eval_command(cfg, out_dir, num_classes) if custom_model is None else ''
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
         if results['eval_command']:

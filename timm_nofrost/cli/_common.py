@@ -67,3 +67,40 @@ def create_model_from_args(args: Any, **kwargs: Any) -> Any:
         shown = '; '.join(details[:3]) + (f' (and {len(details) - 3} more)' if len(details) > 3 else '')
         raise CliError(f'Checkpoint {args.checkpoint} does not fit {args.model}: {shown}. Pass the --num-classes and '
                        f'--model-kwargs the model was trained with.') from None
+
+
+def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
+    """The ``--adv-*`` flags of the training commands (``train``, ``timm-train``): one AdversarialConfig each."""
+    group = parser.add_argument_group('adversarial training (defaults: the NoFrost recipe)')
+    group.add_argument('--adv-eps', default='8/255', metavar='EPS',
+                       help='threat-model radius in pixel units [0, 1], a number or a fraction (default: %(default)s)')
+    group.add_argument('--adv-steps', type=int, default=None, metavar='N',
+                       help=f'PGD steps per training batch (default: {steps_help})')
+    group.add_argument('--adv-step-size', default=None, metavar='SIZE',
+                       help="PGD step size, a number or a fraction (default: the authors' min(1.25*eps, "
+                            'eps+4/255)/steps, 1/255 for PGD-10 at 8/255)')
+    group.add_argument('--adv-norm', default='Linf', choices=('Linf', 'L2'), help='threat model (default: %(default)s)')
+    group.add_argument('--adv-weight', type=float, default=0.5, metavar='LAMBDA',
+                       help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv); 1 is Madry AT, 0 standard '
+                            'training (with --adv-steps 0) (default: %(default)s)')
+    group.add_argument('--adv-eps-warmup-steps', type=int, default=0, metavar='N',
+                       help='ramp eps linearly from 0 over this many training batches (default: no warm-up)')
+    group.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
+                       help='how clean and adversarial halves go through the model: concat (one forward, '
+                            'normalizer-free models), separate (two forwards, shared BN: BN-AT), split (split BN: '
+                            'MBN-AT); auto picks concat for models without BatchNorm (default: %(default)s)')
+    group.add_argument('--adv-attack-dtype', default=None, choices=('bfloat16', 'float16'),
+                       help='run only the attack under autocast in this dtype, the training step keeps its '
+                            'precision (faster on hardware with bf16; default: follow the training autocast)')
+    group.add_argument('--adv-no-random-start', action='store_true',
+                       help='start PGD from the clean image instead of a uniform random point of the ball')
+
+
+def adversarial_config(args: Any, default_steps: int = 10) -> Any:
+    """The ``AdversarialConfig`` of the ``--adv-*`` flags (its ValueError names a bad value)."""
+    from ..training import AdversarialConfig
+    return AdversarialConfig(
+        eps=args.adv_eps, steps=args.adv_steps if args.adv_steps is not None else default_steps,
+        step_size=args.adv_step_size, norm=args.adv_norm, random_start=not args.adv_no_random_start,
+        adv_weight=args.adv_weight, eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
+        attack_dtype=args.adv_attack_dtype)

@@ -2,36 +2,14 @@
 import argparse
 from typing import List, Tuple
 
-from ._common import CliError
+from ._common import CliError, add_adversarial_args, adversarial_config
 
 _ADV_PREFIX = '--adv-'
 
 
 def _add_adv_arguments(parser: argparse.ArgumentParser) -> None:
     """The launcher's own flags (shared by the subcommand and the parser of flags written after the script)."""
-    group = parser.add_argument_group('adversarial training (defaults: the NoFrost recipe)')
-    group.add_argument('--adv-eps', default='8/255', metavar='EPS',
-                       help='threat-model radius in pixel units [0, 1], a number or a fraction (default: %(default)s)')
-    group.add_argument('--adv-steps', type=int, default=10, metavar='N',
-                       help='PGD steps per training batch (default: %(default)s)')
-    group.add_argument('--adv-step-size', default=None, metavar='SIZE',
-                       help="PGD step size, a number or a fraction (default: the authors' min(1.25*eps, "
-                            'eps+4/255)/steps, 1/255 for PGD-10 at 8/255)')
-    group.add_argument('--adv-norm', default='Linf', choices=('Linf', 'L2'), help='threat model (default: %(default)s)')
-    group.add_argument('--adv-weight', type=float, default=0.5, metavar='LAMBDA',
-                       help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv); 1 is Madry AT, 0 standard '
-                            'training (default: %(default)s)')
-    group.add_argument('--adv-eps-warmup-steps', type=int, default=0, metavar='N',
-                       help='ramp eps linearly from 0 over this many training batches (default: no warm-up)')
-    group.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
-                       help='how clean and adversarial halves go through the model: concat (one forward, '
-                            'normalizer-free models), separate (two forwards, shared BN), split (split BN); auto '
-                            'picks concat for models without BatchNorm (default: %(default)s)')
-    group.add_argument('--adv-attack-dtype', default=None, choices=('bfloat16', 'float16'),
-                    help='run only the attack under autocast in this dtype, the training step keeps its precision '
-                         '(faster on hardware with bf16; default: follow the training autocast)')
-    group.add_argument('--adv-no-random-start', action='store_true',
-                       help='start PGD from the clean image instead of a uniform random point of the ball')
+    add_adversarial_args(parser)
     group = parser.add_argument_group('robust validation (after each of timm\'s validations)')
     group.add_argument('--adv-val-attacks', default='pgd-10', metavar='LIST',
                        help='comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce '
@@ -95,15 +73,10 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.config import AdversarialConfig
     from ..training.timm_train import RobustValidationConfig, TimmTrainLauncher, load_train_script
     own, train_args = split_arguments(list(args.rest))
     _own_flags(args, own)
-    adv_cfg = AdversarialConfig(
-        eps=args.adv_eps, steps=args.adv_steps, step_size=args.adv_step_size, norm=args.adv_norm,
-        random_start=not args.adv_no_random_start, adv_weight=args.adv_weight,
-        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
-        attack_dtype=args.adv_attack_dtype)
+    adv_cfg = adversarial_config(args)
     robust_val = RobustValidationConfig(attacks=args.adv_val_attacks, examples=args.adv_val_examples)
     launcher = TimmTrainLauncher(load_train_script(args.script), adv_cfg, robust_val)
     launcher.run(train_args)

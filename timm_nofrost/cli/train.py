@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from ._common import CliError, parse_model_kwargs
+from ._common import CliError, add_adversarial_args, adversarial_config, parse_model_kwargs
 
 _DEMO_NOTE = ('With no --data, trains on the embedded demo set (five procedurally drawn shapes, 32px, no download) '
               'with a demo preset sized for a CPU: a narrow nf_resnet18_cifar_nofrost, AdamW lr 3e-3, 4 epochs, '
@@ -61,25 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help='linear lr warm-up epochs (default: %(default)s)')
     optim.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
 
-    adv = parser.add_argument_group('adversarial training')
-    adv.add_argument('--adv-eps', default='8/255', metavar='EPS',
-                     help='threat-model radius in [0, 1] pixel units, a number or a fraction (default: %(default)s)')
-    adv.add_argument('--adv-steps', type=int, default=None, metavar='N',
-                     help='PGD steps per training batch (default: 10; demo: 3)')
-    adv.add_argument('--adv-step-size', default=None, metavar='SIZE',
-                     help="PGD step (default: the authors' min(1.25*eps, eps+4/255)/steps)")
-    adv.add_argument('--adv-norm', default='Linf', choices=('Linf', 'L2'), help='threat model (default: %(default)s)')
-    adv.add_argument('--adv-weight', type=float, default=0.5, metavar='LAMBDA',
-                     help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv); 1 is Madry AT (default: %(default)s)')
-    adv.add_argument('--adv-eps-warmup-steps', type=int, default=0, metavar='N',
-                     help='ramp eps linearly from 0 over this many batches (default: no warm-up)')
-    adv.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
-                     help='concat (one forward, normalizer-free models), separate (BN-AT), split (MBN-AT); auto '
-                          'picks concat for models without BatchNorm (default: %(default)s)')
-    adv.add_argument('--adv-attack-dtype', default=None, choices=('bfloat16', 'float16'),
-                    help='run only the attack under autocast in this dtype, the training step keeps its precision '
-                         '(faster on hardware with bf16; default: follow the training autocast)')
-    adv.add_argument('--adv-no-random-start', action='store_true', help='start PGD from the clean image')
+    add_adversarial_args(parser, steps_help='10; demo: 3')
 
     ev = parser.add_argument_group('evaluation')
     ev.add_argument('--eval-attack', default='pgd-10', metavar='NAME',
@@ -111,15 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from ..training import AdversarialConfig
     from ..training.run import TrainConfig, preset_for
     model_kwargs = parse_model_kwargs(args.model_kwargs)
-    steps = args.adv_steps if args.adv_steps is not None else preset_for(args.data)['attack_steps']
-    adv = AdversarialConfig(
-        eps=args.adv_eps, steps=steps, step_size=args.adv_step_size, norm=args.adv_norm,
-        random_start=not args.adv_no_random_start, adv_weight=args.adv_weight,
-        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
-        attack_dtype=args.adv_attack_dtype)
+    adv = adversarial_config(args, default_steps=preset_for(args.data)['attack_steps'])
     return TrainConfig(
         data=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, model=args.model,
         model_kwargs=model_kwargs, pretrained=args.pretrained, convert=args.convert, num_classes=args.num_classes,

@@ -6,23 +6,20 @@ checks before any work starts, per-epoch clean and PGD accuracy, a JSON line per
 checkpoints with ``--resume``, a clean stop on a non-finite loss, deterministic epochs, and torchrun.
 """
 import json
-import math
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
 
 from ..attacks.base import unwrap_model
 from ..attacks.spec import parse_attack
@@ -30,144 +27,17 @@ from ..checkpoint import CheckpointError
 from .checkpointing import atomic_save, load_training_checkpoint
 from .config import AdversarialConfig
 from .data import DataSource, build_datasets
+from .epoch_eval import clean_accuracy, report_accuracy, robust_report
+from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs
+from .train_config import (
+    CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
+    check_out_dir, preset_for, resolve_config)
 from .trainer import AdversarialTrainer
 
-__all__ = ['TrainConfig', 'TrainingDiverged', 'train', 'resolve_config', 'preset_for', 'DEMO_MODEL', 'DEMO_MODEL_KWARGS']
-
-DEMO_MODEL = 'nf_resnet18_cifar_nofrost'
-DEMO_MODEL_KWARGS: Dict[str, Any] = {'channels': (16, 32, 64, 128), 'stem_chs': 16, 'drop_rate': 0.0,
-                                     'drop_path_rate': 0.0}
-# defaults when the user leaves a setting unset: the authors' recipe (SGD, lr 0.1 per 256 images), and a demo
-# preset sized for a CPU (a narrow model, AdamW, which gets a zero-initialised NF net going within an epoch)
-RECIPE = dict(model='nf_resnet50_nofrost', epochs=90, batch_size=256, img_size=224, attack_steps=10, opt='sgd')
-DEMO = dict(model=DEMO_MODEL, epochs=4, batch_size=64, img_size=32, attack_steps=3, opt='adamw', lr=3e-3)
-OPTIMIZERS = ('sgd', 'adamw')
-
-CHECKPOINT_LAST = 'checkpoint-last.pth'
-CHECKPOINT_BEST = 'model_best.pth'
-SUMMARY = 'summary.jsonl'
+__all__ = ['TrainConfig', 'TrainingDiverged', 'train', 'resolve_config', 'preset_for', 'final_table', 'DEMO_MODEL',
+           'DEMO_MODEL_KWARGS']
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: training stopped, the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run; ``None`` means the recipe's value (or the demo preset's on demo data)."""
-    data: str = 'demo'
-    data_dir: Optional[str] = None
-    val_fraction: float = 0.1
-    model: Optional[str] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    convert: bool = False
-    num_classes: Optional[int] = None
-    img_size: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    opt: Optional[str] = None  # 'sgd' (Nesterov) or 'adamw'
-    lr: Optional[float] = None  # None: SGD 0.1 per 256 images of global batch, AdamW 3e-3
-    weight_decay: float = 5e-5
-    momentum: float = 0.9
-    warmup_epochs: int = 0
-    smoothing: float = 0.1
-    adv: Optional[AdversarialConfig] = None  # None: the recipe (PGD-10), PGD-3 on the demo data
-    eval_attack: str = 'pgd-10'
-    final_attacks: str = 'clean,pgd-20,apgd-ce'
-    robust_examples: int = 256
-    compare_bn: bool = False
-    baseline_model: Optional[str] = None
-    out_dir: str = 'output/nofrost'
-    resume: Optional[str] = None  # a checkpoint path, or 'auto' for OUT_DIR/checkpoint-last.pth
-    overwrite: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    workers: int = 0
-    device: Optional[str] = None
-    amp: Optional[str] = None  # None, 'bf16' or 'fp16'
-    channels_last: bool = False
-    progress: bool = True
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
-
-
-def preset_for(data: str) -> Dict[str, Any]:
-    """The defaults for unset settings: the demo preset on the demo data, else the authors' recipe."""
-    return DEMO if data == 'demo' else RECIPE
-
-
-def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> TrainConfig:
-    """Fill unset values (recipe, or demo preset on the demo data) and validate everything before training.
-
-    With a ready ``model``, ``cfg.model`` is only its label (default: the class name).
-    """
-    preset = preset_for(cfg.data)
-    if model is not None:
-        cfg.model = cfg.model or type(model).__name__
-    cfg.model = cfg.model or preset['model']
-    if cfg.model == DEMO_MODEL and cfg.data == 'demo' and not cfg.model_kwargs:
-        cfg.model_kwargs = dict(DEMO_MODEL_KWARGS)
-    cfg.epochs = cfg.epochs if cfg.epochs is not None else preset['epochs']
-    cfg.batch_size = cfg.batch_size if cfg.batch_size is not None else preset['batch_size']
-    cfg.opt = cfg.opt or preset['opt']
-    if cfg.opt not in OPTIMIZERS:
-        raise ValueError(f'Unknown optimizer {cfg.opt!r}; accepted: {", ".join(OPTIMIZERS)}.')
-    if cfg.adv is None:
-        cfg.adv = AdversarialConfig(steps=preset['attack_steps'])
-    elif not isinstance(cfg.adv, AdversarialConfig):
-        raise TypeError(f'adv must be an AdversarialConfig, got {type(cfg.adv).__name__}.')
-    for name in ('epochs', 'batch_size', 'robust_examples', 'img_size', 'num_classes'):
-        _positive_int(name, getattr(cfg, name))
-    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
-        raise ValueError(f'workers must be an integer >= 0, got {cfg.workers!r}.')
-    if cfg.lr is not None and (not math.isfinite(cfg.lr) or cfg.lr <= 0):
-        raise ValueError(f'lr must be a positive number, got {cfg.lr!r}.')
-    if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f'val_fraction must be in (0, 1), got {cfg.val_fraction!r}.')
-    if not 0 <= cfg.smoothing < 1:
-        raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}.')
-    if cfg.amp not in (None, 'bf16', 'fp16'):
-        raise ValueError(f"amp must be 'bf16' or 'fp16' (or unset), got {cfg.amp!r}.")
-    if parse_attack(cfg.eval_attack).kind == 'clean':
-        raise ValueError(f'eval_attack must be an attack, not {cfg.eval_attack!r} (e.g. pgd-10, apgd-ce).')
-    for name in cfg.final_attacks.split(','):
-        parse_attack(name.strip())
-    if model is None:
-        _check_model_name(cfg.model)
-    return cfg
-
-
-def _check_model_name(name: str) -> None:
-    if name.startswith(('hf-hub:', 'local-dir:')):
-        return
-    arch = name.split('.', 1)[0]
-    if not timm.is_model(arch):
-        close = timm.list_models(f'*{arch[:6]}*')[:8] if len(arch) >= 3 else []
-        hint = f'; similar names: {", ".join(close)}' if close else ''
-        raise ValueError(f'Unknown model {name!r}: not a timm model name{hint}. NoFrost models: '
-                         f'{", ".join(timm.list_models("*nofrost*"))}.')
-
-
-def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Writable, and not holding another run's checkpoints unless resuming or overwriting."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f'Output path {out_dir} exists and is not a directory.')
-    if not resume and not overwrite and (out_dir / CHECKPOINT_LAST).exists():
-        raise FileExistsError(f'{out_dir} already holds a training run ({CHECKPOINT_LAST}); pass --resume to '
-                              f'continue it or --overwrite to start over.')
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise PermissionError(f'Output directory {out_dir} is not writable: {e.strerror or e}.') from None
-
-
-# -- distributed -----------------------------------------------------------------------------------------
 @dataclass
 class _Dist:
     rank: int = 0
@@ -237,46 +107,6 @@ def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], 
     return train_loader
 
 
-def _pixel_batches(loader_or_ds, limit: Optional[int] = None):
-    for x, y in loader_or_ds:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        yield x, y
-
-
-# -- evaluation ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def clean_accuracy(model: nn.Module, val, device: torch.device, batch_size: int, workers: int) -> float:
-    from ..attacks.base import PixelModel
-    pixel = PixelModel.from_model(unwrap_model(model)).to(device).eval()
-    loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
-    correct = total = 0
-    for x, y in _pixel_batches(loader):
-        x, y = x.to(device), y.to(device)
-        correct += int((pixel(x).argmax(1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
-
-
-def robust_report(model: nn.Module, val, cfg: TrainConfig, device: torch.device, attacks: str, sanity: bool,
-                  name: str):
-    """Clean and robust accuracy on the first ``robust_examples`` validation images (a fixed subset)."""
-    from ..evaluate import evaluate
-    n = min(cfg.robust_examples, len(val))
-    loader = DataLoader(Subset(val, range(n)), batch_size=min(cfg.batch_size, 128), shuffle=False,
-                        num_workers=cfg.workers)
-    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp or '')
-    return evaluate(model, loader, attacks=attacks, eps=[cfg.adv.eps], norm=cfg.adv.norm, device=device,
-                    seed=cfg.seed, amp_dtype=amp, sanity=sanity, progress=False, model_name=name)
-
-
-def report_accuracy(report) -> Dict[str, float]:
-    """Percent accuracy per attack (clean first, worst case last) at the report's single eps."""
-    by_attack = report.accuracy[report.eps_labels[0]]
-    return {'clean': 100.0 * report.clean_accuracy, **{a: 100.0 * v for a, v in by_attack.items()}}
-
-
-# -- the run ---------------------------------------------------------------------------------------------
 def _progress(iterable, total: int, enabled: bool, desc: str):
     if not enabled:
         return iterable
@@ -289,7 +119,7 @@ def _log(info: _Dist, message: str) -> None:
         print(message, flush=True)
 
 
-def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Run adversarial training as configured; returns the summary (also written to OUT_DIR/results.json).
 
     Args:
@@ -321,7 +151,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
     _seed_everything(cfg.seed)
     model = build_model(cfg, num_classes, model)
     run = _Run(cfg, source, model, num_classes, info, device, out_dir, 'nofrost')
-    results = {'config': _jsonable(cfg), 'runs': {}}
+    results = {'config': config_to_json(cfg), 'runs': {}}
     results['runs']['nofrost'] = run.fit(resume_path)
     if cfg.compare_bn:
         from .baseline import create_bn_twin
@@ -346,52 +176,6 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, log: Callable[[st
     if info.world_size > 1:
         dist.barrier()
     return results
-
-
-def final_table(results: Dict[str, Any]) -> str:
-    runs = results['runs']
-    attacks = next(iter(runs.values()))['final']['attacks']
-    header = '| model | ' + ' | '.join(attacks) + ' |'
-    lines = [header, '|' + '---|' * (len(attacks) + 1)]
-    for run in runs.values():
-        acc = run['final']['accuracy']
-        lines.append(f"| {run['name']} | " + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
-    adv = results['config']['adv']
-    return (f"Accuracy on the first {next(iter(runs.values()))['final']['n_examples']} validation images, "
-            f"{adv['norm']} eps {_eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
-            + '\n'.join(lines))
-
-
-def _eps_text(value: float, norm: str) -> str:
-    return f'{value * 255:.3g}/255' if norm == 'Linf' else f'{value:.3g}'
-
-
-def atomic_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-
-
-def _jsonable(cfg: TrainConfig) -> Dict[str, Any]:
-    d = asdict(cfg)
-    d['model_kwargs'] = _jsonable_kwargs(d['model_kwargs'])
-    return d
-
-
-def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
-    """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks."""
-    parts = ['timm-nofrost eval', f'--model {cfg.model}', f'--num-classes {num_classes}']
-    if cfg.model_kwargs:
-        parts.append(f"--model-kwargs '{json.dumps(_jsonable_kwargs(cfg.model_kwargs))}'")
-    if cfg.convert:
-        return ''  # a converted model is not a timm name: evaluate it from Python (see docs/training.md)
-    parts += [f'--checkpoint {out_dir / CHECKPOINT_BEST}', f'--data {cfg.data}', '--attacks clean,pgd-20,apgd-ce,apgd-t',
-              f'--eps {_eps_text(cfg.adv.eps, cfg.adv.norm)}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
-    return ' '.join(parts)
 
 
 class _Run:
@@ -433,7 +217,7 @@ class _Run:
             'state_dict': unwrap_model(self.model).state_dict(),
             'arch': self.cfg.model if self.name == 'nofrost' else unwrap_model(self.model).pretrained_cfg.get('architecture'),
             'num_classes': self.num_classes,
-            'model_kwargs': json.dumps(_jsonable_kwargs(self.cfg.model_kwargs) if self.name == 'nofrost' else {}),
+            'model_kwargs': json.dumps(jsonable_kwargs(self.cfg.model_kwargs) if self.name == 'nofrost' else {}),
             'epoch': epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
@@ -478,8 +262,8 @@ class _Run:
         adv = self.cfg.adv
         if adv.adv_weight == 0:
             return 'standard training (no adversarial examples)'
-        return (f'{adv.norm} eps {_eps_text(adv.eps, adv.norm)}, PGD-{adv.steps} step '
-                f'{_eps_text(adv.attack_step_size, adv.norm)}, lambda {adv.adv_weight:g}')
+        return (f'{adv.norm} eps {eps_text(adv.eps, adv.norm)}, PGD-{adv.steps} step '
+                f'{eps_text(adv.attack_step_size, adv.norm)}, lambda {adv.adv_weight:g}')
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info

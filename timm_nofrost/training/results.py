@@ -1,0 +1,58 @@
+"""What a finished run reports: the final table, results JSON, and the follow-up evaluation command."""
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict
+
+from .train_config import CHECKPOINT_BEST, TrainConfig
+
+__all__ = ['final_table', 'atomic_json', 'eval_command', 'eps_text', 'config_to_json', 'jsonable_kwargs']
+
+
+def final_table(results: Dict[str, Any]) -> str:
+    """A Markdown table: one row per trained model, one column per final attack."""
+    runs = results['runs']
+    attacks = next(iter(runs.values()))['final']['attacks']
+    header = '| model | ' + ' | '.join(attacks) + ' |'
+    lines = [header, '|' + '---|' * (len(attacks) + 1)]
+    for run in runs.values():
+        acc = run['final']['accuracy']
+        lines.append(f"| {run['name']} | " + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
+    adv = results['config']['adv']
+    return (f"Accuracy on the first {next(iter(runs.values()))['final']['n_examples']} validation images, "
+            f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
+            + '\n'.join(lines))
+
+
+def eps_text(value: float, norm: str) -> str:
+    """``8/255`` for L-inf radii, a plain number for L2."""
+    return f'{value * 255:.3g}/255' if norm == 'Linf' else f'{value:.3g}'
+
+
+def atomic_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
+    d = asdict(cfg)
+    d['model_kwargs'] = jsonable_kwargs(d['model_kwargs'])
+    return d
+
+
+def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
+    """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks."""
+    parts = ['timm-nofrost eval', f'--model {cfg.model}', f'--num-classes {num_classes}']
+    if cfg.model_kwargs:
+        parts.append(f"--model-kwargs '{json.dumps(jsonable_kwargs(cfg.model_kwargs))}'")
+    if cfg.convert:
+        return ''  # a converted model is not a timm name: evaluate it from Python (see docs/training.md)
+    parts += [f'--checkpoint {out_dir / CHECKPOINT_BEST}', f'--data {cfg.data}', '--attacks clean,pgd-20,apgd-ce,apgd-t',
+              f'--eps {eps_text(cfg.adv.eps, cfg.adv.norm)}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
+    return ' '.join(parts)

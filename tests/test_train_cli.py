@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from timm_nofrost import AdversarialConfig
 from timm_nofrost.cli import main
 from timm_nofrost.data import write_image_folder
 from timm_nofrost.training import checkpointing
@@ -244,3 +245,20 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert [json.loads(x)['epoch'] for x in (out / 'summary.jsonl').read_text().splitlines()] == [1, 2]
     state = load_training_checkpoint(out / 'checkpoint-last.pth')
     assert not any(k.startswith('module.') for k in state['state_dict'])  # saved unwrapped, timm-loadable
+
+
+def test_robust_subset_spans_the_classes_of_a_sorted_image_folder(data_dir):
+    from timm.data import create_transform
+    from timm_nofrost.training.data import build_datasets, spread_indices
+    from timm_nofrost.training.epoch_eval import robust_report
+    val = build_datasets(str(data_dir), img_size=16).val  # ImageFolder order: sorted by class, 3 images each
+    assert [val[i][1] for i in range(5)] == [0, 0, 0, 1, 1]  # the first 5 would cover two classes
+    assert sorted(val[i][1] for i in spread_indices(5, len(val))) == [0, 1, 2, 3, 4]
+    val.transform = create_transform(16, is_training=False, crop_pct=1.0, normalize=False)
+    model = timm.create_model(TINY_MODEL, num_classes=5, **json.loads(TINY_KWARGS))
+    with torch.no_grad():  # a model that always answers class 0
+        model.head.fc.weight.zero_()
+        model.head.fc.bias.copy_(torch.tensor([10.0, 0, 0, 0, 0]))
+    cfg = TrainConfig(data=str(data_dir), robust_examples=5, batch_size=5, adv=AdversarialConfig(steps=2))
+    report = robust_report(model, val, cfg, torch.device('cpu'), 'clean,pgd-2', False, 'tiny')
+    assert report.n_examples == 5 and report.clean_accuracy == pytest.approx(0.2)  # one image per class; first 5: 0.6

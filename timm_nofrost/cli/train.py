@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument('--final-attacks', default='clean,pgd-20,apgd-ce', metavar='LIST',
                     help='attacks of the final table (default: %(default)s)')
     ev.add_argument('--robust-examples', type=int, default=256, metavar='N',
-                    help='validation images attacked (the first N, fixed) (default: %(default)s)')
+                    help='validation images attacked, spread evenly over the set, the same every epoch (default: %(default)s)')
     ev.add_argument('--compare-bn', action='store_true',
                     help="also train the model's BatchNorm twin the same way (BN-AT) and compare in the final table")
     ev.add_argument('--baseline-model', default=None, metavar='NAME',

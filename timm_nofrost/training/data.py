@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['DataSource', 'build_datasets', 'check_image_folder', 'IMG_EXTENSIONS']
+__all__ = ['DataSource', 'build_datasets', 'check_image_folder', 'spread_indices', 'IMG_EXTENSIONS']
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 _TRAIN_DIRS = ('train', 'training')
@@ -117,3 +117,13 @@ class _TransformSubset(Subset):
     @transform.setter
     def transform(self, value) -> None:
         self.dataset.transform = value
+
+
+def spread_indices(n_examples: int, dataset_size: int) -> List[int]:
+    """``n_examples`` dataset indices spread evenly over ``range(dataset_size)``: ``floor(i * size / n)``.
+
+    A fixed subset that visits every part of the validation set: ImageFolder sorts images by class, so the
+    first N images would cover only the first few classes.
+    """
+    n = min(n_examples, dataset_size)
+    return [i * dataset_size // n for i in range(n)]

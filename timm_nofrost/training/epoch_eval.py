@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from ..attacks.base import unwrap_model
+from .data import spread_indices
 from .train_config import TrainConfig
 
 __all__ = ['clean_accuracy', 'robust_report', 'report_accuracy']
@@ -18,7 +19,6 @@ def _pixel_batches(loader_or_ds):
         yield x, y
 
 
-# -- evaluation ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, val, device: torch.device, batch_size: int, workers: int) -> float:
     from ..attacks.base import PixelModel
@@ -34,10 +34,10 @@ def clean_accuracy(model: nn.Module, val, device: torch.device, batch_size: int,
 
 def robust_report(model: nn.Module, val, cfg: TrainConfig, device: torch.device, attacks: str, sanity: bool,
                   name: str):
-    """Clean and robust accuracy on the first ``robust_examples`` validation images (a fixed subset)."""
+    """Clean and robust accuracy on ``robust_examples`` validation images spread evenly over the set (fixed)."""
     from ..evaluate import evaluate
-    n = min(cfg.robust_examples, len(val))
-    loader = DataLoader(Subset(val, range(n)), batch_size=min(cfg.batch_size, 128), shuffle=False,
+    subset = Subset(val, spread_indices(cfg.robust_examples, len(val)))
+    loader = DataLoader(subset, batch_size=min(cfg.batch_size, 128), shuffle=False,
                         num_workers=cfg.workers)
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp or '')
     return evaluate(model, loader, attacks=attacks, eps=[cfg.adv.eps], norm=cfg.adv.norm, device=device,
@@ -49,5 +49,3 @@ def report_accuracy(report) -> Dict[str, float]:
     by_attack = report.accuracy[report.eps_labels[0]]
     return {'clean': 100.0 * report.clean_accuracy, **{a: 100.0 * v for a, v in by_attack.items()}}
 
-
-# -- the run ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def final_table(results: Dict[str, Any]) -> str:
         acc = run['final']['accuracy']
         lines.append(f"| {run['name']} | " + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
     adv = results['config']['adv']
-    return (f"Accuracy on the first {next(iter(runs.values()))['final']['n_examples']} validation images, "
+    return (f"Accuracy on {next(iter(runs.values()))['final']['n_examples']} validation images (spread evenly over the set), "
             f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
             + '\n'.join(lines))
 

@@ -309,7 +309,7 @@ class _Run:
             self._save(epoch, metrics)
             _log(info, f"[{self.name}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                        f"val clean {metrics['val_clean_top1']:.1f} %  val {cfg.eval_attack} "
-                       f"{metrics['val_robust_top1']:.1f} % (first {metrics['val_robust_examples']})  "
+                       f"{metrics['val_robust_top1']:.1f} % ({metrics['val_robust_examples']} images)  "
                        f"{metrics['train_time_s']:.0f} s")
         if info.world_size > 1:
             dist.barrier()
@@ -356,6 +356,10 @@ class _Run:
         report.save_json(self.out_dir / 'robustness.json')
         (self.out_dir / 'robustness.md').write_text(report.to_markdown())
         acc = report_accuracy(report)
-        clean = clean_accuracy(self.model, self.source.val, self.device, min(self.cfg.batch_size, 256), self.cfg.workers)
+        if self.history and self.history[-1]['epoch'] == self.cfg.epochs:  # measured after the last epoch already
+            clean = self.history[-1]['val_clean_top1']
+        else:
+            clean = clean_accuracy(self.model, self.source.val, self.device, min(self.cfg.batch_size, 256),
+                                   self.cfg.workers)
         return {'attacks': list(acc), 'accuracy': acc, 'n_examples': report.n_examples, 'val_clean_top1_full': clean,
                 'sanity_flags_failed': [f['name'] for f in report.flags_failed]}

@@ -36,6 +36,7 @@ from ..attacks import build_attack, parse_attack
 from ..attacks.autoattack import autoattack_available
 from ..attacks.base import PixelModel, unwrap_model
 from .config import AdversarialConfig
+from .data import spread_indices
 from .trainer import AdversarialTrainer
 
 __all__ = [
@@ -135,16 +136,6 @@ def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_N
 
 
 # -- robust validation ----------------------------------------------------------------------------------------
-def spread_indices(n_examples: int, dataset_size: int) -> List[int]:
-    """``n_examples`` dataset indices spread evenly over ``range(dataset_size)``: ``floor(i * size / n)``.
-
-    A fixed subset that visits every part of the validation set: ImageFolder sorts images by class, so the
-    first N images would cover only the first few classes.
-    """
-    n = min(n_examples, dataset_size)
-    return [i * dataset_size // n for i in range(n)]
-
-
 class SubsetCollector:
     """Hands timm's eval loader to its ``validate`` unchanged, keeping the images of the robust subset on the way.
 

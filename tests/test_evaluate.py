@@ -131,7 +131,7 @@ def test_flags_randomness():
 def test_flags_weak_iterative_attack(monkeypatch):
     """A PGD that does nothing is caught by the FGSM comparison."""
     class _LazyPGD(PGD):
-        def perturb(self, x, y, target):
+        def perturb(self, x, y, target, active):
             return x.clone(), 0.0
     monkeypatch.setattr(sanity_module, 'PGD', _LazyPGD)
     flags = _flags(trained_tiny_cnn())
@@ -144,7 +144,7 @@ def test_flags_more_steps_and_monotonicity(monkeypatch):
     class _Erratic(PGD):
         """Worse with more steps, and (in the main run) better at larger eps."""
 
-        def _call(self, x, y, target):
+        def _call(self, x, y, target, mask=None):
             calls.append(self.steps)
             correct = torch.ones_like(y, dtype=torch.bool) if self.steps > 5 or self.eps > 3 / 255 else \
                 torch.zeros_like(y, dtype=torch.bool)

@@ -189,7 +189,7 @@ def test_validate_adds_robust_top1_matching_an_independent_attack(fake_script):
     results = launcher.module.RESULTS
     metrics = results['metrics']
     assert list(metrics) == ['loss', 'top1', 'top5', 'robust_top1_pgd-3', 'robust_top1_fgsm', 'robust_top1_clean',
-                             'robust_top1_worst']
+                             'robust_top1_worst-case']
     model = results['task'].get_eval_model()
     assert spread_indices(6, 10) == SUBSET
     pgd = independent_robust(model, results, PGD, steps=3)
@@ -201,9 +201,9 @@ def test_validate_adds_robust_top1_matching_an_independent_attack(fake_script):
     assert metrics['robust_top1_pgd-3'] == pytest.approx(100 * pgd.float().mean().item())
     assert metrics['robust_top1_fgsm'] == pytest.approx(100 * fgsm.float().mean().item())
     assert metrics['robust_top1_clean'] == pytest.approx(100 * clean.float().mean().item())
-    assert metrics['robust_top1_worst'] == pytest.approx(100 * (pgd & fgsm).float().mean().item())
+    assert metrics['robust_top1_worst-case'] == pytest.approx(100 * (pgd & fgsm).float().mean().item())
     assert metrics['robust_top1_pgd-3'] < metrics['robust_top1_clean']  # the attack does flip predictions
-    assert metrics['robust_top1_worst'] <= min(metrics['robust_top1_pgd-3'], metrics['robust_top1_fgsm'])
+    assert metrics['robust_top1_worst-case'] <= min(metrics['robust_top1_pgd-3'], metrics['robust_top1_fgsm'])
     assert launcher.robust_history == [{'metrics': {k: metrics[k] for k in val.metric_names()}, 'examples': 6,
                                         'log_suffix': ''}]
 
@@ -282,7 +282,7 @@ def test_ddp_on_cpu_drops_the_device_ids_train_py_passes(tmp_path):
     store = dist.FileStore(str(tmp_path / 'store'), 1)
     dist.init_process_group('gloo', store=store, rank=0, world_size=1)
     try:
-        task = LaunchedAdversarialTrainer(torch.nn.Linear(4, 3), steps=1, verbose=False)
+        task = LaunchedAdversarialTrainer(torch.nn.Linear(4, 3), steps=1, mean=(0.0,), std=(1.0,), verbose=False)
         task.prepare_distributed(device_ids=[torch.device('cpu')])
         ddp = task.get_trainable_module()
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.device_ids is None

@@ -125,10 +125,16 @@ def test_adversarial_examples_stay_in_the_ball_in_pixel_space():
 
 def test_pixel_inputs_without_normalisation():
     x, y = batch()
-    task = trainer(nf_model(), input_normalized=False, steps=3)
+    model = nf_model()
+    task = trainer(model, input_normalized=False, mean=None, std=None, steps=3)
     adv = task.make_adversarial(x, y)['input_adv']
     assert (adv - x).abs().max().item() == pytest.approx(8 / 255, abs=1e-5)
     assert adv.min().item() >= 0 and adv.max().item() <= 1
+    # the training forward feeds pixels to the model: the attack must attack that same function
+    with torch.no_grad():
+        assert torch.equal(task.attack().model(x), model.eval()(x))
+    with pytest.raises(ValueError, match='mean/std do not apply'):
+        trainer(nf_model(), input_normalized=False)  # the helper passes mean/std
 
 
 def test_random_erasing_outside_the_pixel_range_is_clamped_for_the_attack():

@@ -7,6 +7,7 @@ Importing the package registers the ``*_nofrost`` model family (and ``normfree_c
 """
 from .version import __version__
 from .checkpoint import CheckpointError, checkpoint_filter_fn, clean_state_dict, read_state_dict
+from .pixels import AMP_DTYPES, PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, to_float_pixels
 from .layers import fuse_weight_standardization, make_fusable
 from .models import HF_HUB_ORG, NOFROST_RECIPE_DEFAULTS, NoFrostCfg, NormFreeBasicBlock, NormFreeBasicResNet
 from .convert import (
@@ -21,6 +22,13 @@ __all__ = [
     'checkpoint_filter_fn',
     'clean_state_dict',
     'read_state_dict',
+    'AMP_DTYPES',
+    'PixelModel',
+    'amp_dtype',
+    'denormalize',
+    'normalize',
+    'resolve_mean_std',
+    'to_float_pixels',
     'fuse_weight_standardization',
     'make_fusable',
     'HF_HUB_ORG',

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, check_positive_int, project, random_delta, steepest_step
+from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
 from .losses import get_loss, targeted_dlr
 
 __all__ = ['APGD', 'APGDTargeted', 'apgd_checkpoints']
@@ -54,46 +54,58 @@ class APGD(Attack):
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                active: torch.Tensor) -> Tuple[torch.Tensor, float, torch.Tensor]:
         generator = self.generator(x.device)
-        best = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        zeros = total = 0
-        for _ in range(self.restarts):
-            todo = ~fooled
-            if not todo.any():
-                break
-            idx = todo.nonzero()[:, 0]
-            x_adv, ok, z, t = self._run(x[idx], y[idx], None if target is None else target[idx], generator)
-            zeros, total = zeros + z, total + t
-            best[idx] = x_adv
-            fooled[idx] = ~ok
-        return best, zeros / max(total, 1)
-
-    def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
-             generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
-        n = x.shape[0]
         eps = self.eps_tensor(x)
+        best = BestIterate(x)
+        counts = [0, 0]
+        for _ in range(self.restarts):
+            start = random_delta(x, eps, self.norm, generator)  # whole batch: independent of the rows attacked
+            rows = (active & ~best.fooled) if self.active_set else active
+            idx = rows.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            self._run(x, y, target, eps, start, idx, best, counts)
+        return best.x, counts[0] / max(counts[1], 1), best.logits
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
+             start: torch.Tensor, idx: torch.Tensor, best: BestIterate, counts: List[int]) -> None:
+        """One APGD run on the batch rows ``idx`` from ``x + start``; every iterate is scored into ``best``.
+
+        With the active set, a row leaves the run at its first fooling iterate. Everything else is kept per
+        row (step size, momentum, best point and its gradient, checkpoint counters), so the rows still
+        running follow exactly the trajectory they follow in a full run.
+        """
         view = (-1, 1, 1, 1)
         checkpoints = set(apgd_checkpoints(self.steps))
+        x, y, eps = x[idx], y[idx], eps[idx]
+        target = None if target is None else target[idx]
         eta = 2 * eps.clone()
 
-        x_cur = x + random_delta(x, eps, self.norm, generator)
+        x_cur = x + start[idx]
         loss, grad, logits = self.input_grad(x_cur, y, target, self.loss_fn)
-        zeros, total = int((grad == 0).sum()), grad.numel()
+        counts[0] += int((grad == 0).sum())
+        counts[1] += grad.numel()
+        fooled = best.update(idx, x_cur, loss, logits, self.is_fooled(logits, y, target))
         best_loss = loss.clone()
-        x_best = x_cur.clone()  # highest loss so far: restart point after a step-size halving
-        x_adv = x_cur.clone()  # returned: a fooling point as soon as one is found, else the highest loss
-        fooled = self._fooled(logits, y, target)
-        x_adv[fooled] = x_cur[fooled]
-
+        x_best, grad_best = x_cur.clone(), grad.clone()  # highest loss so far: restart point after a halving
         x_prev = x_cur.clone()
         loss_prev = loss.clone()
-        n_increase = torch.zeros(n, device=x.device)
+        n_increase = torch.zeros(x.shape[0], device=x.device)
         eta_at_check = eta.clone()
         best_at_check = best_loss.clone()
         last_check = 0
         for k in range(self.steps):
+            if self.active_set and bool(fooled.any()):
+                keep = (~fooled).nonzero()[:, 0]
+                if keep.numel() == 0:
+                    return
+                (x, y, eps, eta, x_cur, x_prev, grad, loss_prev, best_loss, x_best, grad_best, n_increase,
+                 eta_at_check, best_at_check, idx) = (
+                    t[keep] for t in (x, y, eps, eta, x_cur, x_prev, grad, loss_prev, best_loss, x_best, grad_best,
+                                      n_increase, eta_at_check, best_at_check, idx))
+                target = None if target is None else target[keep]
             with torch.no_grad():
                 z = x + project(x_cur + eta.view(view) * steepest_step(grad, self.norm) - x, x, eps, self.norm)
                 a = 1.0 if k == 0 else self.momentum
@@ -102,19 +114,16 @@ class APGD(Attack):
             x_prev = x_cur
             x_cur = x_next
             loss, grad, logits = self.input_grad(x_cur, y, target, self.loss_fn)
-            zeros, total = zeros + int((grad == 0).sum()), total + grad.numel()
+            counts[0] += int((grad == 0).sum())
+            counts[1] += grad.numel()
+            fooled = best.update(idx, x_cur, loss, logits, self.is_fooled(logits, y, target))
 
-            now_fooled = self._fooled(logits, y, target)
-            newly = now_fooled & ~fooled
-            x_adv[newly] = x_cur[newly]
-            fooled |= now_fooled
             n_increase += (loss > loss_prev).float()
             loss_prev = loss
             improved = loss > best_loss
-            x_best[improved] = x_cur[improved]
+            x_best = torch.where(improved.view(view), x_cur, x_best)
+            grad_best = torch.where(improved.view(view), grad, grad_best)
             best_loss = torch.where(improved, loss, best_loss)
-            not_fooled = ~fooled
-            x_adv[not_fooled & improved] = x_cur[not_fooled & improved]
 
             if k + 1 in checkpoints:
                 window = k + 1 - last_check
@@ -124,20 +133,11 @@ class APGD(Attack):
                 eta_at_check = eta.clone()
                 best_at_check = best_loss.clone()
                 eta = torch.where(halve, eta / 2, eta)
-                if halve.any():
-                    # restart halved examples from their best point, with that point's gradient
-                    x_cur = torch.where(halve.view(view), x_best, x_cur)
-                    x_prev = x_cur.clone()
-                    _, grad_best, _ = self.input_grad(x_cur, y, target, self.loss_fn)
-                    grad = torch.where(halve.view(view), grad_best, grad)
+                # halved rows go on from their best point, with that point's gradient (kept, not recomputed)
+                x_cur = torch.where(halve.view(view), x_best, x_cur)
+                grad = torch.where(halve.view(view), grad_best, grad)
                 n_increase.zero_()
                 last_check = k + 1
-        return x_adv, ~fooled, zeros, total
-
-    @staticmethod
-    def _fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
-        pred = logits.argmax(dim=1)
-        return pred == target if target is not None else pred != y
 
 
 class APGDTargeted(APGD):
@@ -151,32 +151,35 @@ class APGDTargeted(APGD):
         self.n_target_classes = n_target_classes
         self.loss_fn = lambda logits, y, target: targeted_dlr(logits, y, target)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    def is_fooled(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """Success is a misclassification, whatever class it lands in (as in the official APGD-T)."""
+        return logits.argmax(dim=1) != y
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                active: torch.Tensor) -> Tuple[torch.Tensor, float, torch.Tensor]:
+        rows = active.nonzero()[:, 0]
         with torch.no_grad():
-            ranked = self.logits(x).sort(dim=1, descending=True).indices
-        n_classes = ranked.shape[1]
-        best = x.clone()
-        robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        zeros = total = 0
+            top = self.logits(x[rows]).sort(dim=1, descending=True).indices
+        n_classes = top.shape[1]
+        ranked = torch.arange(n_classes, device=x.device).repeat(x.shape[0], 1)  # rows not attacked: any order
+        ranked[rows] = top
+        # the wrong classes of each row in rank order (the true class removed wherever it ranks)
+        others = ranked[ranked != y[:, None]].view(x.shape[0], n_classes - 1) if n_classes > 1 else None
+        eps = self.eps_tensor(x)
+        best = BestIterate(x)
+        counts = [0, 0]
         for i in range(min(self.n_target_classes, n_classes - 1)):
-            idx = robust.nonzero()[:, 0]
+            generator = torch.Generator(device=x.device).manual_seed(self.seed + i)
+            start = random_delta(x, eps, self.norm, generator)
+            attack_rows = (active & ~best.fooled) if self.active_set else active
+            idx = attack_rows.nonzero()[:, 0]
             if idx.numel() == 0:
                 break
-            # the (i+2)-th ranked class, skipping the true class when it is not ranked first
-            candidates = ranked[idx]
-            others = candidates[candidates != y[idx, None]].view(idx.numel(), n_classes - 1)
-            tgt = others[:, i]
-            generator = torch.Generator(device=x.device).manual_seed(self.seed + i)
-            x_adv, _, z, t = self._run(x[idx], y[idx], tgt, generator)
-            zeros, total = zeros + z, total + t
-            with torch.no_grad():
-                pred = self.logits(x_adv).argmax(dim=1)
-            fooled = pred != y[idx]
-            best[idx[fooled]] = x_adv[fooled]
-            robust[idx[fooled]] = False
-        return best, zeros / max(total, 1)
+            self._run(x, y, others[:, i], eps, start, idx, best, counts)
+        return best.x, counts[0] / max(counts[1], 1), best.logits
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                 eps: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         if target is not None:
             raise ValueError('APGDTargeted chooses its own targets (top wrong classes); do not pass target.')
-        return super().__call__(x, y)
+        return super().__call__(x, y, eps=eps, mask=mask)

@@ -107,10 +107,19 @@ class AutoAttack(Attack):
             getattr(official, name).n_target_classes = max(1, min(default, n_classes - 1))
         return n_classes
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                active: torch.Tensor) -> Tuple[torch.Tensor, float]:
         if target is not None:
             raise ValueError('AutoAttack is untargeted (it picks its own targets); do not pass target.')
         check_inputs(x, y, self._prepare(x))  # label range: the official code would fail deep inside
+        # the official code draws its own random starts for the rows it is given, so rows run alone or in a
+        # cascade may start elsewhere than in a full run (our own attacks do not have this caveat)
+        idx = active.nonzero()[:, 0]
+        x_adv = x.clone()
+        x_adv[idx] = self._official_run(x[idx], y[idx])
+        return x_adv, 0.0
+
+    def _official_run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = {self._batch_arg: self.batch_size or x.shape[0]}
         cuda = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
             if x.device.type == 'cuda' else []
@@ -122,4 +131,4 @@ class AutoAttack(Attack):
             if sys.gettrace() is not trace:
                 sys.settrace(trace)
         x_adv = out[0] if isinstance(out, (tuple, list)) else out
-        return x_adv.detach().to(x.dtype), 0.0
+        return x_adv.detach().to(x.dtype)

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import WS_CONV_TYPES, standardized_weight
+from ..pixels import PixelModel, unwrap_model  # re-exported: PixelModel lives in timm_nofrost.pixels
 
 __all__ = [
-    'NORMS', 'PixelModel', 'AttackResult', 'Attack', 'attack_mode', 'parse_eps', 'check_inputs', 'unwrap_model',
+    'NORMS', 'PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'parse_eps', 'check_inputs', 'unwrap_model',
 ]
 
 NORMS = ('Linf', 'L2')
@@ -53,42 +54,6 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f'{name} must be a positive integer, got {value!r}.')
     return value
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under DDP / DataParallel / torch.compile wrappers: attacks never run through DDP hooks."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == 'OptimizedModule' and hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
-
-
-class PixelModel(nn.Module):
-    """``model((x - mean) / std)`` for images ``x`` in [0, 1]."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    @classmethod
-    def from_model(cls, model: nn.Module, mean: Optional[Sequence[float]] = None,
-                   std: Optional[Sequence[float]] = None) -> 'PixelModel':
-        """Wrap ``model``, taking mean/std from its timm pretrained config unless given."""
-        if isinstance(model, PixelModel):
-            return model
-        cfg = getattr(unwrap_model(model), 'pretrained_cfg', None) or {}
-        mean = mean if mean is not None else cfg.get('mean', (0.485, 0.456, 0.406))
-        std = std if std is not None else cfg.get('std', (0.229, 0.224, 0.225))
-        return cls(model, mean, std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(device=x.device, dtype=x.dtype), self.std.to(device=x.device, dtype=x.dtype)
-        return self.model((x - mean) / std)
 
 
 def _fixed_ws_forward(conv: nn.Conv2d, weight: torch.Tensor):
@@ -203,10 +168,14 @@ class Attack:
         model: Classifier taking normalised images (a timm model) or a ``PixelModel``.
         eps: Radius of the threat model (float or ``'8/255'``).
         norm: ``'Linf'`` or ``'L2'``.
-        mean, std: Normalisation; defaults to the model's timm pretrained config.
+        mean, std: Normalisation of the model's inputs; default: its timm ``pretrained_cfg`` (a ValueError if
+            it has none: pass ``mean=(0, 0, 0), std=(1, 1, 1)`` for a model that takes [0, 1] pixels).
         seed: Seeds the random starts (results are deterministic for a given seed on a given device).
         amp_dtype: Run forwards under autocast in this dtype (``torch.bfloat16`` / ``torch.float16``).
         cache_standardized_weights: Compute each weight-standardised kernel once per attack.
+        active_set: Stop spending forwards and backwards on an example once it is fooled (a fooled example can
+            never count as robust again). Per-example outcomes are identical either way; ``False`` runs every
+            step on every example (the reference the active set is tested against).
     """
     name = 'attack'
 
@@ -220,6 +189,7 @@ class Attack:
             seed: int = 0,
             amp_dtype: Optional[torch.dtype] = None,
             cache_standardized_weights: bool = True,
+            active_set: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f'Attacks need a torch.nn.Module, got {type(model).__name__}.')
@@ -230,18 +200,27 @@ class Attack:
             raise ValueError(f'Linf eps {eps!r} is above 1, the whole pixel range.')
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f'amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}.')
-        if isinstance(model, PixelModel):
-            self.model = PixelModel(unwrap_model(model.model), model.mean.flatten().tolist(), model.std.flatten().tolist())
-        else:
-            self.model = PixelModel.from_model(unwrap_model(model), mean, std)
+        # mean/std: given, or the model's timm pretrained_cfg, or a ValueError saying how (never a silent default)
+        pixel = PixelModel.from_model(unwrap_model(model), mean, std)
+        self.model = PixelModel(unwrap_model(pixel.model), pixel.mean.flatten().tolist(), pixel.std.flatten().tolist())
         self.norm = norm
         self.seed = seed
         self.amp_dtype = amp_dtype
         self.cache_standardized_weights = cache_standardized_weights
+        self.active_set = bool(active_set)
 
     # -- to implement -------------------------------------------------------------------------------------
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple:
-        """Return ``(adversarial images, fraction of zero input-gradient entries[, their logits])``."""
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                active: torch.Tensor) -> Tuple:
+        """Attack the rows of ``x`` where ``active`` is True; the others are left as they are.
+
+        Random starts are drawn for the whole batch, so a row's start does not depend on which rows are
+        attacked (a cascade and a full run attack each row identically).
+
+        Returns:
+            ``(adversarial images, fraction of zero input-gradient entries[, logits at them])``; logits of
+            inactive rows are ignored.
+        """
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------
@@ -250,6 +229,11 @@ class Attack:
             return self.model(x)
         with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
             return self.model(x).float()
+
+    def is_fooled(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per example: the attack succeeded (untargeted: misclassified; targeted: the target class reached)."""
+        pred = logits.argmax(dim=1)
+        return pred == target if target is not None else pred != y
 
     def input_grad(self, x_adv: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                    loss_fn) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,18 +256,29 @@ class Attack:
             return int(self.logits(x[:1]).shape[1])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
-                 eps: Optional[torch.Tensor] = None) -> AttackResult:
+                 eps: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> AttackResult:
         """Attack ``x`` (pixels in [0, 1]) with labels ``y``; ``target`` for targeted attacks; ``eps`` to give
-        each example its own radius (e.g. for a decision-margin search)."""
+        each example its own radius (e.g. for a decision-margin search).
+
+        ``mask`` (bool, one per example) attacks only those rows: the others are returned unchanged and count
+        as not robust (``correct`` False), as for examples already misclassified or broken by an earlier attack.
+        Each attacked row gets the same random start as without a mask, so masking never changes its outcome.
+        """
         if eps is not None:
             eps = torch.as_tensor(eps, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (x.shape[0],):
+                raise ValueError(f'mask must be a bool tensor of shape ({x.shape[0]},), got '
+                                 f'{getattr(mask, "dtype", type(mask).__name__)} {tuple(getattr(mask, "shape", ()))}.')
+            mask = mask.to(x.device)
         self._batch_eps = eps
         try:
-            return self._call(x, y, target)
+            return self._call(x, y, target, mask)
         finally:
             self._batch_eps = None
 
-    def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> AttackResult:
+    def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+              mask: Optional[torch.Tensor] = None) -> AttackResult:
         with attack_mode(self.model, self.cache_standardized_weights):
             check_inputs(x, y)
             if target is not None:
@@ -291,15 +286,21 @@ class Attack:
             x = x.detach()
             if x.shape[0] == 0:
                 return AttackResult(x_adv=x, logits=x.new_zeros((0, 0)), correct=torch.zeros(0, dtype=torch.bool))
+            active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
+            if not bool(active.any()):
+                return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
+                                    correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
             self._labels_checked = False
-            out = self.perturb(x, y, target)
+            out = self.perturb(x, y, target, active)
             x_adv, zero_frac = out[0], out[1]
             logits = out[2] if len(out) > 2 else None
             if logits is None:
+                idx = active.nonzero()[:, 0]
                 with torch.no_grad():
-                    logits = self.logits(x_adv)
-        pred = logits.argmax(dim=1)
-        correct = pred != target if target is not None else pred == y
+                    rows = self.logits(x_adv[idx])
+                logits = rows.new_zeros((x.shape[0], rows.shape[1]))
+                logits[idx] = rows
+        correct = ~self.is_fooled(logits, y, target) & active
         return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac)
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -310,3 +311,32 @@ class Attack:
         if batch_eps is not None and batch_eps.shape[0] == x.shape[0]:
             return batch_eps
         return torch.full((x.shape[0],), self.eps, device=x.device, dtype=x.dtype)
+
+
+class BestIterate:
+    """Per example, the strongest iterate so far: a fooling one if any, else the highest loss (no host syncs).
+
+    ``update`` takes the batch rows ``idx`` an attack is working on, so attacks that drop fooled rows (the
+    active set) and attacks that keep them all record their outcome in the same place.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.clone()
+        self.logits: Optional[torch.Tensor] = None
+        self.loss: Optional[torch.Tensor] = None
+        self.fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def update(self, idx: torch.Tensor, x_adv: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor,
+               fooled: torch.Tensor) -> torch.Tensor:
+        """Record the iterate ``x_adv`` of rows ``idx``; returns ``fooled`` (the rows this iterate fools)."""
+        n = self.x.shape[0]
+        if self.logits is None:
+            self.logits = logits.new_zeros((n, logits.shape[1]))
+            self.loss = torch.full((n,), float('-inf'), device=loss.device, dtype=loss.dtype)
+        was_fooled, best_loss = self.fooled[idx], self.loss[idx]
+        better = (fooled & ~was_fooled) | ((fooled == was_fooled) & (loss > best_loss))
+        self.x[idx] = torch.where(better.view(-1, 1, 1, 1), x_adv.detach(), self.x[idx])
+        self.logits[idx] = torch.where(better[:, None], logits.detach(), self.logits[idx])
+        self.loss[idx] = torch.where(better, loss.to(self.loss.dtype), best_loss)
+        self.fooled[idx] = was_fooled | fooled
+        return fooled

@@ -4,7 +4,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, check_positive_int, project, random_delta, steepest_step
+from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
 from .losses import get_loss
 
 __all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
@@ -57,27 +57,33 @@ class PGD(Attack):
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> Tuple:
-        best = _Best(x)
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], active: torch.Tensor) -> Tuple:
+        best = BestIterate(x)
         generator = self.generator(x.device)  # restarts continue one seeded stream
+        eps = self.eps_tensor(x)
         zeros = torch.zeros((), device=x.device)
+        computed = 0
         for _ in range(self.restarts):
-            delta, restart_zeros = self._run(x, y, target, self.eps_tensor(x), generator, best)
+            # drawn for the whole batch: a row's start never depends on which rows are still attacked
+            delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
+            rows = (active & ~best.fooled) if self.active_set else active
+            idx = rows.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            _, restart_zeros, restart_computed = self._run(
+                x[idx], y[idx], None if target is None else target[idx], eps[idx], delta[idx], best, idx)
             zeros += restart_zeros
-            with torch.no_grad():
-                logits = self.logits(x + delta)
-                loss = self.loss_fn(logits, y, target)
-            best.update(x + delta, loss, logits, y, target)
-        total = x.numel() * self.steps * self.restarts
-        return best.x, zeros.item() / max(total, 1), best.logits
+            computed += restart_computed
+        return best.x, zeros.item() / max(computed, 1), best.logits
 
     def generate(self, x: torch.Tensor, y: torch.Tensor, eps: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Training path: the last iterate of one PGD run, as adversarial training uses it (Madry et al.).
 
         Unlike ``__call__``, nothing is validated and nothing waits on the device (no host syncs), no best
-        iterate is kept, and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup)
-        with the ``'ce'`` loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from
+        iterate is kept, every example is attacked for every step (no active set: a training batch needs
+        them all), and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup) with
+        the ``'ce'`` loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from
         ``generator``, or torch's global generator (seeded per process by training scripts) when None.
 
         Returns:
@@ -85,47 +91,48 @@ class PGD(Attack):
             entries (a 0-dim tensor on the device).
         """
         self._labels_checked = True
+        x = x.detach()
         eps = self.eps_tensor(x) if eps is None else eps
-        delta, zeros = self._run(x.detach(), y, None, eps, generator, None)
-        return (x.detach() + delta).detach(), zeros
+        delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
+        delta, zeros, _ = self._run(x, y, None, eps, delta, None, None)
+        return (x + delta).detach(), zeros
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
-             generator: Optional[torch.Generator], best: Optional['_Best']) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One restart: ``steps`` signed-gradient steps from a random (or zero) start; the final delta."""
+             delta: torch.Tensor, best: Optional[BestIterate],
+             idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """The one PGD loop: ``steps`` steepest-ascent steps from ``x + delta``, projected onto the ball.
+
+        Evaluation (``best`` given, ``idx`` the batch rows of ``x``): every iterate, and the last one after the
+        final step, is scored into ``best``; with the active set, rows leave the loop at their first fooling
+        iterate. Training (``best`` None): all rows, all steps, no host syncs; the final delta is returned.
+
+        Returns:
+            ``(final delta, zero input-gradient entries (0-dim tensor), input-gradient entries computed)``.
+        """
         # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
-        step = (eps * (self.step_size / self.eps) if self.eps > 0 else torch.zeros_like(eps)).view(-1, 1, 1, 1)
+        ratio = self.step_size / self.eps if self.eps > 0 else 0.0
         zeros = torch.zeros((), device=x.device)
-        if self.random_start:
-            delta = random_delta(x, eps, self.norm, generator)
-        else:
-            delta = torch.zeros_like(x)
+        computed = 0
         for _ in range(self.steps):
             loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
-            if best is not None:
-                best.update(x + delta, loss, logits, y, target)
             zeros += (grad == 0).sum()
+            computed += grad.numel()
+            if best is not None:
+                fooled = best.update(idx, x + delta, loss, logits, self.is_fooled(logits, y, target))
+                if self.active_set and bool(fooled.any()):
+                    keep = (~fooled).nonzero()[:, 0]
+                    if keep.numel() == 0:
+                        return delta, zeros, computed
+                    x, y, eps, delta, grad, idx = x[keep], y[keep], eps[keep], delta[keep], grad[keep], idx[keep]
+                    target = None if target is None else target[keep]
+            step = (eps * ratio).view(-1, 1, 1, 1)
             delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
-        return delta, zeros
-
-
-class _Best:
-    """Per example, the strongest iterate so far: a fooling one if any, else the highest loss (no host syncs)."""
-
-    def __init__(self, x: torch.Tensor):
-        n = x.shape[0]
-        self.x = x.clone()
-        self.logits: Optional[torch.Tensor] = None
-        self.loss = torch.full((n,), float('-inf'), device=x.device)
-        self.fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-
-    def update(self, x_adv, loss, logits, y, target) -> None:
-        pred = logits.argmax(dim=1)
-        fooled = pred == target if target is not None else pred != y
-        better = (fooled & ~self.fooled) | ((fooled == self.fooled) & (loss > self.loss))
-        self.x = torch.where(better.view(-1, 1, 1, 1), x_adv.detach(), self.x)
-        self.logits = logits.detach() if self.logits is None else torch.where(better[:, None], logits.detach(), self.logits)
-        self.loss = torch.where(better, loss, self.loss)
-        self.fooled |= fooled
+        if best is not None:
+            with torch.no_grad():
+                logits = self.logits(x + delta)
+                loss = self.loss_fn(logits, y, target)
+            best.update(idx, x + delta, loss, logits, self.is_fooled(logits, y, target))
+        return delta, zeros, computed
 
 
 class FGSM(PGD):

@@ -52,21 +52,48 @@ def parse_model_kwargs(text: Any) -> dict:
 
 
 def create_model_from_args(args: Any, **kwargs: Any) -> Any:
-    """``timm.create_model`` from ``--model``, ``--pretrained`` / ``--checkpoint`` and ``--model-kwargs``.
+    """``timm.create_model`` from ``--model``, ``--pretrained`` / ``--checkpoint`` and ``--model-kwargs`` (and
+    ``--convert`` where the command has it).
 
     A checkpoint that does not fit the architecture becomes a CliError listing the mismatches, not a traceback.
     """
     import timm
     kwargs = {**parse_model_kwargs(getattr(args, 'model_kwargs', None)), **kwargs}
+    if getattr(args, 'convert', False):
+        return _create_converted(args, kwargs)
     try:
         return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
     except RuntimeError as e:
         if 'state_dict' not in str(e) or not args.checkpoint:
             raise
-        details = [line.strip().rstrip('.') for line in str(e).splitlines()[1:] if line.strip()]
-        shown = '; '.join(details[:3]) + (f' (and {len(details) - 3} more)' if len(details) > 3 else '')
-        raise CliError(f'Checkpoint {args.checkpoint} does not fit {args.model}: {shown}. Pass the --num-classes and '
-                       f'--model-kwargs the model was trained with.') from None
+        raise _misfit(args, e) from None
+
+
+def _misfit(args: Any, error: Exception) -> CliError:
+    """A one-line CliError for a checkpoint whose keys or shapes do not fit the model."""
+    lines = [line.strip().rstrip('.') for line in str(error).splitlines() if line.strip()]
+    details = lines[1:] or [line.split(': ', 1)[-1] for line in lines]  # CheckpointError: one line
+    shown = '; '.join(details[:3]) + (f' (and {len(details) - 3} more)' if len(details) > 3 else '')
+    converted = ' (converted with --convert)' if getattr(args, 'convert', False) else ''
+    return CliError(f'Checkpoint {args.checkpoint} does not fit {args.model}{converted}: {shown}. Pass the '
+                    f'--num-classes and --model-kwargs the model was trained with.')
+
+
+def _create_converted(args: Any, kwargs: dict) -> Any:
+    """``--convert``: the timm (BatchNorm) model, converted by ``convert_to_normfree`` as ``train --convert`` does,
+    THEN the ``--checkpoint`` weights (a converted model's weights do not fit the unconverted one)."""
+    import timm
+    from ..checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict
+    from ..convert import convert_to_normfree
+    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    model = convert_to_normfree(model, init='keep' if args.pretrained else 'fresh')
+    if args.checkpoint:
+        state_dict = read_state_dict(args.checkpoint)  # safetensors or torch.load(weights_only=True)
+        try:
+            model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+        except (CheckpointError, RuntimeError) as e:
+            raise _misfit(args, e) from None
+    return model
 
 
 def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:

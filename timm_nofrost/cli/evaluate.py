@@ -5,9 +5,8 @@ import sys
 import torch
 
 from ..attacks import ATTACK_NAMES
+from ..pixels import AMP_DTYPES, amp_dtype
 from ._common import add_json_flag, add_model_args, create_model_from_args, print_json
-
-_AMP = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,10 +18,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     '(apgd-ce, apgd-t, autoattack) are one flag away: PGD alone overstates robustness.')
     add_model_args(parser)
     parser.add_argument('--num-classes', type=int, default=None, metavar='N', help='classifier size (default: model\'s)')
-    parser.add_argument('--data', required=True, metavar='DIR_OR_NAME',
-                        help='ImageFolder directory (ROOT/<class>/<image>) or a timm dataset name with a root, '
-                             'e.g. torch/cifar10:ROOT')
-    parser.add_argument('--split', default='validation', help='dataset split for timm dataset names (default: %(default)s)')
+    parser.add_argument('--convert', action='store_true',
+                        help='the model was trained with `train --convert`: build the timm (BatchNorm) model, remove '
+                             'its normalization with convert_to_normfree, then load --checkpoint')
+    data = parser.add_argument_group('data (the syntax of `timm-nofrost train --data`)')
+    data.add_argument('--data', required=True, metavar='SOURCE',
+                      help="'demo' (the embedded shapes' val split), an ImageFolder directory: ROOT/<class>/<image> "
+                           '(evaluated whole, or its held-out part with --val-fraction) or ROOT/train + ROOT/val '
+                           '(or validation/, test/: that folder is evaluated), or a timm dataset name such as '
+                           'torch/cifar10 with --data-dir (torch/cifar10:ROOT works too)')
+    data.add_argument('--data-dir', default=None, metavar='DIR', help='root folder for a timm dataset name')
+    data.add_argument('--val-fraction', type=float, default=None, metavar='F',
+                      help='for a single folder of class folders: evaluate only the held-out fraction F that '
+                           '`train --val-fraction F --seed SEED` validated on (default: the whole folder)')
+    data.add_argument('--split-seed', type=int, default=0, metavar='SEED',
+                      help='seed of that held-out split: the training --seed (default: %(default)s)')
+    data.add_argument('--img-size', type=int, default=None, metavar='PX',
+                      help="input resolution, as trained with `train --img-size` (default: the model's; 32 on the "
+                           'demo data)')
+    data.add_argument('--split', default='validation',
+                      help='split to evaluate: validation (default), train, or a subfolder name such as test')
     parser.add_argument('--attacks', default='clean,pgd-20,apgd-ce', metavar='LIST',
                         help=f'comma-separated attacks: {", ".join(ATTACK_NAMES)} (default: %(default)s)')
     parser.add_argument('--eps', default='8/255', metavar='LIST',
@@ -37,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='torch device (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0, help='seed for the subset and random starts (default: 0)')
-    parser.add_argument('--amp', default='none', choices=tuple(_AMP), help='autocast dtype for attacks (default: none)')
+    parser.add_argument('--amp', default='none', choices=('none',) + tuple(AMP_DTYPES),
+                        help='autocast dtype for attacks (default: none)')
     parser.add_argument('--no-sanity', action='store_true', help='skip the sanity checks (not recommended)')
     parser.add_argument('--analysis', action='store_true',
                         help='add decision-margin and local-smoothness statistics (the paper\'s analysis)')
@@ -56,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(
         model, args.data, attacks=args.attacks, eps=args.eps, norm=args.norm, n_examples=args.n_examples,
         subset_ids=args.subset_ids, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        amp_dtype=_AMP[args.amp], sanity=not args.no_sanity, analysis=args.analysis,
-        progress=not args.no_progress and sys.stderr.isatty(), split=args.split, model_name=args.model)
+        amp_dtype=amp_dtype(args.amp), sanity=not args.no_sanity, analysis=args.analysis,
+        progress=not args.no_progress and sys.stderr.isatty(), split=args.split, model_name=args.model,
+        data_dir=args.data_dir, img_size=args.img_size, val_fraction=args.val_fraction, split_seed=args.split_seed)
     if args.out:
         report.save_json(args.out)
     if args.markdown:

@@ -14,7 +14,7 @@ def _add_adv_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-val-attacks', default='pgd-10', metavar='LIST',
                        help='comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce '
                             '(clean adds the subset\'s clean accuracy); each adds eval_robust_top1_<attack> to '
-                            'summary.csv, plus robust_top1_worst with several attacks (default: %(default)s)')
+                            'summary.csv, plus robust_top1_worst-case with several attacks (default: %(default)s)')
     group.add_argument('--adv-val-examples', type=int, default=500, metavar='N',
                        help='attack N validation images spread evenly over the set, the same ones every epoch '
                             '(collected while timm validates: no extra pass over the data); 0 turns robust '

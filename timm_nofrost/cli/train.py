@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = parser.add_argument_group('data')
     data.add_argument('--data', default='demo', metavar='SOURCE',
                       help="'demo' (default: the embedded shapes), an ImageFolder directory (ROOT/<class>/<img>, "
-                           "or ROOT/train and ROOT/val), or a timm dataset name such as torch/cifar10")
+                           "or ROOT/train and ROOT/val), or a timm dataset name such as torch/cifar10 with --data-dir; "
+                           "the same syntax as `timm-nofrost eval --data`")
     data.add_argument('--data-dir', default=None, metavar='DIR', help='root folder for a timm dataset name')
     data.add_argument('--val-fraction', type=float, default=0.1, metavar='F',
                       help='held-out fraction when an ImageFolder has no val/ folder (default: %(default)s)')

@@ -14,8 +14,9 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
-from ..attacks import PGD, PixelModel
+from ..attacks import PGD
 from ..attacks.base import attack_mode
+from ..pixels import PixelModel
 
 __all__ = ['decision_margin', 'local_smoothness', 'margin_and_smoothness']
 
@@ -38,6 +39,7 @@ def decision_margin(model: PixelModel, x: torch.Tensor, y: torch.Tensor, eps_max
 def local_smoothness(model: PixelModel, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = 'Linf',
                      steps: int = 10, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Loss increase within the eps-ball (PGD) and the dual norm of the input gradient at ``x``."""
+    model = PixelModel.from_model(model)  # the gradient at x is taken in pixel space, like the attack's
     with attack_mode(model):
         x0 = x.detach().requires_grad_(True)
         loss0 = F.cross_entropy(model(x0), y, reduction='none')

@@ -7,39 +7,51 @@ import hashlib
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['pixel_transform', 'load_dataset', 'select_subset', 'read_id_list', 'SubsetInfo']
+from ..data.sources import build_eval_dataset, image_fingerprint, pixel_eval_transform, source_data_config
+
+__all__ = ['pixel_transform', 'load_dataset', 'select_subset', 'read_id_list', 'SubsetInfo', 'image_fingerprint']
 
 
-def pixel_transform(model: nn.Module) -> Callable:
-    """The model's timm eval transform (resize, center crop) producing [0, 1] tensors, not normalised."""
-    config = timm.data.resolve_data_config({}, model=model)
-    return timm.data.create_transform(**config, is_training=False, normalize=False)
+def pixel_transform(model: nn.Module, data: str = '', img_size: Optional[int] = None) -> Callable:
+    """The model's timm eval transform (resize, center crop) producing [0, 1] tensors, not normalised: the one
+    ``timm-nofrost train`` validates with on ``data`` at ``img_size`` (default: the model's input size)."""
+    return pixel_eval_transform(source_data_config(data, model, img_size))
 
 
-def load_dataset(source: Union[str, Path, Dataset], model: nn.Module, split: str = 'validation') -> Dataset:
-    """An ImageFolder-style directory, a timm dataset name (``torch/cifar10:DIR`` etc.), ``'demo'``, or a Dataset.
+def load_dataset(
+        source: Union[str, Path, Dataset],
+        model: nn.Module,
+        split: str = 'validation',
+        *,
+        data_dir: Optional[str] = None,
+        img_size: Optional[int] = None,
+        val_fraction: Optional[float] = None,
+        split_seed: int = 0,
+) -> Dataset:
+    """The evaluation images of ``source`` through the transform ``timm-nofrost train`` validates with.
+
+    ``source`` uses the train command's syntax (``timm_nofrost.data.sources``): ``'demo'``; an ImageFolder root
+    (its val / validation / test subfolder when it has train / val subfolders, else the whole folder, or with
+    ``val_fraction`` the held-out part of train's split seeded by ``split_seed``); a timm dataset name with its
+    root in ``data_dir`` (``torch/cifar10``; ``torch/cifar10:ROOT`` works too); or a ready Dataset of [0, 1]
+    image tensors, used as it is. Images are resized / cropped for ``img_size`` (default: the model's input
+    size; 32 for the demo data, which is also rendered at ``img_size``) and not normalised.
 
     Raises:
-        FileNotFoundError / ValueError: a missing directory, or a dataset with no images.
+        FileNotFoundError / ValueError: a missing folder, an unknown source, a bad ``val_fraction``, or a
+            dataset with no images.
     """
     if isinstance(source, Dataset):
         dataset = source
-    elif str(source) == 'demo':  # the embedded demo set's validation split (timm-nofrost train's default data)
-        from ..data import NoFrostShapes
-        dataset = NoFrostShapes('val', transform=pixel_transform(model))
     else:
         text = str(source)
-        name, _, root = text.partition(':') if ':' in text and not Path(text).exists() else ('', '', text)
-        if not name and not Path(root).is_dir():
-            raise FileNotFoundError(f'Dataset folder not found: {root} (expected ROOT/<class>/<image> or a timm '
-                                    f'dataset name such as torch/cifar10:ROOT).')
-        dataset = timm.data.create_dataset(name, root=root, split=split, transform=pixel_transform(model),
-                                           download=False)
+        dataset = build_eval_dataset(text, split, data_dir=data_dir, img_size=img_size, val_fraction=val_fraction,
+                                     seed=split_seed)
+        dataset.transform = pixel_transform(model, text, img_size)
     if len(dataset) == 0:
         raise ValueError(f'Dataset {source} is empty: no images found.')
     return dataset

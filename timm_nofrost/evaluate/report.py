@@ -19,7 +19,8 @@ def format_eps(eps: float, norm: str) -> str:
 
 @dataclass
 class RobustReport:
-    """Accuracy per attack and eps, per-example worst case, sanity flags and how the examples were chosen."""
+    """Accuracy per attack and eps, per-example worst case, sanity flags, and how the examples were chosen and
+    which they were (``data``: their fingerprint)."""
     model: str
     dataset: str
     norm: str
@@ -34,6 +35,11 @@ class RobustReport:
     per_example: Dict[str, Dict[str, List[int]]] = field(default_factory=dict)
     analysis: Dict[str, Any] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=dict)
+    # which images were evaluated: n_images and images_sha256 (timm_nofrost.data.sources.image_fingerprint),
+    # comparable with the ``data`` entry of a training run's results.json
+    data: Dict[str, Any] = field(default_factory=dict)
+    # cascade: each attack ran only on the survivors of the previous ones; per-attack accuracies are None
+    cascade: bool = False
 
     @property
     def eps_labels(self) -> List[str]:
@@ -60,8 +66,10 @@ class RobustReport:
                  '| attack | ' + ' | '.join(f'eps {e}' for e in labels) + ' |',
                  '|---|' + '---:|' * len(labels)]
         for attack in self.attacks + [WORST_CASE]:
-            cells = [f'{self.accuracy[e][attack]:.2%}' if attack in self.accuracy[e] else '-' for e in labels]
-            name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else attack
+            cells = [('not measured (cascade)' if self.accuracy[e][attack] is None else f'{self.accuracy[e][attack]:.2%}')
+                     if attack in self.accuracy[e] else '-' for e in labels]
+            name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else \
+                (f'{attack} (ran on the survivors of the attacks above)' if self.cascade else attack)
             lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
         if not any(a.startswith(_STRONG) for a in self.attacks):
             lines += ['', '> Only weak attacks were run: PGD alone overstates robustness. Add `apgd-ce`, `apgd-t` '
@@ -91,7 +99,10 @@ class RobustReport:
         xs = [0.0] + list(self.eps)
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for attack in self.attacks + [WORST_CASE]:
-            ys = [self.clean_accuracy] + [self.accuracy[e].get(attack, float('nan')) for e in self.eps_labels]
+            values = [self.accuracy[e].get(attack) for e in self.eps_labels]
+            if all(v is None for v in values):  # not measured in a cascade
+                continue
+            ys = [self.clean_accuracy] + [float('nan') if v is None else v for v in values]
             ax.plot(xs, [100 * v for v in ys], marker='o', linewidth=2.5 if attack == WORST_CASE else 1.5,
                     linestyle='-' if attack == WORST_CASE else '--', label=attack)
         ax.set_xlabel(f'eps ({self.norm})')

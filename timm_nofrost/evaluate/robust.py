@@ -7,23 +7,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..attacks import NORMS, PixelModel, build_attack, parse_attack, parse_eps, unwrap_model
-from ..attacks.base import check_inputs
-from .data import load_dataset, read_id_list, select_subset
-from .report import WORST_CASE, RobustReport, format_eps
+from ..attacks import NORMS, parse_attack, parse_eps
+from ..pixels import PixelModel, unwrap_model
+from .engine import EvalProgress, RobustCounter
+from .data import image_fingerprint, load_dataset, read_id_list, select_subset
+from .report import RobustReport
 from .sanity import check_monotone_in_eps, check_zero_gradients, run_attack_checks
 
 __all__ = ['evaluate']
-
-
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit='batch', leave=False)
 
 
 def _as_list(value: Union[str, float, Sequence]) -> List:
@@ -49,16 +40,26 @@ def evaluate(
         sanity: bool = True,
         sanity_examples: int = 32,
         analysis: bool = False,
-        progress: bool = True,
+        progress: Union[bool, str] = 'auto',
         split: str = 'validation',
         model_name: Optional[str] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        data_dir: Optional[str] = None,
+        img_size: Optional[int] = None,
+        val_fraction: Optional[float] = None,
+        split_seed: int = 0,
+        cascade: bool = False,
+        active_set: bool = True,
 ) -> RobustReport:
     """Evaluate clean and robust accuracy, per attack and per eps, plus the per-example worst case.
 
     Args:
         model: A timm classifier (normalised inputs); mean/std come from its pretrained config.
-        data: An ImageFolder directory, a timm dataset name (``torch/cifar10:ROOT``), a Dataset yielding
-            [0, 1] image tensors, or a DataLoader of ``(images in [0, 1], labels)``.
+        data: A source in the syntax of ``timm-nofrost train --data`` (``'demo'``, an ImageFolder root with or
+            without train / val subfolders, a timm dataset name such as ``torch/cifar10`` with ``data_dir``;
+            see ``timm_nofrost.data.sources``), a Dataset yielding [0, 1] image tensors, or a DataLoader of
+            ``(images in [0, 1], labels)``.
         attacks: Names (``'clean,pgd-20,apgd-ce,autoattack'``); see ``timm_nofrost.attacks.ATTACK_NAMES``.
         eps: One or more radii (``'4/255,8/255'``).
         norm: ``'Linf'`` or ``'L2'``.
@@ -67,6 +68,23 @@ def evaluate(
             5,000-image ImageNet list); takes precedence over ``n_examples``.
         sanity: Run the sanity checks (on up to ``sanity_examples`` correctly classified examples).
         analysis: Add decision-margin and local-smoothness statistics.
+        progress: ``'auto'`` (a bar on a terminal, else a line on stderr when an attack finishes a batch, at most
+            every 10 s), ``'bar'``, ``'lines'``, or False for silence.
+        cascade: Run each attack only on the examples that survived the previous ones (AutoAttack's protocol):
+            the same worst case for less work; per-attack accuracies are then not measured (``None``).
+        active_set: Attacks stop working on an example once it is fooled (same outcomes, less work); False runs
+            every step on every example.
+        mean, std: Normalisation of the model's inputs; default: its timm ``pretrained_cfg``. A model without
+            one (torchvision, custom) needs them, else a ValueError before anything runs: ``mean=(0, 0, 0),
+            std=(1, 1, 1)`` for a model that takes [0, 1] pixels (see ``timm_nofrost.pixels.resolve_mean_std``).
+        data_dir: Root of a timm dataset name given as ``data`` (``torch/cifar10``).
+        img_size: Input resolution of the eval transform (default: the model's; 32 on ``'demo'``, which is also
+            rendered at this size): pass the training ``--img-size``.
+        val_fraction, split_seed: For a single folder of class folders, evaluate the held-out part of the seeded
+            split ``timm-nofrost train --val-fraction F --seed SEED`` made (default: the whole folder).
+
+    The report's ``data`` holds the evaluated images' fingerprint (``image_fingerprint``), comparable with the
+    ``data`` entry of a training run's results.json.
     """
     if norm not in NORMS:
         raise ValueError(f'Unknown norm {norm!r}; accepted: {", ".join(NORMS)}.')
@@ -82,14 +100,15 @@ def evaluate(
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
     device = torch.device(device)
     model = unwrap_model(model).to(device).eval()
-    pixel_model = PixelModel.from_model(model)
+    pixel_model = PixelModel.from_model(model, mean, std)  # a ValueError before any work if mean/std are unknown
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
 
     subset_info: Dict[str, Any] = {'kind': 'loader'}
     if isinstance(data, DataLoader):
         loader, dataset_name = data, type(data.dataset).__name__
     else:
-        dataset = load_dataset(data, model, split=split)
+        dataset = load_dataset(data, model, split=split, data_dir=data_dir, img_size=img_size,
+                               val_fraction=val_fraction, split_seed=split_seed)
         ids = None
         if subset_ids is not None:
             ids = read_id_list(subset_ids) if isinstance(subset_ids, (str, Path)) else [str(i) for i in subset_ids]
@@ -98,51 +117,28 @@ def evaluate(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         dataset_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
 
-    attack_specs = [s for s in specs if s.kind != 'clean']
-    attack_names = [s.name for s in attack_specs]
-    labels = [format_eps(e, norm) for e in eps_values]
-    correct_counts = {label: {a: 0 for a in attack_names + [WORST_CASE]} for label in labels}
-    zero_sums = {label: {a: 0.0 for a in attack_names} for label in labels}
-    per_example = {label: {a: [] for a in attack_names + [WORST_CASE]} for label in labels}
-    clean_correct_total = 0
-    total = 0
+    counter = RobustCounter(pixel_model, specs, eps_values, norm, cascade=cascade, seed=seed, amp_dtype=amp_dtype,
+                            active_set=active_set)
+    labels = counter.labels
     sanity_x, sanity_y = [], []
-    built = {(label, s.name): build_attack(s, pixel_model, e, norm=norm, seed=seed, amp_dtype=amp_dtype)
-             for e, label in zip(eps_values, labels) for s in attack_specs}
+    bar = EvalProgress(progress, len(loader), f'evaluating {name}')
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = counter.update(x, y, bar)
+            if sanity and sum(t.shape[0] for t in sanity_x) < sanity_examples:
+                clean = out['clean']
+                sanity_x.append(counter.last_pixels[clean])
+                sanity_y.append(y[clean])
+    finally:
+        bar.close()
 
-    for x, y in _progress(loader, len(loader), progress, f'evaluating {name}'):
-        x, y = x.to(device), y.to(device)
-        if x.dtype == torch.uint8:  # timm's un-normalised eval transform yields uint8 tensors
-            x = x.float().div_(255)
-        with torch.no_grad():
-            logits = pixel_model(x)
-        check_inputs(x, y, logits.shape[1])
-        clean = logits.argmax(dim=1) == y
-        clean_correct_total += int(clean.sum())
-        total += x.shape[0]
-        if sanity and sum(t.shape[0] for t in sanity_x) < sanity_examples:
-            sanity_x.append(x[clean])
-            sanity_y.append(y[clean])
-        for label in labels:
-            worst = clean.clone()
-            for spec in attack_specs:
-                correct = clean.clone()
-                idx = clean.nonzero()[:, 0]
-                if idx.numel():
-                    result = built[(label, spec.name)](x[idx], y[idx])
-                    correct[idx] = result.correct
-                    zero_sums[label][spec.name] += result.zero_grad_frac * idx.numel()
-                correct_counts[label][spec.name] += int(correct.sum())
-                per_example[label][spec.name] += correct.int().tolist()
-                worst &= correct
-            correct_counts[label][WORST_CASE] += int(worst.sum())
-            per_example[label][WORST_CASE] += worst.int().tolist()
-
-    if total == 0:
+    if counter.total == 0:
         raise ValueError('The dataset yielded no examples.')
-    accuracy = {label: {a: c / total for a, c in counts.items()} for label, counts in correct_counts.items()}
-    zero_fracs = {label: {a: s / max(clean_correct_total, 1) for a, s in sums.items()}
-                  for label, sums in zero_sums.items()}
+    total = counter.total
+    accuracy = counter.accuracy()
+    zero_fracs = counter.zero_grad_fracs()
+    attack_specs = counter.specs
 
     flags = []
     if sanity:
@@ -156,12 +152,15 @@ def evaluate(
                                        seed=seed, amp_dtype=amp_dtype)
 
     report = RobustReport(
-        model=name, dataset=dataset_name, norm=norm, eps=eps_values, attacks=attack_names, n_examples=total,
-        subset=dict(subset_info), clean_accuracy=clean_correct_total / total, accuracy=accuracy,
-        zero_grad_frac=zero_fracs, sanity=[f.to_dict() for f in flags], per_example=per_example,
-        settings=dict(seed=seed, batch_size=batch_size, device=str(device), norm=norm,
+        model=name, dataset=dataset_name, norm=norm, eps=eps_values, attacks=counter.attack_names, n_examples=total,
+        subset=dict(subset_info), clean_accuracy=counter.clean_correct / total, accuracy=accuracy,
+        zero_grad_frac=zero_fracs, sanity=[f.to_dict() for f in flags], per_example=counter.per_example,
+        cascade=cascade,
+        settings=dict(seed=seed, batch_size=batch_size, device=str(device), norm=norm, cascade=cascade,
+                      active_set=active_set,
                       amp_dtype=str(amp_dtype) if amp_dtype else None, timm=timm.__version__,
-                      torch=torch.__version__))
+                      torch=torch.__version__),
+        data=image_fingerprint(loader.dataset))
     if analysis and sanity_x:
         from .analysis import margin_and_smoothness
         xs, ys = torch.cat(sanity_x)[:sanity_examples], torch.cat(sanity_y)[:sanity_examples]

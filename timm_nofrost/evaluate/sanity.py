@@ -8,7 +8,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..attacks import FGSM, PGD, PixelModel
+from ..attacks import FGSM, PGD
+from ..pixels import PixelModel
 
 __all__ = ['SanityFlag', 'check_monotone_in_eps', 'check_zero_gradients', 'run_attack_checks', 'LARGE_EPS']
 
@@ -37,7 +38,7 @@ def check_monotone_in_eps(accuracy: Dict[float, Dict[str, float]], n: int) -> Sa
     eps_sorted = sorted(accuracy)
     problems = []
     for attack in accuracy[eps_sorted[0]]:
-        accs = [accuracy[e][attack] for e in eps_sorted if attack in accuracy[e]]
+        accs = [accuracy[e][attack] for e in eps_sorted if accuracy[e].get(attack) is not None]  # None: not measured
         for (e0, a0), (e1, a1) in zip(zip(eps_sorted, accs), zip(eps_sorted[1:], accs[1:])):
             if a1 > a0 + _tol(n):
                 problems.append(f'{attack}: {a0:.1%} at {e0:.4g} -> {a1:.1%} at {e1:.4g}')
@@ -63,7 +64,11 @@ def run_attack_checks(
         seed: int = 0,
         amp_dtype: Optional[torch.dtype] = None,
 ) -> List[SanityFlag]:
-    """Checks that need extra attacks, run on correctly classified examples ``x, y`` (already on device)."""
+    """Checks that need extra attacks, run on correctly classified examples ``x, y`` (already on device).
+
+    ``model`` is a ``PixelModel`` (or a model with a timm ``pretrained_cfg``: wrapped once here).
+    """
+    model = PixelModel.from_model(model)
     flags = []
     n = x.shape[0]
     common = dict(norm=norm, seed=seed, amp_dtype=amp_dtype)

@@ -28,6 +28,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
+from ..pixels import resolve_mean_std
+
 try:  # tqdm is not a dependency of torch or timm: progress bars are optional
     from tqdm import tqdm as _tqdm
 except ImportError:  # pragma: no cover - depends on the environment
@@ -382,11 +384,14 @@ def evaluate_shift(
         corruptions: Optional[Sequence[str]] = None,
         severities: Sequence[int] = (1, 2, 3, 4, 5),
         progress: bool = True,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
 ) -> ShiftResult:
     """Top-1 accuracy (%) of an ImageNet-1k classifier on a natural-shift benchmark in a local folder.
 
-    ``transform`` defaults to timm's eval transform for ``model``. The model is moved to ``device``
-    and evaluated in eval mode (its previous train/eval mode is restored afterwards).
+    ``transform`` defaults to timm's eval transform for ``model``, normalising with ``mean`` / ``std`` (default:
+    the model's timm ``pretrained_cfg``; a model without one needs them, see ``timm_nofrost.pixels``). The model
+    is moved to ``device`` and evaluated in eval mode (its previous train/eval mode is restored afterwards).
     ``max_per_class`` keeps the first N sorted images of each class folder; ``corruptions`` and
     ``severities`` select ImageNet-C subsets (mCE is standard only for all of them).
     """
@@ -400,7 +405,11 @@ def evaluate_shift(
     if transform is None:
         from timm.data import create_transform, resolve_data_config
 
-        transform = create_transform(**resolve_data_config({}, model=model))
+        mean, std = resolve_mean_std(model, mean, std)  # never timm's silent ImageNet default
+        transform = create_transform(**resolve_data_config({'mean': mean, 'std': std}, model=model))
+    elif mean is not None or std is not None:
+        raise ValueError('mean/std set the normalisation of the default transform; a transform given normalises '
+                         'itself. Pass one or the other.')
 
     was_training = model.training
     model = model.to(dev).eval()

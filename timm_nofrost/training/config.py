@@ -5,6 +5,7 @@ from typing import Any, Dict, Optional, Union
 
 from ..attacks.base import NORMS, parse_eps
 from ..attacks.pgd import nofrost_step_size
+from ..pixels import amp_dtype
 
 __all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'AdversarialConfig']
 
@@ -14,7 +15,7 @@ __all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'AdversarialConfig']
 #   split:    one forward through timm's split BatchNorm, one BN for each half (the paper's MBN-AT)
 #   auto:     concat when the model has no batch-statistics layer, else separate
 BATCH_MODES = ('auto', 'concat', 'separate', 'split')
-ATTACK_DTYPES = ('bfloat16', 'float16')
+ATTACK_DTYPES = ('bfloat16', 'float16')  # also accepted: the other AMP_DTYPES names (bf16, fp16)
 
 
 @dataclass
@@ -76,9 +77,13 @@ class AdversarialConfig:
             raise ValueError(f'eps_warmup_steps must be an integer >= 0, got {self.eps_warmup_steps!r}.')
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f'Unknown batch_mode {self.batch_mode!r}; accepted: {", ".join(BATCH_MODES)}.')
-        if self.attack_dtype not in (None,) + ATTACK_DTYPES:
-            raise ValueError(f'Unknown attack_dtype {self.attack_dtype!r}; accepted: {", ".join(ATTACK_DTYPES)} '
-                             f'(or None to follow the caller\'s autocast).')
+        if self.attack_dtype is not None:
+            try:  # any AMP name (bf16, fp16, ...), kept as torch's: the spelling args.yaml and checkpoints record
+                dtype = amp_dtype(self.attack_dtype)
+            except ValueError:
+                raise ValueError(f'Unknown attack_dtype {self.attack_dtype!r}; accepted: {", ".join(ATTACK_DTYPES)} '
+                                 f'(or None to follow the caller\'s autocast).') from None
+            self.attack_dtype = None if dtype is None else str(dtype).replace('torch.', '')
         if not isinstance(self.random_start, bool):
             raise ValueError(f'random_start must be True or False, got {self.random_start!r}.')
 

@@ -1,6 +1,7 @@
 """What a finished run reports: the final table, results JSON, and the follow-up evaluation command."""
 import json
 import os
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
@@ -47,12 +48,26 @@ def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
-    """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks."""
-    parts = ['timm-nofrost eval', f'--model {cfg.model}', f'--num-classes {num_classes}']
+    """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks.
+
+    It evaluates exactly the run's validation images at the run's resolution: the same ``--data`` (with
+    ``--data-dir`` for a timm dataset name, ``--val-fraction`` / ``--split-seed`` for the held-out part of a
+    single folder), the same ``--img-size``, and ``--convert`` for a model converted before training.
+    """
+    from ..data.sources import resolve_source
+    parts = ['timm-nofrost eval', f'--model {shlex.quote(cfg.model)}', f'--num-classes {num_classes}']
     if cfg.model_kwargs:
-        parts.append(f"--model-kwargs '{json.dumps(jsonable_kwargs(cfg.model_kwargs))}'")
+        parts.append(f"--model-kwargs {shlex.quote(json.dumps(jsonable_kwargs(cfg.model_kwargs)))}")
     if cfg.convert:
-        return ''  # a converted model is not a timm name: evaluate it from Python (see docs/training.md)
-    parts += [f'--checkpoint {out_dir / CHECKPOINT_BEST}', f'--data {cfg.data}', '--attacks clean,pgd-20,apgd-ce,apgd-t',
+        parts.append('--convert')  # build the BN model, convert it, then load the trained weights
+    parts += [f'--checkpoint {shlex.quote(str(out_dir / CHECKPOINT_BEST))}', f'--data {shlex.quote(cfg.data)}']
+    kind = resolve_source(cfg.data, cfg.data_dir).kind
+    if kind == 'timm' and cfg.data_dir is not None:
+        parts.append(f'--data-dir {shlex.quote(str(cfg.data_dir))}')
+    elif kind == 'folder':
+        parts.append(f'--val-fraction {cfg.val_fraction!r} --split-seed {cfg.seed}')
+    if cfg.img_size is not None:
+        parts.append(f'--img-size {cfg.img_size}')
+    parts += ['--attacks clean,pgd-20,apgd-ce,apgd-t',
               f'--eps {eps_text(cfg.adv.eps, cfg.adv.norm)}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
     return ' '.join(parts)

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..attacks.base import unwrap_model
 from ..attacks.spec import parse_attack
 from ..checkpoint import CheckpointError
+from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
 from .config import AdversarialConfig
+from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from .data import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs
@@ -83,18 +84,12 @@ def build_model(cfg: TrainConfig, num_classes: int, model: Optional[nn.Module] =
 
 
 def _data_config(cfg: TrainConfig, model: nn.Module) -> Dict[str, Any]:
-    args: Dict[str, Any] = {}
-    if cfg.img_size is not None:
-        args['input_size'] = (3, cfg.img_size, cfg.img_size)
-    elif cfg.data == 'demo':
-        args['input_size'] = (3, DEMO['img_size'], DEMO['img_size'])
-    if cfg.data == 'demo':
-        args['crop_pct'] = 1.0
-    return timm.data.resolve_data_config(args, model=model)
+    """The data config of the run: the one ``timm-nofrost eval`` rebuilds from ``--data`` and ``--img-size``."""
+    return source_data_config(cfg.data, model, cfg.img_size)
 
 
 def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], info: _Dist, device: torch.device):
-    from timm.data import create_loader, create_transform
+    from timm.data import create_loader
     demo = cfg.data == 'demo'
     train_loader = create_loader(
         source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
@@ -103,7 +98,7 @@ def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], 
         num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False, device=device,
         pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
     # evaluation in pixel space ([0, 1]); attacks and clean accuracy normalise inside PixelModel
-    source.val.transform = create_transform(**data_config, is_training=False, normalize=False)
+    source.val.transform = pixel_eval_transform(data_config)
     return train_loader
 
 
@@ -141,7 +136,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
             raise FileNotFoundError(f'Nothing to resume: checkpoint {resume_path} does not exist.')
     check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
     info, device = _init_distributed(cfg.device)
-    source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO['img_size'],
+    source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO_IMG_SIZE,
                             val_fraction=cfg.val_fraction, seed=cfg.seed)
     num_classes = cfg.num_classes or source.num_classes
     if not num_classes:
@@ -167,6 +162,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
     if info.primary:
         # a ready model passed in is not a timm name the eval command could rebuild
+        results['data'] = image_fingerprint(source.val)  # the images eval_command evaluates: compare with its report
         results['eval_command'] = eval_command(cfg, out_dir, num_classes) if custom_model is None else ''
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
@@ -190,10 +186,11 @@ class _Run:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.data_config = _data_config(cfg, model)
+        # the training loader's normalisation, also the evaluation's: a ready model may have no pretrained_cfg
+        self.normalization = dict(mean=tuple(self.data_config['mean']), std=tuple(self.data_config['std']))
         self.loader = _loaders(cfg, source, self.data_config, info, device)
         self.task = AdversarialTrainer(model, criterion_kwargs=dict(smoothing=cfg.smoothing), adv_cfg=cfg.adv,
-                                       mean=self.data_config['mean'], std=self.data_config['std'],
-                                       device=device, verbose=False)
+                                       **self.normalization, device=device, verbose=False)
         global_batch = cfg.batch_size * info.world_size
         self.lr = cfg.lr if cfg.lr is not None else (0.1 * global_batch / 256 if cfg.opt == 'sgd' else DEMO['lr'])
         from timm.optim import create_optimizer_v2
@@ -204,7 +201,7 @@ class _Run:
                                                 warmup_epochs=cfg.warmup_epochs, warmup_lr=self.lr * 0.01)
         if info.world_size > 1:
             self.task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
-        self.amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp or '')
+        self.amp = amp_dtype(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.start_epoch = 0
         self.best = None
@@ -326,11 +323,17 @@ class _Run:
                 f'[{self.name}] loss is {value.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; '
                 f'{kept}. Lower --lr, add --warmup-epochs, or check the data; resume with --resume.')
 
+    @property
+    def _eval_progress(self) -> str:
+        """Bars with --progress (on a terminal), else a line at most every 10 s: long evaluations show life."""
+        return 'auto' if self.cfg.progress else 'lines'
+
     def evaluate_epoch(self) -> Dict[str, Any]:
         cfg = self.cfg
-        clean = clean_accuracy(self.model, self.source.val, self.device, min(cfg.batch_size, 256), cfg.workers)
+        clean = clean_accuracy(self.model, self.source.val, self.device, min(cfg.batch_size, 256), cfg.workers,
+                               **self.normalization)
         report = robust_report(self.model, self.source.val, cfg, self.device, f'clean,{cfg.eval_attack}', False,
-                               self.name)
+                               self.name, **self.normalization, progress=self._eval_progress)
         self.model.train()
         robust = report_accuracy(report)[parse_attack(cfg.eval_attack).name]
         return {'val_clean_top1': clean, 'val_robust_top1': robust, 'val_robust_attack': cfg.eval_attack,
@@ -352,7 +355,7 @@ class _Run:
         if not self.info.primary:
             return {}
         report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
-                               self.name)
+                               self.name, **self.normalization, progress=self._eval_progress)
         report.save_json(self.out_dir / 'robustness.json')
         (self.out_dir / 'robustness.md').write_text(report.to_markdown())
         acc = report_accuracy(report)
@@ -360,6 +363,6 @@ class _Run:
             clean = self.history[-1]['val_clean_top1']
         else:
             clean = clean_accuracy(self.model, self.source.val, self.device, min(self.cfg.batch_size, 256),
-                                   self.cfg.workers)
+                                   self.cfg.workers, **self.normalization)
         return {'attacks': list(acc), 'accuracy': acc, 'n_examples': report.n_examples, 'val_clean_top1_full': clean,
                 'sanity_flags_failed': [f['name'] for f in report.flags_failed]}

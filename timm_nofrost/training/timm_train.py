@@ -32,9 +32,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..attacks import build_attack, parse_attack
+from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
-from ..attacks.base import PixelModel, unwrap_model
+from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
+from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
 from .config import AdversarialConfig
 from .data import spread_indices
 from .trainer import AdversarialTrainer
@@ -93,7 +94,7 @@ class RobustValidationConfig:
         """Keys added to timm's validation metrics, in order."""
         names = [METRIC_PREFIX + a for a in self.attacks]
         if sum(s.kind != 'clean' for s in self.specs) > 1:
-            names.append(METRIC_PREFIX + 'worst')
+            names.append(METRIC_PREFIX + WORST_CASE)
         return names
 
 
@@ -161,7 +162,7 @@ class SubsetCollector:
             size = None
         self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
         self.dataset_size = size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
         self.pixels: List[torch.Tensor] = []
         self.targets: List[torch.Tensor] = []
@@ -199,10 +200,7 @@ class SubsetCollector:
         if not rows:
             return
         index = torch.tensor(rows, device=input.device)
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean, device=input.device, dtype=torch.float32).view(shape)
-        std = torch.tensor(self.std, device=input.device, dtype=torch.float32).view(shape)
-        pixels = (input.index_select(0, index).float() * std + mean).clamp_(0, 1)
+        pixels = denormalize(input.index_select(0, index).float(), self.mean, self.std).clamp_(0, 1)
         levels = pixels * 255
         if (levels - levels.round()).abs().max() < 1e-3:  # 8-bit images: keep them in a quarter of the memory
             pixels = levels.round_().to(torch.uint8)
@@ -213,7 +211,7 @@ class SubsetCollector:
         """The kept images as float pixels in [0, 1] (ordinary tensors, usable with autograd) and their labels."""
         if not self.pixels:
             return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
-        pixels = torch.cat([p.float() / 255 if p.dtype == torch.uint8 else p.float() for p in self.pixels]).clone()
+        pixels = torch.cat([to_float_pixels(p).float() for p in self.pixels]).clone()
         targets = torch.cat(self.targets).clone()
         if targets.ndim == 2:  # one-hot / soft targets
             targets = targets.argmax(dim=1)
@@ -224,16 +222,8 @@ def _autocast_dtype(amp_autocast: Callable) -> Optional[torch.dtype]:
     """The autocast dtype train.py uses (a ``partial(torch.autocast, dtype=...)``), None without AMP."""
     if isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast:
         dtype = amp_autocast.keywords.get('dtype')
-        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+        return dtype if dtype in AMP_DTYPES.values() else None
     return None
-
-
-def _reduce_sum(values: List[float], device: torch.device, distributed: bool) -> List[float]:
-    if not distributed or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t.tolist()
 
 
 def robust_correct(
@@ -249,40 +239,39 @@ def robust_correct(
         model_dtype: Optional[torch.dtype] = None,
         amp_dtype: Optional[torch.dtype] = None,
         seed: int = 0,
-) -> Dict[str, int]:
-    """How many of ``pixels`` (images in [0, 1]) each attack leaves correctly classified, keyed by metric name.
+        distributed: bool = False,
+        progress: Union[bool, str] = 'off',
+) -> Tuple[Dict[str, int], int]:
+    """How many of ``pixels`` (images in [0, 1]) stay correct under each attack, keyed by metric name, and how many
+    images were counted; summed over the ranks when ``distributed``.
 
-    Attacks run batch by batch, each seeded alike, in eval mode with input-only gradients. With several
-    attacks, ``robust_top1_worst`` counts an image only if it survives every one.
+    Counted by the evaluation engine (``timm_nofrost.evaluate.engine.RobustCounter``), as ``timm-nofrost eval``
+    counts: robust = clean-correct and still correct after the attack; with several attacks,
+    ``robust_top1_worst-case`` counts an image only if it survives every one.
     """
-    attacks = {spec.name: build_attack(spec, model, eps=eps, norm=norm, mean=mean, std=std, seed=seed,
-                                       amp_dtype=amp_dtype) for spec in config.specs}
-    correct = {name: 0 for name in config.metric_names()}
     net = unwrap_model(model)
+    counter = RobustCounter(PixelModel(net, mean, std), config.specs, [eps], norm, keep_per_example=False,
+                            seed=seed, amp_dtype=amp_dtype)
     was_training = net.training
     net.eval()
+    bar = EvalProgress(progress, -(-pixels.shape[0] // max(batch_size, 1)), 'robust validation')
     try:
         # timm's validate runs under inference_mode; attacks need autograd (input gradients only)
         with torch.inference_mode(False), torch.enable_grad():
             for start in range(0, pixels.shape[0], max(batch_size, 1)):
                 x = pixels[start:start + batch_size]
-                y = targets[start:start + batch_size]
-                if model_dtype is not None:
-                    x = x.to(model_dtype)
-                survived = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-                for name, attack in attacks.items():
-                    if attack is None:  # the subset's clean accuracy
-                        with torch.no_grad():
-                            ok = PixelModel(net, mean, std)(x).argmax(dim=1) == y
-                    else:
-                        ok = attack(x, y).correct
-                        survived &= ok
-                    correct[METRIC_PREFIX + name] += int(ok.sum().item())
-                if METRIC_PREFIX + 'worst' in correct:
-                    correct[METRIC_PREFIX + 'worst'] += int(survived.sum().item())
+                counter.update(x if model_dtype is None else x.to(model_dtype), targets[start:start + batch_size], bar)
     finally:
+        bar.close()
         net.train(was_training)
-    return correct
+    if distributed:
+        counter.reduce(pixels.device)
+    by_attack = counter.correct[counter.labels[0]]
+    counts = {}
+    for name in config.metric_names():
+        key = name[len(METRIC_PREFIX):]
+        counts[name] = counter.clean_correct if key == 'clean' else by_attack[key]
+    return counts, counter.total
 
 
 # -- the launcher ---------------------------------------------------------------------------------------------
@@ -378,19 +367,16 @@ class TimmTrainLauncher:
         names = self.robust_val.metric_names()
         if collector.unsupported:
             _logger.warning(f'Robust validation skipped: the eval loader yields {collector.unsupported}.')
-            counts, n_local = {name: 0 for name in names}, 0
+            pixels, targets = torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)  # counts 0, joins the sum
         else:
             pixels, targets = collector.examples()
-            pixels, targets = pixels.to(device), targets.to(device)
-            counts = robust_correct(
-                model, pixels, targets, self.robust_val, eps=self.adv_cfg.eps, norm=self.adv_cfg.norm, mean=mean,
-                std=std, batch_size=collector.batch_size, model_dtype=call.get('model_dtype'),
-                amp_dtype=_autocast_dtype(call.get('amp_autocast')))
-            n_local = pixels.shape[0]
-        totals = _reduce_sum([float(counts[k]) for k in names] + [float(n_local)], device,
-                             bool(getattr(args, 'distributed', False)))
-        n = int(round(totals[-1]))
-        robust = {k: (100.0 * v / n if n else float('nan')) for k, v in zip(names, totals[:-1])}
+        counts, n = robust_correct(
+            model, pixels.to(device), targets.to(device), self.robust_val, eps=self.adv_cfg.eps, norm=self.adv_cfg.norm,
+            mean=mean, std=std, batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
+            amp_dtype=_autocast_dtype(call.get('amp_autocast')), distributed=bool(getattr(args, 'distributed', False)),
+            progress='lines' if rank == 0 else 'off')
+        totals = [counts[k] for k in names]
+        robust = {k: (100.0 * v / n if n else float('nan')) for k, v in zip(names, totals)}
         metrics.update(robust)
         suffix = call.get('log_suffix', '') or ''
         self.robust_history.append({'metrics': dict(robust), 'examples': n, 'log_suffix': suffix})

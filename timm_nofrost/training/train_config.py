@@ -10,6 +10,8 @@ import timm
 import torch.nn as nn
 
 from ..attacks.spec import parse_attack
+from ..pixels import amp_dtype
+from ..data.sources import DEMO_IMG_SIZE
 from .config import AdversarialConfig
 
 __all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'preset_for', 'check_out_dir', 'DEMO_MODEL',
@@ -22,7 +24,7 @@ DEMO_MODEL_KWARGS: Dict[str, Any] = {'channels': (16, 32, 64, 128), 'stem_chs': 
 # defaults when the user leaves a setting unset: the authors' recipe (SGD, lr 0.1 per 256 images), and a demo
 # preset sized for a CPU (a narrow model, AdamW, which gets a zero-initialised NF net going within an epoch)
 RECIPE = dict(model='nf_resnet50_nofrost', epochs=90, batch_size=256, img_size=224, attack_steps=10, opt='sgd')
-DEMO = dict(model=DEMO_MODEL, epochs=4, batch_size=64, img_size=32, attack_steps=3, opt='adamw', lr=3e-3)
+DEMO = dict(model=DEMO_MODEL, epochs=4, batch_size=64, img_size=DEMO_IMG_SIZE, attack_steps=3, opt='adamw', lr=3e-3)
 OPTIMIZERS = ('sgd', 'adamw')
 
 CHECKPOINT_LAST = 'checkpoint-last.pth'
@@ -112,8 +114,7 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Train
         raise ValueError(f'val_fraction must be in (0, 1), got {cfg.val_fraction!r}.')
     if not 0 <= cfg.smoothing < 1:
         raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}.')
-    if cfg.amp not in (None, 'bf16', 'fp16'):
-        raise ValueError(f"amp must be 'bf16' or 'fp16' (or unset), got {cfg.amp!r}.")
+    amp_dtype(cfg.amp)  # None, 'bf16' or 'fp16' (or torch's names); else a ValueError listing them
     if parse_attack(cfg.eval_attack).kind == 'clean':
         raise ValueError(f'eval_attack must be an attack, not {cfg.eval_attack!r} (e.g. pgd-10, apgd-ce).')
     for name in cfg.final_attacks.split(','):

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 
-from ..attacks.base import PixelModel, attack_mode, unwrap_model
+from ..attacks.base import attack_mode
+from ..pixels import PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, unwrap_model
 from ..attacks.pgd import PGD
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
 from .config import AdversarialConfig
@@ -58,9 +59,10 @@ class AdversarialTrainer(ClassificationTask):
             ``criterion_kwargs``, which default to the authors' label smoothing 0.1.
         criterion_kwargs: Arguments for ``timm.loss.create_classification_loss`` when ``criterion`` is None.
         adv_cfg: Attack and loss settings; or pass them as keyword arguments (``eps='8/255', steps=10, ...``).
-        mean, std: Normalisation of the inputs (the data config's); default: the model's pretrained config.
+        mean, std: Normalisation of the inputs (the data config's); default: the model's timm ``pretrained_cfg``
+            (a ValueError if it has none: ``mean=(0, 0, 0), std=(1, 1, 1)`` for a model taking [0, 1] pixels).
         input_normalized: Inputs arrive normalised (timm's loaders and prefetcher do this); False for pixels
-            in [0, 1].
+            in [0, 1] fed to a model that takes them as they are (then mean/std do not apply).
         device, dtype, verbose: As for ``timm.task.ClassificationTask``.
 
     ``forward`` returns ``loss``, ``output`` (clean logits; adversarial ones when lambda is 1), ``output_adv``,
@@ -95,6 +97,13 @@ class AdversarialTrainer(ClassificationTask):
                 from None
         if criterion is None and criterion_kwargs is None:
             criterion_kwargs = dict(NOFROST_CRITERION_KWARGS)
+        if input_normalized:  # the inputs' normalisation: given, the model's timm pretrained_cfg, or a ValueError
+            mean, std = resolve_mean_std(model, mean, std)
+        elif mean is not None or std is not None:
+            raise ValueError('input_normalized=False feeds the [0, 1] pixel inputs to the model as they are, so '
+                             'mean/std do not apply; drop them, or pass normalised inputs with input_normalized=True.')
+        else:  # the model takes pixels: the attack must see the same function the training forward does
+            mean, std = (0.0,), (1.0,)
         self.batch_mode = resolve_batch_mode(unwrap_model(model), adv_cfg.batch_mode)
         if self.batch_mode == 'split' and not has_split_batchnorm(model):
             from timm.layers import convert_splitbn_model
@@ -102,9 +111,7 @@ class AdversarialTrainer(ClassificationTask):
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype,
                          verbose=verbose)
         self.adv_cfg = adv_cfg
-        cfg = getattr(unwrap_model(model), 'pretrained_cfg', None) or {}
-        self.mean = tuple(mean if mean is not None else cfg.get('mean', (0.485, 0.456, 0.406)))
-        self.std = tuple(std if std is not None else cfg.get('std', (0.229, 0.224, 0.225)))
+        self.mean, self.std = mean, std
         self.input_normalized = input_normalized
         self.adv_batches = 0  # batches attacked so far: drives the eps warm-up, kept in the task state
         self._attack: Optional[PGD] = None
@@ -124,24 +131,17 @@ class AdversarialTrainer(ClassificationTask):
                 step_size=cfg.attack_step_size, norm=cfg.norm, random_start=cfg.random_start, loss='ce')
         return self._attack
 
-    def _stats(self, input: torch.Tensor) -> tuple:
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean, device=input.device, dtype=input.dtype).view(shape)
-        std = torch.tensor(self.std, device=input.device, dtype=input.dtype).view(shape)
-        return mean, std
-
     def make_adversarial(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Adversarial versions of ``input`` (in the same normalisation and memory format) and attack stats."""
         cfg = self.adv_cfg
         eps = cfg.eps_at(self.adv_batches)
-        mean, std = self._stats(input)
-        pixels = (input * std + mean) if self.input_normalized else input
+        pixels = denormalize(input, self.mean, self.std) if self.input_normalized else input
         # random erasing / noise can leave the [0, 1] range: the attack's ball lives in valid images
         pixels = pixels.detach().clamp(0, 1)
         attack = self.attack()
         device_type = input.device.type
         if cfg.attack_dtype is not None:
-            attack.amp_dtype = getattr(torch, cfg.attack_dtype)
+            attack.amp_dtype = amp_dtype(cfg.attack_dtype)
         elif torch.is_autocast_enabled(device_type):
             attack.amp_dtype = torch.get_autocast_dtype(device_type)
         else:
@@ -149,7 +149,7 @@ class AdversarialTrainer(ClassificationTask):
         eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
         with attack_mode(attack.model):
             x_adv, zeros = attack.generate(pixels, target, eps=eps_t)
-        x_adv = ((x_adv - mean) / std) if self.input_normalized else x_adv
+        x_adv = normalize(x_adv, self.mean, self.std) if self.input_normalized else x_adv
         if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
             x_adv = x_adv.contiguous(memory_format=torch.channels_last)
         x_adv = x_adv.to(input.dtype).detach()

@@ -1,0 +1,213 @@
+"""The one evaluation loop: attack a batch with named attacks at given radii, and count what survives.
+
+``evaluate()``, the ``train`` command's per-epoch and final evaluation and ``timm-train``'s robust validation
+all go through :class:`RobustCounter`, so every robust number the package prints is counted the same way:
+
+* an example counts as robust under an attack when it is clean-correct and still correct after the attack;
+* the worst case (``worst-case``) counts the examples that survive every attack at that radius;
+* with ``cascade=True`` each attack runs only on the examples that survived the previous ones (AutoAttack's
+  protocol): the worst case is identical, per-attack accuracies are not measured;
+* inside each attack, fooled examples leave the attack's loop (the active set, see ``Attack``).
+
+Attacks get the whole batch and a mask of the rows to attack, so each row draws the same random start whether
+it is attacked alone, in a cascade or in a full run. Under DDP, ``reduce()`` sums the counts across ranks.
+"""
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..attacks import AttackSpec, build_attack
+from ..attacks.base import check_inputs
+from ..pixels import PixelModel, to_float_pixels
+from .report import WORST_CASE, format_eps
+
+__all__ = ['RobustCounter', 'EvalProgress', 'WORST_CASE']
+
+
+class EvalProgress:
+    """Signs of life for evaluations that can take minutes: a bar over batches, or lines, or nothing.
+
+    Args:
+        mode: ``'bar'`` (tqdm on stderr, the current attack in its postfix), ``'lines'`` (a line on stderr when
+            an attack finishes a batch, at most one per ``interval`` seconds, so short evaluations stay quiet),
+            ``'off'``; ``'auto'`` / True: a bar on a terminal, else lines; False: off.
+        total: Number of batches.
+        desc: What is evaluated (shown in the bar or at the start of each line).
+    """
+
+    def __init__(self, mode: Union[bool, str], total: Optional[int], desc: str, interval: float = 10.0,
+                 stream: Any = None):
+        stream = stream or sys.stderr
+        if mode is True or mode == 'auto':
+            mode = 'bar' if getattr(stream, 'isatty', lambda: False)() else 'lines'
+        elif mode is False or mode is None:
+            mode = 'off'
+        if mode not in ('bar', 'lines', 'off'):
+            raise ValueError(f"Unknown progress mode {mode!r}; accepted: 'auto', 'bar', 'lines', 'off'.")
+        self.mode, self.total, self.desc, self.interval, self.stream = mode, total, desc, interval, stream
+        self.start = self.last = time.time()
+        self.batch = 0
+        self.printed = False
+        self._bar = None
+        if mode == 'bar':
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, desc=desc, unit='batch', leave=False, file=stream, dynamic_ncols=True)
+            except ImportError:
+                self.mode = 'lines'
+
+    def attack_started(self, attack: str, eps_label: str, n_attacked: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f'{attack} @ {eps_label} on {n_attacked}', refresh=True)
+
+    def attack_done(self, attack: str, eps_label: str, robust: int, seen: int) -> None:
+        now = time.time()
+        if self.mode == 'lines' and now - self.last >= self.interval:
+            where = f'batch {self.batch + 1}/{self.total}' if self.total else f'batch {self.batch + 1}'
+            print(f'[{self.desc}] {where}: {attack} @ {eps_label} done, {robust}/{seen} robust so far, '
+                  f'{now - self.start:.0f} s', file=self.stream, flush=True)
+            self.last, self.printed = now, True
+
+    def batch_done(self) -> None:
+        self.batch += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.printed:
+            print(f'[{self.desc}] done: {self.batch} batches in {time.time() - self.start:.0f} s', file=self.stream,
+                  flush=True)
+
+
+class RobustCounter:
+    """Counts clean and robust examples batch by batch, for several attacks at several radii.
+
+    Args:
+        model: The classifier in pixel space (a ``PixelModel``).
+        specs: Parsed attacks (``parse_attack``); ``clean`` is counted anyway and skipped here.
+        eps: Radii.
+        norm: ``'Linf'`` or ``'L2'``.
+        cascade: Run each attack only on the survivors of the previous ones (worst case only).
+        keep_per_example: Keep per-example 0/1 outcomes (for reports); off for large validations.
+        attack_kwargs: Passed to every attack (``seed``, ``amp_dtype``, ``active_set``, ...).
+    """
+
+    def __init__(self, model: PixelModel, specs: Sequence[AttackSpec], eps: Sequence[float], norm: str = 'Linf',
+                 cascade: bool = False, keep_per_example: bool = True, **attack_kwargs: Any):
+        if not isinstance(model, PixelModel):
+            raise TypeError(f'RobustCounter needs a PixelModel (pixels in [0, 1]), got {type(model).__name__}.')
+        self.model = model
+        self.specs = [s for s in specs if s.kind != 'clean']
+        self.attack_names = [s.name for s in self.specs]
+        self.eps = list(eps)
+        self.norm = norm
+        self.cascade = cascade
+        self.keep_per_example = keep_per_example
+        self.labels = [format_eps(e, norm) for e in self.eps]
+        self.attacks = {(label, s.name): build_attack(s, model, e, norm=norm, **attack_kwargs)
+                        for e, label in zip(self.eps, self.labels) for s in self.specs}
+        self.total = 0
+        self.clean_correct = 0
+        self.last_pixels: Optional[torch.Tensor] = None  # the last batch as float pixels
+        names = self.attack_names + [WORST_CASE]
+        self.correct: Dict[str, Dict[str, int]] = {label: {a: 0 for a in names} for label in self.labels}
+        self.attacked: Dict[str, Dict[str, int]] = {label: {a: 0 for a in self.attack_names} for label in self.labels}
+        self.zero_sums: Dict[str, Dict[str, float]] = {label: {a: 0.0 for a in self.attack_names}
+                                                       for label in self.labels}
+        self.per_example: Dict[str, Dict[str, List[int]]] = {
+            label: {a: [] for a in ([WORST_CASE] if cascade else names)} for label in self.labels}
+
+    @torch.no_grad()
+    def clean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per example: classified correctly without attack (labels checked against the class count)."""
+        logits = self.model(x)
+        check_inputs(x, y, logits.shape[1])
+        return logits.argmax(dim=1) == y
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None) -> Dict[str, Any]:
+        """Attack one batch (pixels in [0, 1], or uint8) and add it to the counts.
+
+        Returns:
+            ``{'clean': bool (N,), '<eps label>': {attack or 'worst-case': bool (N,)}}`` for this batch (in
+            cascade mode only the worst case per radius).
+        """
+        x = to_float_pixels(x)
+        self.last_pixels = x
+        clean = self.clean(x, y)
+        self.total += x.shape[0]
+        self.clean_correct += int(clean.sum())
+        out: Dict[str, Any] = {'clean': clean}
+        for eps, label in zip(self.eps, self.labels):
+            survived = clean.clone()
+            batch: Dict[str, torch.Tensor] = {}
+            for spec in self.specs:
+                mask = survived if self.cascade else clean
+                n_attacked = int(mask.sum())
+                if progress is not None:
+                    progress.attack_started(spec.name, label, n_attacked)
+                if n_attacked:
+                    result = self.attacks[(label, spec.name)](x, y, mask=mask)
+                    correct = result.correct & mask
+                    self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
+                else:
+                    correct = torch.zeros_like(clean)
+                self.attacked[label][spec.name] += n_attacked
+                survived &= correct
+                if not self.cascade:
+                    batch[spec.name] = correct
+                    self.correct[label][spec.name] += int(correct.sum())
+                if progress is not None:
+                    progress.attack_done(spec.name, label, self.correct[label][WORST_CASE] + int(survived.sum()),
+                                         self.total)
+            batch[WORST_CASE] = survived
+            self.correct[label][WORST_CASE] += int(survived.sum())
+            if self.keep_per_example:
+                for name, values in batch.items():
+                    self.per_example[label][name] += values.int().tolist()
+            out[label] = batch
+        if progress is not None:
+            progress.batch_done()
+        return out
+
+    def reduce(self, device: Union[str, torch.device] = 'cpu') -> None:
+        """Sum the counts over the ranks of an initialised process group (a no-op otherwise)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        keys = [(label, name) for label in self.labels for name in self.correct[label]]
+        akeys = [(label, name) for label in self.labels for name in self.attacked[label]]
+        values = [self.total, self.clean_correct] + [self.correct[l][n] for l, n in keys] + \
+                 [self.attacked[l][n] for l, n in akeys] + [self.zero_sums[l][n] for l, n in akeys]
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        v = t.tolist()
+        self.total, self.clean_correct = int(v[0]), int(v[1])
+        i = 2
+        for label, name in keys:
+            self.correct[label][name] = int(v[i])
+            i += 1
+        for label, name in akeys:
+            self.attacked[label][name] = int(v[i])
+            i += 1
+        for label, name in akeys:
+            self.zero_sums[label][name] = v[i]
+            i += 1
+        self.per_example = {}  # per-example outcomes stay on their rank
+
+    # -- results -------------------------------------------------------------------------------------------
+    def accuracy(self) -> Dict[str, Dict[str, Optional[float]]]:
+        """eps label -> attack (and ``worst-case``) -> accuracy; ``None`` where a cascade did not measure it."""
+        if self.total == 0:
+            raise ValueError('No examples were evaluated.')
+        return {label: {name: (None if self.cascade and name != WORST_CASE else count / self.total)
+                        for name, count in counts.items()} for label, counts in self.correct.items()}
+
+    def zero_grad_fracs(self) -> Dict[str, Dict[str, float]]:
+        """Fraction of exactly-zero input-gradient entries per attack, over the examples it attacked."""
+        return {label: {a: s / max(self.attacked[label][a], 1) for a, s in sums.items()}
+                for label, sums in self.zero_sums.items()}
+

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import timm_nofrost  # noqa: F401  registers the NoFrost models
-from timm_nofrost import AdversarialTrainer
+from timm_nofrost import AdversarialTrainer, normalize
 from timm_nofrost.attacks import APGD, PGD
 
 
@@ -40,15 +40,13 @@ def main() -> None:
     model = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=4, channels=(16, 32, 64, 128), stem_chs=16)
     # the loop below feeds normalised images, as timm's loaders do; the attack works in pixel space inside
     task = AdversarialTrainer(model, steps=args.attack_steps, eps='8/255')
-    mean = torch.tensor(task.mean).view(1, 3, 1, 1)
-    std = torch.tensor(task.std).view(1, 3, 1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
 
     for step in range(args.steps):
         pixels, labels = synthetic_batch(args.batch_size, seed=step)
         model.train()
-        result = task((pixels - mean) / std, labels)
+        result = task(normalize(pixels, task.mean, task.std), labels)
         optimizer.zero_grad()
         result['loss'].backward()
         optimizer.step()
@@ -60,7 +58,7 @@ def main() -> None:
     model.eval()
     pixels, labels = synthetic_batch(128, seed=10_000)  # held-out images
     with torch.no_grad():
-        clean = (model((pixels - mean) / std).argmax(1) == labels).float().mean().item()
+        clean = (model(normalize(pixels, task.mean, task.std)).argmax(1) == labels).float().mean().item()
     pgd = PGD(model, eps='8/255', steps=20)(pixels, labels).accuracy
     apgd = APGD(model, eps='8/255', steps=20)(pixels, labels).accuracy
     print(f'held-out accuracy: clean {clean:.1%}, PGD-20 {pgd:.1%}, APGD-CE-20 {apgd:.1%} (L-inf 8/255)')

@@ -1,6 +1,5 @@
 """``timm-nofrost eval``: robust accuracy under named attacks, with sanity checks, JSON / Markdown / plot."""
 import argparse
-import sys
 
 import torch
 
@@ -60,7 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--plot', default=None, metavar='PNG', help='write an accuracy-vs-eps plot (needs matplotlib)')
     parser.add_argument('--out', default=None, metavar='JSON', help='write the full JSON report to this file')
     parser.add_argument('--markdown', default=None, metavar='MD', help='write the Markdown table to this file')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    parser.add_argument('--worst-case-only', action='store_true',
+                        help='cascade (AutoAttack\'s protocol): each attack runs only on the images that survived '
+                             'the previous ones, so later attacks cost less; the worst case is identical to the full '
+                             'run, per-attack columns say "not measured"')
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bars: a line on stderr when an attack finishes a batch, at most every 10 s')
     add_json_flag(parser)
     parser.set_defaults(run=run)
 
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         model, args.data, attacks=args.attacks, eps=args.eps, norm=args.norm, n_examples=args.n_examples,
         subset_ids=args.subset_ids, batch_size=args.batch_size, device=args.device, seed=args.seed,
         amp_dtype=amp_dtype(args.amp), sanity=not args.no_sanity, analysis=args.analysis,
-        progress=not args.no_progress and sys.stderr.isatty(), split=args.split, model_name=args.model,
+        progress='lines' if args.no_progress else 'auto', cascade=args.worst_case_only, split=args.split,
+        model_name=args.model,
         data_dir=args.data_dir, img_size=args.img_size, val_fraction=args.val_fraction, split_seed=args.split_seed)
     if args.out:
         report.save_json(args.out)

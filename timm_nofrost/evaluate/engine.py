@@ -23,7 +23,9 @@ from ..attacks.base import check_inputs
 from ..pixels import PixelModel, to_float_pixels
 from .report import WORST_CASE, format_eps
 
-__all__ = ['RobustCounter', 'EvalProgress', 'WORST_CASE']
+__all__ = ['RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
+
+PROGRESS_INTERVAL_S = 10.0  # at most one progress line per this many seconds when bars are off
 
 
 class EvalProgress:
@@ -37,9 +39,10 @@ class EvalProgress:
         desc: What is evaluated (shown in the bar or at the start of each line).
     """
 
-    def __init__(self, mode: Union[bool, str], total: Optional[int], desc: str, interval: float = 10.0,
+    def __init__(self, mode: Union[bool, str], total: Optional[int], desc: str, interval: Optional[float] = None,
                  stream: Any = None):
         stream = stream or sys.stderr
+        interval = PROGRESS_INTERVAL_S if interval is None else interval
         if mode is True or mode == 'auto':
             mode = 'bar' if getattr(stream, 'isatty', lambda: False)() else 'lines'
         elif mode is False or mode is None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..attacks import NORMS, parse_attack, parse_eps
 from ..pixels import PixelModel, unwrap_model
+from ..pixels import amp_dtype as resolve_amp_dtype
 from .engine import EvalProgress, RobustCounter
 from .data import image_fingerprint, load_dataset, read_id_list, select_subset
 from .report import RobustReport
@@ -36,7 +37,7 @@ def evaluate(
         batch_size: int = 64,
         device: Union[str, torch.device] = 'cpu',
         seed: int = 0,
-        amp_dtype: Optional[torch.dtype] = None,
+        amp_dtype: Optional[Union[torch.dtype, str]] = None,
         sanity: bool = True,
         sanity_examples: int = 32,
         analysis: bool = False,
@@ -55,7 +56,8 @@ def evaluate(
     """Evaluate clean and robust accuracy, per attack and per eps, plus the per-example worst case.
 
     Args:
-        model: A timm classifier (normalised inputs); mean/std come from its pretrained config.
+        model: A classifier taking normalised inputs (a timm model); mean/std from ``mean``/``std`` or its
+            timm ``pretrained_cfg`` (see below).
         data: A source in the syntax of ``timm-nofrost train --data`` (``'demo'``, an ImageFolder root with or
             without train / val subfolders, a timm dataset name such as ``torch/cifar10`` with ``data_dir``;
             see ``timm_nofrost.data.sources``), a Dataset yielding [0, 1] image tensors, or a DataLoader of
@@ -98,6 +100,7 @@ def evaluate(
         raise ValueError(f'Linf eps {eps_values[-1]:g} is above 1, the whole pixel range.')
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
+    amp_dtype = resolve_amp_dtype(amp_dtype)  # 'bf16' / torch.bfloat16 / None
     device = torch.device(device)
     model = unwrap_model(model).to(device).eval()
     pixel_model = PixelModel.from_model(model, mean, std)  # a ValueError before any work if mean/std are unknown

@@ -1,13 +1,32 @@
-"""Adversarial training settings (the NoFrost recipe by default) and their validation."""
+"""Adversarial training settings (the NoFrost recipe by default) and their validation.
+
+Training methods (``AdversarialConfig.method``); ``x'`` is the adversarial example, ``p = softmax(f(x))``,
+``q = softmax(f(x'))``, ``B`` the batch size, ``loss`` the trainer's criterion (timm's: label smoothing, mixup):
+  nofrost: ``(1 - lambda) * loss(f(x), y) + lambda * loss(f(x'), y)`` (the NoFrost recipe, lambda = adv_weight);
+  madry:   ``loss(f(x'), y)`` (Madry et al. 2018; the same as nofrost with lambda 1, no clean forward);
+  trades:  ``loss(f(x), y) + beta * (1/B) * sum_i KL(p_i || q_i)`` (Zhang et al. 2019; the published natural
+           term is plain CE, here it is the criterion); the attack maximises the KL from ``x + 0.001 * N(0, I)``
+           with p from the eval-mode model;
+  mart:    ``CE(f(x'), y) + NLL(log(1.0001 - q + 1e-12), y') + beta * (1/B) * sum_i KL(p_i || q_i + 1e-12)
+           * (1.0000001 - p_y)`` with ``y'`` the most likely wrong class under q (Wang et al. 2020, as their code);
+           its terms need a hard label: soft targets (mixup, label smoothing) use their argmax and plain CE.
+           The attack is PGD on CE from ``x + 0.001 * N(0, I)``.
+Training attacks (``AdversarialConfig.attack``), all run by the attacks' one PGD loop:
+  pgd:     ``steps`` projected steps (uniform start in the eps ball; trades/mart: the 0.001 Gaussian start);
+  fgsm-rs: uniform start in the eps ball, one signed step of 1.25 eps, projected onto the ball and [0, 1]
+           (Wong et al. 2020);
+  n-fgsm:  uniform noise in the 2 eps ball, one signed step of eps, NOT projected back onto the eps ball (the
+           perturbation reaches up to 3 eps), only clamped to [0, 1] (de Jorge et al. 2022; L-inf only).
+"""
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Union
 
 from ..attacks.base import NORMS, parse_eps
-from ..attacks.pgd import nofrost_step_size
+from ..attacks.pgd import default_step_size, nofrost_step_size
 from ..pixels import amp_dtype
 
-__all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'AdversarialConfig']
+__all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'METHODS', 'TRAIN_ATTACKS', 'SINGLE_STEP_ATTACKS', 'AdversarialConfig']
 
 # How clean and adversarial examples go through the training forward:
 #   concat:   one forward on cat([clean, adv]); needs a model whose layers never mix batch statistics
@@ -16,6 +35,12 @@ __all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'AdversarialConfig']
 #   auto:     concat when the model has no batch-statistics layer, else separate
 BATCH_MODES = ('auto', 'concat', 'separate', 'split')
 ATTACK_DTYPES = ('bfloat16', 'float16')  # also accepted: the other AMP_DTYPES names (bf16, fp16)
+METHODS = ('nofrost', 'madry', 'trades', 'mart')  # training losses (see the module docstring)
+BETA_METHODS = ('trades', 'mart')  # methods with a beta (robust-term weight) and no lambda
+DEFAULT_BETA = 6.0  # both papers' CIFAR-10 value
+TRAIN_ATTACKS = ('pgd', 'fgsm-rs', 'n-fgsm')
+SINGLE_STEP_ATTACKS = ('fgsm-rs', 'n-fgsm')
+NFGSM_NOISE = 2.0  # N-FGSM's noise radius, in eps (k = 2)
 
 
 @dataclass

@@ -12,18 +12,24 @@ __all__ = ['final_table', 'atomic_json', 'eval_command', 'eps_text', 'config_to_
 
 
 def final_table(results: Dict[str, Any]) -> str:
-    """A Markdown table: one row per trained model, one column per final attack."""
+    """A Markdown table: one row per trained model, one column per final attack; a run whose history shows
+    catastrophic overfitting is marked in its row and gets a warning line with what to do under the table."""
     runs = results['runs']
     attacks = next(iter(runs.values()))['final']['attacks']
     header = '| model | ' + ' | '.join(attacks) + ' |'
     lines = [header, '|' + '---|' * (len(attacks) + 1)]
+    warnings = []
     for run in runs.values():
         acc = run['final']['accuracy']
-        lines.append(f"| {run['name']} | " + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
+        overfit = run.get('catastrophic_overfitting')
+        name = f"{run['name']} (catastrophic overfitting)" if overfit else run['name']
+        lines.append(f'| {name} | ' + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
+        if overfit:
+            warnings.append(f"Warning: {run['name']}: {overfit['message']}")
     adv = results['config']['adv']
     return (f"Accuracy on {next(iter(runs.values()))['final']['n_examples']} validation images (spread evenly over the set), "
             f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
-            + '\n'.join(lines))
+            + '\n'.join(lines + warnings))
 
 
 def eps_text(value: float, norm: str) -> str:

@@ -29,6 +29,7 @@ from .config import AdversarialConfig
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from .data import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
+from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
 from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs
 from .train_config import (
     CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
@@ -253,7 +254,8 @@ class _Run:
         for epoch in range(self.start_epoch, cfg.epochs):
             self.train_epoch(epoch)
         final = self.final_evaluation()
-        return {'name': self.name, 'out_dir': str(self.out_dir), 'epochs': self.history, 'final': final}
+        return {'name': self.name, 'out_dir': str(self.out_dir), 'epochs': self.history, 'final': final,
+                'catastrophic_overfitting': first_catastrophic_overfitting(self.history)}
 
     def _attack_summary(self) -> str:
         adv = self.cfg.adv
@@ -303,11 +305,17 @@ class _Run:
         if info.primary:
             metrics.update(self.evaluate_epoch())
             self.history.append(metrics)
+            verdict = catastrophic_overfitting(self.history)  # PGD collapsing while the training attack's acc rises
+            metrics['catastrophic_overfitting'] = verdict is not None
+            if verdict is not None:
+                metrics['catastrophic_overfitting_message'] = verdict['message']
             self._save(epoch, metrics)
             _log(info, f"[{self.name}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                        f"val clean {metrics['val_clean_top1']:.1f} %  val {cfg.eval_attack} "
                        f"{metrics['val_robust_top1']:.1f} % ({metrics['val_robust_examples']} images)  "
-                       f"{metrics['train_time_s']:.0f} s")
+                       f"{metrics['train_time_s']:.0f} s" + ('  CATASTROPHIC OVERFITTING' if verdict else ''))
+            if verdict is not None:
+                _log(info, f'[{self.name}] warning: {verdict["message"]}')
         if info.world_size > 1:
             dist.barrier()
 

@@ -41,6 +41,15 @@ which every contender pays alike.
 ``--profile trainer,authors`` prints torch.profiler's top operators for those contenders (a few steps
 each) instead of timing.
 
+Training recipes (``--recipes``): instead of the contenders above, one ``AdversarialTrainer`` step of every
+method x training attack (``--methods`` x ``--attacks``: nofrost / madry / trades / mart x PGD-``--steps`` /
+FGSM-RS / N-FGSM, batch mode ``concat``) next to the clean step, in the same interleaved rounds, and a table of
+their median step times relative to the clean step. ``--model-kwargs`` builds e.g. the demo model:
+
+    python benchmarks/bench_trainer_step.py --recipes --model nf_resnet18_cifar_nofrost \
+        --model-kwargs '{"channels": [16, 32, 64, 128], "stem_chs": 16}' --img-size 32 --steps 10 \
+        --threads 1 --cpu-time --rounds 7
+
     python benchmarks/bench_trainer_step.py --rounds 5 --memory
     python benchmarks/bench_trainer_step.py --rounds 5 --threads 1 --cpu-time
     python benchmarks/bench_trainer_step.py --contenders clean,authors,trainer --rounds 10
@@ -69,6 +78,7 @@ from _timing import time_rounds  # benchmarks/_timing.py: interleaved rounds
 import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost import AdversarialTrainer
 from timm_nofrost.attacks import nofrost_step_size
+from timm_nofrost.training.config import METHODS, TRAIN_ATTACKS, AdversarialConfig
 
 CONTENDERS = {
     'clean': 'clean step (ClassificationTask)',
@@ -93,7 +103,8 @@ class Setup:
         self.args = args
         self.device = torch.device(args.device)
         torch.manual_seed(0)
-        self.model = timm.create_model(args.model, num_classes=args.num_classes).to(self.device)
+        self.model = timm.create_model(args.model, num_classes=args.num_classes,
+                                       **json.loads(args.model_kwargs or '{}')).to(self.device)
         cfg = self.model.pretrained_cfg
         self.mean = torch.tensor(cfg['mean'], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg['std'], device=self.device).view(1, 3, 1, 1)
@@ -150,9 +161,33 @@ def authors_attack(model: nn.Module, setup: Setup, x: torch.Tensor, y: torch.Ten
     return x_adv.detach()
 
 
+def recipe_name(method: str, attack: str) -> str:
+    """The contender name of one method x training attack (``--recipes``)."""
+    return f'{method}/{attack}'
+
+
+def recipe_config(name: str, setup: Setup) -> AdversarialConfig:
+    """The ``AdversarialConfig`` of recipe contender ``method/attack``: the config's defaults for the method
+    (lambda 0.5, beta 6, its step rule), PGD with ``--steps``, concat batch mode."""
+    method, attack = name.split('/')
+    return AdversarialConfig(eps=setup.eps, steps=setup.args.steps if attack == 'pgd' else None, method=method,
+                             attack=attack, batch_mode='concat')
+
+
 def build(name: str, setup: Setup) -> Callable[[], None]:
     """One training step of contender ``name`` on its own copy of the model."""
     model = setup.new_model()
+    if '/' in name:  # a training recipe, method/attack (--recipes)
+        task = AdversarialTrainer(model, criterion=LabelSmoothingCrossEntropy(SMOOTHING),
+                                  adv_cfg=recipe_config(name, setup), device=setup.device, verbose=False)
+        optimizer = setup.optimizer(model)
+
+        def recipe_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            task(setup.input, setup.target)['loss'].backward()
+            optimizer.step()
+            setup.sync()
+        return recipe_step
     criterion = LabelSmoothingCrossEntropy(SMOOTHING)
     x, y, xn = setup.pixels, setup.target, setup.input
 
@@ -275,9 +310,30 @@ def profile(names: List[str], setup: Setup, steps: int = 3, top: int = 25) -> No
         print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top))
 
 
+def print_recipe_table(medians: Dict[str, float], times: Dict[str, List[float]], methods: List[str],
+                       attacks: List[str], setup: Setup, args: argparse.Namespace) -> None:
+    """Median step time of each method x attack relative to the clean step (rows: methods), then the JSON."""
+    clean = medians['clean']
+    label = {'pgd': f'PGD-{args.steps}', 'fgsm-rs': 'FGSM-RS', 'n-fgsm': 'N-FGSM'}
+    print(f'clean training step: median {clean:.4f} s (min {min(times["clean"]):.4f} s) = 1.00x')
+    print('| method | ' + ' | '.join(label[a] for a in attacks) + ' |')
+    print('|---|' + '---:|' * len(attacks))
+    for m in methods:
+        print(f'| {m} | ' + ' | '.join(f'{medians[recipe_name(m, a)] / clean:.2f}x' for a in attacks) + ' |')
+    steps = {n: {'step_size': recipe_config(n, setup).attack_step_size, 'steps': recipe_config(n, setup).steps}
+             for n in medians if '/' in n}
+    print(json.dumps({
+        'args': {k: v for k, v in vars(args).items() if k != 'memory_child'}, 'threads': torch.get_num_threads(),
+        'torch': torch.__version__, 'timm': timm.__version__, 'cpu': cpu_model_name(), 'median_s': medians,
+        'ratio_to_clean': {k: v / clean for k, v in medians.items()}, 'attack_settings': steps, 'times_s': times,
+    }))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='nf_resnet26_nofrost', help='timm model name (default: %(default)s)')
+    parser.add_argument('--model-kwargs', default=None, metavar='JSON',
+                        help='extra create_model arguments as a JSON object')
     parser.add_argument('--num-classes', type=int, default=10, help='classifier outputs (default: %(default)s)')
     parser.add_argument('--batch-size', type=int, default=32, help='images per step (default: %(default)s)')
     parser.add_argument('--img-size', type=int, default=64, help='input resolution (default: %(default)s)')
@@ -296,6 +352,13 @@ def main() -> None:
                         help='also measure peak memory per contender, each in its own subprocess')
     parser.add_argument('--memory-steps', type=int, default=2, help='steps per memory run (default: %(default)s)')
     parser.add_argument('--profile', default='', help='comma-separated contenders to profile instead of timing')
+    parser.add_argument('--recipes', action='store_true',
+                        help='time every training method x attack against the clean step instead of the '
+                             'contenders, and print a table of ratios')
+    parser.add_argument('--methods', default=','.join(METHODS),
+                        help='with --recipes: comma-separated methods (default: %(default)s)')
+    parser.add_argument('--attacks', default=','.join(TRAIN_ATTACKS),
+                        help='with --recipes: comma-separated training attacks (default: %(default)s)')
     parser.add_argument('--memory-child', default='', help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -304,13 +367,25 @@ def main() -> None:
         peak_memory_child(args.memory_child, args)
         return
     names = [n.strip() for n in args.contenders.split(',') if n.strip()]
+    if args.recipes:
+        methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+        attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
+        bad = [m for m in methods if m not in METHODS] + [a for a in attacks if a not in TRAIN_ATTACKS]
+        if bad:
+            parser.error(f'unknown method or attack {bad[0]!r}; methods: {", ".join(METHODS)}; attacks: '
+                         f'{", ".join(TRAIN_ATTACKS)}')
+        names = ['clean'] + [recipe_name(m, a) for m in methods for a in attacks]
+        CONTENDERS.update({n: n for n in names[1:]})
     for n in names + [n for n in args.profile.split(',') if n]:
         if n not in CONTENDERS:
             parser.error(f'unknown contender {n!r}; known: {", ".join(CONTENDERS)}')
 
     setup = Setup(args)
-    header = (f'{args.model}, batch {args.batch_size} x {args.img_size}px, PGD-{args.steps} (Linf eps '
-              f'{args.eps * 255:.3g}/255, step {setup.step_size * 255:.3g}/255, random start), lambda {ADV_WEIGHT}; '
+    recipe = (f'training recipes at Linf eps {args.eps * 255:.3g}/255 (PGD-{args.steps}; each method\'s default '
+              f'step, lambda and beta)' if args.recipes else
+              f'PGD-{args.steps} (Linf eps {args.eps * 255:.3g}/255, step {setup.step_size * 255:.3g}/255, random '
+              f'start), lambda {ADV_WEIGHT}')
+    header = (f'{args.model}, batch {args.batch_size} x {args.img_size}px, {recipe}; '
               f'device {args.device}, torch {torch.__version__}, timm {timm.__version__}, '
               f'{torch.get_num_threads()} threads, {cpu_model_name()}')
     print(header + (', process CPU time per step' if args.cpu_time else ', wall-clock time per step'))
@@ -333,6 +408,9 @@ def main() -> None:
         time_rounds({name: cpu_timed(name, fn) for name, fn in fns.items()}, args.rounds, args.warmup)
         times = {name: values[args.warmup:] for name, values in cpu.items()}
     medians = {k: statistics.median(v) for k, v in times.items()}
+    if args.recipes:
+        print_recipe_table(medians, times, methods, attacks, setup, args)
+        return
     memory = measure_memory(names) if args.memory else {}
     ref_authors = medians.get('authors')
     ref_clean = medians.get('clean')

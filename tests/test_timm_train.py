@@ -346,6 +346,10 @@ def test_train_py_errors_name_train_py(fake_script, capsys):
     (['--adv-val-attacks', ','], 'No validation attack'),
     (['--adv-val-examples', '-1'], 'integer >= 0'),
     (['--adv-foo', '1'], 'unrecognized arguments before "--": --adv-foo 1'),
+    (['--adv-method', 'pgd-at'], "Unknown method 'pgd-at'"),
+    (['--adv-attack', 'fgsm'], "Unknown training attack 'fgsm'"),
+    (['--adv-beta', '3'], "does not apply to method='nofrost'"),
+    (['--adv-method', 'trades', '--adv-weight', '0.5'], "does not apply to method='trades'"),
 ])
 def test_bad_values_exit_2_before_train_py_runs(fake_script, tmp_path, capsys, flags, message):
     record = tmp_path / 'record.json'
@@ -361,6 +365,24 @@ def test_malformed_flags_exit_2(fake_script, capsys, flags):
     with pytest.raises(SystemExit) as e:
         cli_main(['timm-train', str(fake_script), *flags, '--'])
     assert e.value.code == 2
+
+
+def test_recipe_flags_reach_the_task_and_args_yaml(fake_script, tmp_path, monkeypatch):
+    """--adv-method / --adv-beta / --adv-attack go through the shared flag group into the launched task, and
+    args.yaml (train.py's args_text) records them."""
+    from timm_nofrost.training.timm_train import TimmTrainLauncher
+    launchers = []
+    run = TimmTrainLauncher.run
+    monkeypatch.setattr(TimmTrainLauncher, 'run', lambda self, a: (launchers.append(self), run(self, a))[1])
+    assert cli_main(['timm-train', str(fake_script), '--adv-method', 'trades', '--adv-beta', '3', '--adv-attack',
+                     'n-fgsm', '--adv-val-attacks', 'pgd-2', '--adv-val-examples', '4', '--',
+                     '--steps', '1']) == 0
+    results = launchers[0].module.RESULTS
+    cfg = results['task'].adv_cfg
+    assert (cfg.method, cfg.beta, cfg.attack, cfg.steps, cfg.adv_weight) == ('trades', 3.0, 'n-fgsm', 1, None)
+    assert math.isfinite(results['losses'][0])
+    text = results['args_text']
+    assert 'method: trades' in text and 'beta: 3.0' in text and 'attack: n-fgsm' in text
 
 
 def test_missing_or_wrong_script_exits_2(tmp_path, capsys):
@@ -409,9 +431,9 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: in
     return root
 
 
-def timm_train_command(script: str, data: Path, output: Path, *extra: str):
+def timm_train_command(script: str, data: Path, output: Path, *extra: str, adv: tuple = ()):
     return [
-        '--adv-steps', '2', '--adv-val-examples', '8', '--',
+        '--adv-steps', '2', '--adv-val-examples', '8', *adv, '--',
         str(data), '--model', 'nf_resnet18_cifar_nofrost', '--model-kwargs', 'channels=(8,16,32,64)', 'stem_chs=8',
         '--num-classes', '3', '--epochs', '1', '-b', '8', '--img-size', '32', '--output', str(output),
         '--experiment', 'run', '--workers', '0', '--device', 'cpu', *extra]
@@ -428,16 +450,17 @@ def test_real_train_py(tmp_path):
     output = tmp_path / 'out'
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_nofrost', 'timm-train', TIMM_TRAIN_SCRIPT,
-         *timm_train_command(TIMM_TRAIN_SCRIPT, data, output, '--model-ema')],
+         *timm_train_command(TIMM_TRAIN_SCRIPT, data, output, '--model-ema', adv=('--adv-method', 'trades'))],
         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_summary(output)
     assert len(rows) == 1
     assert 0 <= float(rows[0]['eval_robust_top1_pgd-10']) <= 100
     assert math.isfinite(float(rows[0]['train_loss']))
-    assert 'AdversarialTrainer: Linf eps 0.031373, PGD-2' in proc.stdout + proc.stderr
+    assert 'AdversarialTrainer: trades, Linf eps 0.031373, PGD-2' in proc.stdout + proc.stderr
     assert 'Robust (EMA): pgd-10:' in proc.stdout + proc.stderr
-    assert 'nofrost:' in (output / 'run' / 'args.yaml').read_text()
+    args_yaml = (output / 'run' / 'args.yaml').read_text()
+    assert 'nofrost:' in args_yaml and 'method: trades' in args_yaml and 'beta: 6.0' in args_yaml
 
 
 @needs_script

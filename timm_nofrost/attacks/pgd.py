@@ -77,14 +77,22 @@ class PGD(Attack):
         return best.x, zeros.item() / max(computed, 1), best.logits
 
     def generate(self, x: torch.Tensor, y: torch.Tensor, eps: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 generator: Optional[torch.Generator] = None, delta: Optional[torch.Tensor] = None,
+                 radius: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Training path: the last iterate of one PGD run, as adversarial training uses it (Madry et al.).
 
         Unlike ``__call__``, nothing is validated and nothing waits on the device (no host syncs), no best
         iterate is kept, every example is attacked for every step (no active set: a training batch needs
-        them all), and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup) with
-        the ``'ce'`` loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from
-        ``generator``, or torch's global generator (seeded per process by training scripts) when None.
+        them all), and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup, or a
+        model's own softmax for TRADES' KL, whose input gradient is the soft-target CE's) with the ``'ce'``
+        loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from ``generator``, or
+        torch's global generator (seeded per process by training scripts) when None.
+
+        Args:
+            delta: The start ``x + delta`` (used as given, e.g. TRADES' unprojected 0.001 Gaussian, N-FGSM's
+                2 eps noise); None: uniform in the eps ball with ``random_start``, else ``x``.
+            radius: Per-example radius projected onto after each step (default ``eps``; N-FGSM: 3 eps, i.e.
+                no projection back onto the eps ball). The step still scales with ``eps``.
 
         Returns:
             ``(x_adv, zero_count)``: adversarial images and the number of exactly-zero input-gradient
@@ -93,14 +101,18 @@ class PGD(Attack):
         self._labels_checked = True
         x = x.detach()
         eps = self.eps_tensor(x) if eps is None else eps
-        delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
-        delta, zeros, _ = self._run(x, y, None, eps, delta, None, None)
+        if delta is None:
+            delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
+        delta, zeros, _ = self._run(x, y, None, eps, delta, None, None, radius=radius)
         return (x + delta).detach(), zeros
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
-             delta: torch.Tensor, best: Optional[BestIterate],
-             idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+             delta: torch.Tensor, best: Optional[BestIterate], idx: Optional[torch.Tensor],
+             radius: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """The one PGD loop: ``steps`` steepest-ascent steps from ``x + delta``, projected onto the ball.
+
+        The step is ``step_size / self.eps`` times each row's ``eps``; the projection is onto the ball of
+        ``radius`` (per row; default ``eps``) and [0, 1].
 
         Evaluation (``best`` given, ``idx`` the batch rows of ``x``): every iterate, and the last one after the
         final step, is scored into ``best``; with the active set, rows leave the loop at their first fooling
@@ -125,8 +137,10 @@ class PGD(Attack):
                         return delta, zeros, computed
                     x, y, eps, delta, grad, idx = x[keep], y[keep], eps[keep], delta[keep], grad[keep], idx[keep]
                     target = None if target is None else target[keep]
+                    radius = None if radius is None else radius[keep]
             step = (eps * ratio).view(-1, 1, 1, 1)
-            delta = project(delta + step * steepest_step(grad, self.norm), x, eps, self.norm)
+            delta = project(delta + step * steepest_step(grad, self.norm), x, eps if radius is None else radius,
+                            self.norm)
         if best is not None:
             with torch.no_grad():
                 logits = self.logits(x + delta)

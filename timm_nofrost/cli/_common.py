@@ -97,19 +97,42 @@ def _create_converted(args: Any, kwargs: dict) -> Any:
 
 
 def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
-    """The ``--adv-*`` flags of the training commands (``train``, ``timm-train``): one AdversarialConfig each."""
+    """The ``--adv-*`` flags of the training commands (``train``, ``timm-train``): one AdversarialConfig each.
+
+    ``--adv-method`` / ``--adv-attack`` take any string: the AdversarialConfig refuses a bad one with a one-line
+    error naming what is accepted (exit status 2), as for every other ``--adv-*`` value.
+    """
     group = parser.add_argument_group('adversarial training (defaults: the NoFrost recipe)')
+    group.add_argument('--adv-method', default='nofrost', metavar='METHOD',
+                       help='training loss, one of: nofrost: (1-lambda)*loss(clean) + lambda*loss(adv), the '
+                            "paper's recipe; madry: loss(adv) only (Madry et al. 2018); trades: loss(clean) + "
+                            'beta*KL(p(clean) || p(adv)), trading clean accuracy for smoothness, with an attack that '
+                            'maximises the KL (Zhang et al. 2019); mart: boosted CE(adv) + beta*KL weighted by '
+                            '1 - p_y(clean), stressing misclassified examples (Wang et al. 2020) '
+                            '(default: %(default)s)')
+    group.add_argument('--adv-beta', type=float, default=None, metavar='BETA',
+                       help='weight of the robust (KL) term of trades and mart (default: 6, both papers\' value; '
+                            'refused with nofrost and madry, which take --adv-weight)')
+    group.add_argument('--adv-attack', default='pgd', metavar='ATTACK',
+                       help='training attack, one of: pgd: --adv-steps projected gradient steps (steps+1 '
+                            'forward-backward passes per training step); fgsm-rs: one step of 1.25*eps from a uniform random '
+                            'start, projected (Wong et al. 2020; 2 passes, can overfit catastrophically); n-fgsm: one '
+                            'step of eps from uniform noise in the 2*eps ball, not projected back (de Jorge et al. '
+                            '2022; 2 passes, Linf only, no catastrophic overfitting reported) (default: %(default)s)')
     group.add_argument('--adv-eps', default='8/255', metavar='EPS',
                        help='threat-model radius in pixel units [0, 1], a number or a fraction (default: %(default)s)')
     group.add_argument('--adv-steps', type=int, default=None, metavar='N',
-                       help=f'PGD steps per training batch (default: {steps_help})')
+                       help=f'attack steps per training batch (default: {steps_help} for pgd; 1 for fgsm-rs and '
+                            f'n-fgsm, which take no more)')
     group.add_argument('--adv-step-size', default=None, metavar='SIZE',
-                       help="PGD step size, a number or a fraction (default: the authors' min(1.25*eps, "
-                            'eps+4/255)/steps, 1/255 for PGD-10 at 8/255)')
+                       help="attack step size, a number or a fraction (default: nofrost/madry the authors' "
+                            'min(1.25*eps, eps+4/255)/steps, 1/255 for PGD-10 at 8/255; trades/mart 2.5*eps/steps, '
+                            '2/255 for PGD-10; fgsm-rs 1.25*eps; n-fgsm eps)')
     group.add_argument('--adv-norm', default='Linf', choices=('Linf', 'L2'), help='threat model (default: %(default)s)')
-    group.add_argument('--adv-weight', type=float, default=0.5, metavar='LAMBDA',
-                       help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv); 1 is Madry AT, 0 standard '
-                            'training (with --adv-steps 0) (default: %(default)s)')
+    group.add_argument('--adv-weight', type=float, default=None, metavar='LAMBDA',
+                       help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv), with --adv-method nofrost; 1 is '
+                            'Madry AT, 0 standard training (with --adv-steps 0) (default: 0.5; madry: 1; refused '
+                            'with trades and mart, which take --adv-beta)')
     group.add_argument('--adv-eps-warmup-steps', type=int, default=0, metavar='N',
                        help='ramp eps linearly from 0 over this many training batches (default: no warm-up)')
     group.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
@@ -120,14 +143,23 @@ def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
                        help='run only the attack under autocast in this dtype, the training step keeps its '
                             'precision (faster on hardware with bf16; default: follow the training autocast)')
     group.add_argument('--adv-no-random-start', action='store_true',
-                       help='start PGD from the clean image instead of a uniform random point of the ball')
+                       help='start PGD from the clean image instead of a random point (refused with trades and '
+                            'the single-step attacks, which need the noise)')
 
 
 def adversarial_config(args: Any, default_steps: int = 10) -> Any:
-    """The ``AdversarialConfig`` of the ``--adv-*`` flags (its ValueError names a bad value)."""
+    """The ``AdversarialConfig`` of the ``--adv-*`` flags (its ValueError names a bad value).
+
+    ``default_steps`` (the command's PGD default, 3 on the demo data) applies to ``--adv-attack pgd`` only; unset
+    flags otherwise take the config's defaults (1 step for the single-step attacks, lambda / beta per method).
+    """
     from ..training import AdversarialConfig
+    from ..training.config import SINGLE_STEP_ATTACKS
+    steps = args.adv_steps
+    if steps is None and args.adv_attack not in SINGLE_STEP_ATTACKS:
+        steps = default_steps
     return AdversarialConfig(
-        eps=args.adv_eps, steps=args.adv_steps if args.adv_steps is not None else default_steps,
-        step_size=args.adv_step_size, norm=args.adv_norm, random_start=not args.adv_no_random_start,
-        adv_weight=args.adv_weight, eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
-        attack_dtype=args.adv_attack_dtype)
+        eps=args.adv_eps, steps=steps, step_size=args.adv_step_size, norm=args.adv_norm,
+        random_start=not args.adv_no_random_start, adv_weight=args.adv_weight,
+        eps_warmup_steps=args.adv_eps_warmup_steps, batch_mode=args.adv_batch_mode,
+        attack_dtype=args.adv_attack_dtype, method=args.adv_method, beta=args.adv_beta, attack=args.adv_attack)

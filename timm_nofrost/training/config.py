@@ -49,52 +49,108 @@ class AdversarialConfig:
 
     Defaults are the NoFrost authors' recipe: PGD-10 at L-inf 8/255 with step
     ``min(1.25 * eps, eps + 4/255) / steps`` from a uniform random start, and the loss
-    ``(1 - adv_weight) * loss(clean) + adv_weight * loss(adv)`` with ``adv_weight`` 0.5.
+    ``(1 - adv_weight) * loss(clean) + adv_weight * loss(adv)`` with ``adv_weight`` 0.5. ``method`` and
+    ``attack`` select other published recipes (see the module docstring for what each optimises).
 
     Args:
         eps: Radius of the threat model (a number or a fraction such as ``'8/255'``), in [0, 1] for L-inf.
-        steps: PGD steps per batch; 0 only with ``adv_weight=0`` (standard training).
-        step_size: Step per PGD iteration; None uses the authors' rule above. At most ``eps``.
+        steps: Attack steps per batch; None: 10 for ``'pgd'``, 1 for the single-step attacks (which refuse
+            more). 0 only with ``adv_weight=0`` (standard training).
+        step_size: Step per attack iteration; None: the authors' rule above for nofrost/madry, ``2.5 * eps /
+            steps`` for trades/mart (2/255 for PGD-10 at 8/255, their codes' 0.007), 1.25 eps for
+            ``'fgsm-rs'`` and eps for ``'n-fgsm'``. At most ``eps`` for PGD, 2 eps for fgsm-rs.
         norm: ``'Linf'`` or ``'L2'``.
-        random_start: Start from a uniform random point of the ball.
-        adv_weight: lambda; 1.0 is Madry-style AT on adversarial examples only, 0.0 standard training.
+        random_start: Start from a random point: uniform in the ball (``'pgd'`` with nofrost/madry, fgsm-rs),
+            in the 2 eps ball (n-fgsm), ``0.001 * N(0, I)`` (``'pgd'`` with trades/mart). Required by the
+            single-step attacks and by trades (the KL's input gradient is zero at the clean point).
+        adv_weight: lambda, for ``method='nofrost'`` only; None: 0.5 (1.0 for ``'madry'``). 1.0 is Madry-style
+            AT on adversarial examples only, 0.0 standard training. Stays None for trades/mart (refused there).
         eps_warmup_steps: Ramp eps linearly from 0 over this many training batches (0: no warm-up).
         batch_mode: One of ``BATCH_MODES`` (see above).
         attack_dtype: Run the attack's forwards and backwards under autocast in this dtype (``'bfloat16'``
             or ``'float16'``) while the training step keeps its own precision. The attack only needs the
             sign of the input gradient; None follows the caller's autocast.
+        method: Training loss, one of ``METHODS``: ``'nofrost'`` (default), ``'madry'``, ``'trades'``, ``'mart'``.
+        beta: Weight of the trades/mart robust term; None: 6.0 for those (refused for nofrost/madry).
+        attack: Training attack, one of ``TRAIN_ATTACKS``: ``'pgd'`` (default), ``'fgsm-rs'``, ``'n-fgsm'``.
     """
     eps: Union[float, str] = 8 / 255
-    steps: int = 10
+    steps: Optional[int] = None
     step_size: Optional[Union[float, str]] = None
     norm: str = 'Linf'
     random_start: bool = True
-    adv_weight: float = 0.5
+    adv_weight: Optional[float] = None
     eps_warmup_steps: int = 0
     batch_mode: str = 'auto'
     attack_dtype: Optional[str] = None
+    method: str = 'nofrost'
+    beta: Optional[float] = None
+    attack: str = 'pgd'
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f'Unknown method {self.method!r}; accepted: {", ".join(METHODS)}.')
+        if self.attack not in TRAIN_ATTACKS:
+            raise ValueError(f'Unknown training attack {self.attack!r}; accepted: {", ".join(TRAIN_ATTACKS)}.')
         self.eps = parse_eps(self.eps)
         if self.norm not in NORMS:
             raise ValueError(f'Unknown norm {self.norm!r}; accepted: {", ".join(NORMS)}.')
         if self.norm == 'Linf' and self.eps > 1:
             raise ValueError(f'Linf eps {self.eps:g} is above 1, the whole pixel range; '
                              f'give pixels in [0, 1] units, e.g. 8/255.')
+        if self.attack == 'n-fgsm' and self.norm != 'Linf':
+            raise ValueError(f"attack='n-fgsm' is defined for the Linf norm only (de Jorge et al. 2022), got "
+                             f"norm={self.norm!r}; use attack='fgsm-rs' or 'pgd' with L2.")
+        single_step = self.attack in SINGLE_STEP_ATTACKS
+        if self.steps is None:
+            self.steps = 1 if single_step else 10
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f'steps must be an integer >= 0, got {self.steps!r}.')
-        if isinstance(self.adv_weight, bool) or not isinstance(self.adv_weight, (int, float)) \
-                or not math.isfinite(self.adv_weight) or not 0 <= self.adv_weight <= 1:
-            raise ValueError(f'adv_weight (lambda) must be in [0, 1], got {self.adv_weight!r}.')
-        self.adv_weight = float(self.adv_weight)
-        if self.steps == 0 and self.adv_weight > 0:
-            raise ValueError(f'steps=0 makes no adversarial examples, but adv_weight={self.adv_weight:g} > 0 '
-                             f'weights them; use steps >= 1, or adv_weight=0 for standard training.')
+        if single_step and self.steps > 1:
+            raise ValueError(f'attack={self.attack!r} takes one step, got steps={self.steps}; leave steps unset, '
+                             f"or use attack='pgd' for multi-step attacks.")
+        if self.method in BETA_METHODS:
+            if self.adv_weight is not None:
+                raise ValueError(f'adv_weight (lambda) {self.adv_weight!r} does not apply to method={self.method!r}, '
+                                 f'whose loss is weighted by beta; drop adv_weight (accepted with nofrost and madry).')
+            if self.beta is None:
+                self.beta = DEFAULT_BETA
+            if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
+                    or not math.isfinite(self.beta) or self.beta < 0:
+                raise ValueError(f'beta must be a finite number >= 0, got {self.beta!r}.')
+            self.beta = float(self.beta)
+            if self.steps == 0:
+                raise ValueError(f'steps=0 makes no adversarial examples, which method={self.method!r} needs; '
+                                 f'use steps >= 1.')
+            if self.method == 'trades' and not self.random_start:
+                raise ValueError("method='trades' needs random_start=True: the KL's input gradient is exactly zero "
+                                 "at the clean input, so an attack from it never moves.")
+        else:
+            if self.beta is not None:
+                raise ValueError(f'beta {self.beta!r} does not apply to method={self.method!r}; beta is accepted '
+                                 f'with {" and ".join(BETA_METHODS)} (nofrost weights its loss by adv_weight).')
+            if self.adv_weight is None:
+                self.adv_weight = 1.0 if self.method == 'madry' else 0.5
+            if isinstance(self.adv_weight, bool) or not isinstance(self.adv_weight, (int, float)) \
+                    or not math.isfinite(self.adv_weight) or not 0 <= self.adv_weight <= 1:
+                raise ValueError(f'adv_weight (lambda) must be in [0, 1], got {self.adv_weight!r}.')
+            self.adv_weight = float(self.adv_weight)
+            if self.method == 'madry' and self.adv_weight != 1:
+                raise ValueError(f"method='madry' trains on adversarial examples only (adv_weight 1), got "
+                                 f"adv_weight={self.adv_weight:g}; use method='nofrost' to mix in clean examples.")
+            if self.steps == 0 and self.adv_weight > 0:
+                raise ValueError(f'steps=0 makes no adversarial examples, but adv_weight={self.adv_weight:g} > 0 '
+                                 f'weights them; use steps >= 1, or adv_weight=0 for standard training.')
+        if single_step and not self.random_start:
+            raise ValueError(f'attack={self.attack!r} starts from random noise by definition, got random_start=False; '
+                             f"for plain FGSM use attack='pgd' with steps=1.")
         if self.step_size is not None:
             self.step_size = parse_eps(self.step_size)
-            if self.step_size > self.eps:
-                raise ValueError(f'step_size {self.step_size:g} is above eps {self.eps:g}: a step larger than the '
-                                 f'ball is only clipped back. Leave step_size unset for the authors\' rule.')
+            limit = {'pgd': 1.0, 'fgsm-rs': 2.0}.get(self.attack)
+            if limit is not None and self.step_size > limit * self.eps:
+                bound = f'eps {self.eps:g}' if limit == 1 else f'{limit:g} eps = {limit * self.eps:g}'
+                raise ValueError(f'step_size {self.step_size:g} is above {bound}: a larger step is only clipped '
+                                 f'back onto the ball. Leave step_size unset for the default.')
             if self.step_size == 0 and self.eps > 0 and self.steps > 0:
                 raise ValueError('step_size must be > 0.')
         if isinstance(self.eps_warmup_steps, bool) or not isinstance(self.eps_warmup_steps, int) \
@@ -114,10 +170,36 @@ class AdversarialConfig:
 
     @property
     def attack_step_size(self) -> float:
-        """The PGD step actually used: ``step_size`` or the authors' rule."""
+        """The attack step actually used: ``step_size`` or the method's / attack's default (see ``step_size``)."""
         if self.step_size is not None:
             return float(self.step_size)
+        if self.attack == 'fgsm-rs':
+            return 1.25 * self.eps
+        if self.attack == 'n-fgsm':
+            return self.eps
+        if self.method in BETA_METHODS:
+            return default_step_size(self.eps, max(self.steps, 1))
         return nofrost_step_size(self.eps, max(self.steps, 1))
+
+    @property
+    def attack_radius(self) -> float:
+        """The radius the attack projects onto: eps, or for N-FGSM noise plus step (no projection back)."""
+        if self.attack == 'n-fgsm':
+            return NFGSM_NOISE * self.eps + self.attack_step_size
+        return self.eps
+
+    @property
+    def uses_clean_forward(self) -> bool:
+        """Whether the training loss needs the clean examples' outputs (all but Madry-style training)."""
+        return self.method in BETA_METHODS or self.adv_weight < 1
+
+    def describe(self) -> str:
+        """One line for logs: method, attack and weights."""
+        if self.method == 'nofrost' and self.adv_weight == 0:
+            return 'standard training (lambda 0)'
+        attack = f'PGD-{self.steps}' if self.attack == 'pgd' else self.attack.upper()
+        weight = f'beta {self.beta:g}' if self.method in BETA_METHODS else f'lambda {self.adv_weight:g}'
+        return f'{self.method}, {self.norm} eps {self.eps:.5g}, {attack} step {self.attack_step_size:.5g}, {weight}'
 
     def eps_at(self, step: int) -> float:
         """eps after ``step`` training batches (linear warm-up)."""

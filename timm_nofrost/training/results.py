@@ -27,9 +27,12 @@ def final_table(results: Dict[str, Any]) -> str:
         if overfit:
             warnings.append(f"Warning: {run['name']}: {overfit['message']}")
     adv = results['config']['adv']
+    method = adv.get('method', 'nofrost')
+    trained = ('standard training' if method == 'nofrost' and adv.get('adv_weight') == 0
+               else f"trained with {method} on {adv.get('attack', 'pgd')} examples")
     return (f"Accuracy on {next(iter(runs.values()))['final']['n_examples']} validation images (spread evenly over the set), "
-            f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image):\n"
-            + '\n'.join(lines + warnings))
+            f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image; "
+            f"{trained}):\n" + '\n'.join(lines + warnings))
 
 
 def eps_text(value: float, norm: str) -> str:

@@ -40,6 +40,9 @@ __all__ = ['TrainConfig', 'TrainingDiverged', 'train', 'resolve_config', 'preset
            'DEMO_MODEL_KWARGS']
 
 
+_EPOCH_SUMS = ('loss', 'loss_clean', 'loss_adv', 'acc_clean', 'acc_adv')  # per-step values averaged per epoch
+
+
 @dataclass
 class _Dist:
     rank: int = 0
@@ -219,7 +222,9 @@ class _Run:
             'epoch': epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
-            'task_state': {k: v for k, v in task_state.items() if k != 'adv_cfg'},
+            # the method and attack travel with the task state: a resume must continue the same training
+            'task_state': {**{k: v for k, v in task_state.items() if k != 'adv_cfg'},
+                           'method': self.cfg.adv.method, 'attack': self.cfg.adv.attack},
             'adv_cfg': json.dumps(task_state.get('adv_cfg', {})),
             'metric': metrics.get('val_robust_top1'),
             'best_metric': self.best,
@@ -234,6 +239,7 @@ class _Run:
         except RuntimeError as e:
             raise CheckpointError(f'Checkpoint {path} does not match the model {self.cfg.model}: '
                                   f'{str(e).splitlines()[0]}') from None
+        self._check_same_recipe(path, state)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.task.load_task_state(state.get('task_state'))
@@ -241,6 +247,20 @@ class _Run:
         self.best = state.get('best_metric')
         self.history = json.loads(state.get('history', '[]'))
         _log(self.info, f'[{self.name}] resumed from {path} (epoch {self.start_epoch} of {self.cfg.epochs} done)')
+
+    def _check_same_recipe(self, path: Path, state: Dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint with another training method or attack: the run would silently
+        switch recipes half-way. Checkpoints from before these settings existed were nofrost with PGD."""
+        task_state = state.get('task_state') or {}
+        saved_cfg = json.loads(state.get('adv_cfg') or '{}')
+        for key, flag, old_default in (('method', '--adv-method', 'nofrost'), ('attack', '--adv-attack', 'pgd')):
+            saved = task_state.get(key, saved_cfg.get(key, old_default))
+            wanted = getattr(self.cfg.adv, key)
+            if saved != wanted:
+                raise ValueError(
+                    f'Checkpoint {path} was trained with {flag} {saved}, but this run asks for {flag} {wanted}: a '
+                    f'resumed run continues the same {key}. Pass {flag} {saved} to resume it, or train the new '
+                    f'{key} into another --out (or --overwrite).')
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self, resume: Optional[Path]) -> Dict[str, Any]:
@@ -259,10 +279,12 @@ class _Run:
 
     def _attack_summary(self) -> str:
         adv = self.cfg.adv
-        if adv.adv_weight == 0:
+        if adv.method == 'nofrost' and adv.adv_weight == 0:
             return 'standard training (no adversarial examples)'
-        return (f'{adv.norm} eps {eps_text(adv.eps, adv.norm)}, PGD-{adv.steps} step '
-                f'{eps_text(adv.attack_step_size, adv.norm)}, lambda {adv.adv_weight:g}')
+        attack = f'PGD-{adv.steps}' if adv.attack == 'pgd' else adv.attack.upper()
+        weight = f'lambda {adv.adv_weight:g}' if adv.beta is None else f'beta {adv.beta:g}'
+        return (f'method {adv.method}, {adv.norm} eps {eps_text(adv.eps, adv.norm)}, {attack} step '
+                f'{eps_text(adv.attack_step_size, adv.norm)}, {weight}')
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info
@@ -272,7 +294,7 @@ class _Run:
             sampler.set_epoch(epoch)
         self.model.train()
         start = time.time()
-        sums = {'loss': 0.0, 'loss_clean': 0.0, 'loss_adv': 0.0, 'acc_clean': 0.0, 'acc_adv': 0.0}
+        sums = dict.fromkeys(_EPOCH_SUMS, 0.0)
         steps = 0
         bar = _progress(self.loader, len(self.loader), cfg.progress and info.primary,
                         f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}')
@@ -293,9 +315,9 @@ class _Run:
                 loss.backward()
                 self.optimizer.step()
             steps += 1
-            for k in sums:
+            for k in (*_EPOCH_SUMS, 'loss_robust'):  # loss_robust: the beta-weighted term of trades / mart
                 if k in result:
-                    sums[k] += float(result[k].detach())
+                    sums[k] = sums.get(k, 0.0) + float(result[k].detach())
             if bar is not self.loader:
                 bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
         self.scheduler.step(epoch + 1)

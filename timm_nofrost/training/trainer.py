@@ -2,7 +2,9 @@
 
 Each ``forward(input, target)`` makes adversarial examples with the attacks' own PGD loop (eval mode, frozen
 parameters, input-only gradients, weight standardisation once per attack, on the module under any DDP /
-compile wrapper) and returns the mixed loss ``(1 - lambda) * loss(clean) + lambda * loss(adv)``. A model
+compile wrapper) and returns the method's loss: by default NoFrost's mixed loss
+``(1 - lambda) * loss(clean) + lambda * loss(adv)``; Madry, TRADES or MART with ``method`` (see
+``timm_nofrost.training.config`` for the formulas), with PGD, FGSM-RS or N-FGSM examples (``attack``). A model
 without batch-statistics layers gets both halves in ONE forward on the concatenated batch; BatchNorm models
 get the paper's baselines (shared BN with two forwards, or split BN).
 """
@@ -11,13 +13,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.task import ClassificationTask
 
-from ..attacks.base import attack_mode
+from ..attacks.base import attack_mode, random_delta
 from ..pixels import PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, unwrap_model
 from ..attacks.pgd import PGD
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
-from .config import AdversarialConfig
+from .config import NFGSM_NOISE, AdversarialConfig
 
 __all__ = ['AdversarialTrainer', 'resolve_batch_mode']
 
@@ -50,6 +53,45 @@ def resolve_batch_mode(model: nn.Module, batch_mode: str) -> str:
     return batch_mode
 
 
+def _hard_labels(target: torch.Tensor) -> torch.Tensor:
+    """Class indices of ``target`` (the argmax of soft targets)."""
+    return target.argmax(dim=1) if target.ndim == 2 else target
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (softmax / log terms of low-precision outputs lose too much)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def trades_kl(out_clean: torch.Tensor, out_adv: torch.Tensor) -> torch.Tensor:
+    """TRADES' robust term: ``sum_i KL(p(x_i) || p(x'_i)) / B`` (the reference's summed ``KLDivLoss`` over B).
+
+    Gradients flow through both outputs, as in the reference code (its target p(x) is not detached).
+    """
+    out_clean, out_adv = _float(out_clean), _float(out_adv)
+    kl = F.kl_div(F.log_softmax(out_adv, dim=1), F.softmax(out_clean, dim=1), reduction='sum')
+    return kl / out_clean.shape[0]
+
+
+def mart_terms(out_clean: torch.Tensor, out_adv: torch.Tensor, labels: torch.Tensor):
+    """MART's boosted CE on the adversarial outputs and its (unweighted) robust term, as the reference code.
+
+    Returns:
+        ``(CE(out_adv, y) + NLL(log(1.0001 - q + 1e-12), y'), (1/B) * sum_i KL(p_i || q_i + 1e-12) *
+        (1.0000001 - p_i,y))`` with ``q``/``p`` the adversarial/clean softmax and ``y'`` the most likely
+        wrong class under ``q``.
+    """
+    out_clean, out_adv = _float(out_clean), _float(out_adv)
+    q = F.softmax(out_adv, dim=1)
+    top2 = q.topk(2, dim=1).indices
+    wrong = torch.where(top2[:, 0] == labels, top2[:, 1], top2[:, 0])
+    boosted = F.cross_entropy(out_adv, labels) + F.nll_loss(torch.log(1.0001 - q + 1e-12), wrong)
+    p = F.softmax(out_clean, dim=1)
+    p_true = p.gather(1, labels[:, None])[:, 0]
+    kl = F.kl_div(torch.log(q + 1e-12), p, reduction='none').sum(dim=1)
+    return boosted, (kl * (1.0000001 - p_true)).sum() / out_clean.shape[0]
+
+
 class AdversarialTrainer(ClassificationTask):
     """Adversarial training task for timm's ``train.py`` or any training loop.
 
@@ -65,9 +107,15 @@ class AdversarialTrainer(ClassificationTask):
             in [0, 1] fed to a model that takes them as they are (then mean/std do not apply).
         device, dtype, verbose: As for ``timm.task.ClassificationTask``.
 
-    ``forward`` returns ``loss``, ``output`` (clean logits; adversarial ones when lambda is 1), ``output_adv``,
-    ``loss_clean``, ``loss_adv`` and attack statistics (``adv_eps``, ``acc_clean``, ``acc_adv``,
-    ``attack_zero_grad_frac``), all tensors, none of them synchronised with the host.
+    ``forward`` returns ``loss``, ``output`` (clean logits; adversarial ones for Madry / lambda 1),
+    ``output_adv``, ``loss_clean``, ``loss_adv`` and attack statistics (``adv_eps``, ``acc_clean``, ``acc_adv``,
+    ``attack_zero_grad_frac``), all tensors, none of them synchronised with the host. ``loss_clean`` and
+    ``loss_adv`` are the classification losses of the clean and adversarial outputs: for nofrost/madry the
+    criterion's (``loss = (1 - lambda) * loss_clean + lambda * loss_adv``); for trades ``loss_clean`` is its
+    natural term (the criterion's) and ``loss_adv`` the criterion on the adversarial outputs (logged only);
+    for mart ``loss_clean`` is plain CE on the clean outputs (logged only) and ``loss_adv`` its boosted CE on
+    the adversarial ones. trades and mart also return ``loss_robust``, the beta-weighted KL term:
+    ``loss = loss_clean + loss_robust`` (trades), ``loss_adv + loss_robust`` (mart).
     """
 
     def __init__(
@@ -116,13 +164,11 @@ class AdversarialTrainer(ClassificationTask):
         self.adv_batches = 0  # batches attacked so far: drives the eps warm-up, kept in the task state
         self._attack: Optional[PGD] = None
         if verbose:
-            _logger.info(
-                f'AdversarialTrainer: {adv_cfg.norm} eps {adv_cfg.eps:.5g}, PGD-{adv_cfg.steps} step '
-                f'{adv_cfg.attack_step_size:.5g}, lambda {adv_cfg.adv_weight:g}, batch mode {self.batch_mode}')
+            _logger.info(f'AdversarialTrainer: {adv_cfg.describe()}, batch mode {self.batch_mode}')
 
     # -- attack ------------------------------------------------------------------------------------------
     def attack(self) -> PGD:
-        """The PGD attack on the current (unwrapped) trainable module."""
+        """The training attack (PGD, or one step of it) on the current (unwrapped) trainable module."""
         module = unwrap_model(self.get_trainable_module())
         if self._attack is None or self._attack.model.model is not module:
             cfg = self.adv_cfg
@@ -131,8 +177,22 @@ class AdversarialTrainer(ClassificationTask):
                 step_size=cfg.attack_step_size, norm=cfg.norm, random_start=cfg.random_start, loss='ce')
         return self._attack
 
+    def _attack_start(self, pixels: torch.Tensor, eps: torch.Tensor) -> Optional[torch.Tensor]:
+        """The attack's start ``delta``; None for ``generate``'s own (uniform in the eps ball, or zero)."""
+        cfg = self.adv_cfg
+        if cfg.attack == 'n-fgsm':  # uniform noise in the k * eps ball (kept in [0, 1])
+            return random_delta(pixels, NFGSM_NOISE * eps, cfg.norm, None)
+        if cfg.attack == 'pgd' and cfg.method in ('trades', 'mart') and cfg.random_start:
+            return 0.001 * torch.randn_like(pixels)  # the reference codes' start, neither projected nor clamped
+        return None
+
     def make_adversarial(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Adversarial versions of ``input`` (in the same normalisation and memory format) and attack stats."""
+        """Adversarial versions of ``input`` (in the same normalisation and memory format) and attack stats.
+
+        The attack maximises CE on ``target`` (soft targets too), MART's CE on the hard label, or TRADES'
+        KL(p(x) || p(x')) with p(x) from the eval-mode model (CE with the soft target p(x): the same input
+        gradient direction).
+        """
         cfg = self.adv_cfg
         eps = cfg.eps_at(self.adv_batches)
         pixels = denormalize(input, self.mean, self.std) if self.input_normalized else input
@@ -147,8 +207,18 @@ class AdversarialTrainer(ClassificationTask):
         else:
             attack.amp_dtype = None
         eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
+        # N-FGSM projects onto its wider radius; it scales with eps (warm-up) like the step does
+        radius = None if cfg.attack_radius == cfg.eps or cfg.eps == 0 else eps_t * (cfg.attack_radius / cfg.eps)
+        delta = self._attack_start(pixels, eps_t)
         with attack_mode(attack.model):
-            x_adv, zeros = attack.generate(pixels, target, eps=eps_t)
+            if cfg.method == 'trades':
+                with torch.no_grad():
+                    labels = torch.softmax(attack.logits(pixels).to(pixels.dtype), dim=1)
+            elif cfg.method == 'mart':
+                labels = _hard_labels(target)
+            else:
+                labels = target
+            x_adv, zeros = attack.generate(pixels, labels, eps=eps_t, delta=delta, radius=radius)
         x_adv = normalize(x_adv, self.mean, self.std) if self.input_normalized else x_adv
         if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
             x_adv = x_adv.contiguous(memory_format=torch.channels_last)
@@ -161,9 +231,9 @@ class AdversarialTrainer(ClassificationTask):
 
     # -- training forward -----------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Attack the batch, then one training forward (or two, for shared BN) and the mixed loss."""
+        """Attack the batch, then one training forward (or two, for shared BN) and the method's loss."""
         cfg = self.adv_cfg
-        if cfg.adv_weight == 0:
+        if cfg.method == 'nofrost' and cfg.adv_weight == 0:
             result = super().forward(input, target)
             result['loss_clean'] = result['loss'].detach()
             return result
@@ -173,21 +243,37 @@ class AdversarialTrainer(ClassificationTask):
         module = self.trainable_module
         n = input.shape[0]
         out_clean = None
-        if cfg.adv_weight == 1 and self.batch_mode != 'split':
+        if not cfg.uses_clean_forward and self.batch_mode != 'split':
             out_adv = module(x_adv)  # Madry AT: the clean half would carry no weight
         elif self.batch_mode == 'separate':
             out_clean, out_adv = module(input), module(x_adv)
         else:  # concat (normalizer-free) or split BN: one forward on both halves
             out_clean, out_adv = module(torch.cat([input, x_adv], dim=0)).split(n)
-        loss_adv = self.criterion(out_adv, target)
+        labels = _hard_labels(target)
         result = dict(adv)
-        if out_clean is not None:
+        if cfg.method == 'trades':
             loss_clean = self.criterion(out_clean, target)
-            loss = (1 - cfg.adv_weight) * loss_clean + cfg.adv_weight * loss_adv
-            result['loss_clean'] = loss_clean.detach()
+            loss_robust = cfg.beta * trades_kl(out_clean, out_adv)
+            loss = loss_clean + loss_robust
+            with torch.no_grad():
+                loss_adv = self.criterion(out_adv, target)
+            result['loss_robust'] = loss_robust.detach()
+        elif cfg.method == 'mart':
+            loss_adv, robust = mart_terms(out_clean, out_adv, labels)
+            loss_robust = cfg.beta * robust
+            loss = loss_adv + loss_robust
+            with torch.no_grad():
+                loss_clean = F.cross_entropy(out_clean, labels)
+            result['loss_robust'] = loss_robust.detach()
         else:
-            loss = loss_adv
-        labels = target.argmax(dim=1) if target.ndim == 2 else target
+            loss_adv = self.criterion(out_adv, target)
+            if out_clean is not None:
+                loss_clean = self.criterion(out_clean, target)
+                loss = (1 - cfg.adv_weight) * loss_clean + cfg.adv_weight * loss_adv
+            else:
+                loss_clean, loss = None, loss_adv
+        if loss_clean is not None:
+            result['loss_clean'] = loss_clean.detach()
         result.update(
             loss=loss,
             loss_adv=loss_adv.detach(),

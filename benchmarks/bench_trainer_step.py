@@ -46,9 +46,9 @@ method x training attack (``--methods`` x ``--attacks``: nofrost / madry / trade
 FGSM-RS / N-FGSM, batch mode ``concat``) next to the clean step, in the same interleaved rounds, and a table of
 their median step times relative to the clean step. ``--model-kwargs`` builds e.g. the demo model:
 
-    python benchmarks/bench_trainer_step.py --recipes --model nf_resnet18_cifar_nofrost \
-        --model-kwargs '{"channels": [16, 32, 64, 128], "stem_chs": 16}' --img-size 32 --steps 10 \
-        --threads 1 --cpu-time --rounds 7
+    cd benchmarks && python bench_trainer_step.py --recipes --model nf_resnet18_cifar_nofrost \\
+        --model-kwargs '{"channels": [16, 32, 64, 128], "stem_chs": 16, "drop_rate": 0.0, "drop_path_rate": 0.0}' \\
+        --img-size 32 --steps 10 --threads 1 --cpu-time --rounds 15
 
     python benchmarks/bench_trainer_step.py --rounds 5 --memory
     python benchmarks/bench_trainer_step.py --rounds 5 --threads 1 --cpu-time

@@ -115,10 +115,11 @@ def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
                             'refused with nofrost and madry, which take --adv-weight)')
     group.add_argument('--adv-attack', default='pgd', metavar='ATTACK',
                        help='training attack, one of: pgd: --adv-steps projected gradient steps (steps+1 '
-                            'forward-backward passes per training step); fgsm-rs: one step of 1.25*eps from a uniform random '
-                            'start, projected (Wong et al. 2020; 2 passes, can overfit catastrophically); n-fgsm: one '
-                            'step of eps from uniform noise in the 2*eps ball, not projected back (de Jorge et al. '
-                            '2022; 2 passes, Linf only, no catastrophic overfitting reported) (default: %(default)s)')
+                            'forward-backward passes per training step); fgsm-rs: one step of 1.25*eps from a '
+                            'uniform random start, projected (Wong et al. 2020; 2 passes, can overfit '
+                            'catastrophically); n-fgsm: one step of eps from uniform noise in the 2*eps ball, not '
+                            'projected back (de Jorge et al. 2022; 2 passes, Linf only, no catastrophic overfitting '
+                            'reported) (default: %(default)s)')
     group.add_argument('--adv-eps', default='8/255', metavar='EPS',
                        help='threat-model radius in pixel units [0, 1], a number or a fraction (default: %(default)s)')
     group.add_argument('--adv-steps', type=int, default=None, metavar='N',

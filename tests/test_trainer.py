@@ -295,3 +295,19 @@ def test_attack_dtype_runs_only_the_attack_in_low_precision():
     assert out['loss'].dtype == torch.float32 and out['attack_zero_grad_frac'].item() < 0.5
     with pytest.raises(ValueError, match="Unknown attack_dtype 'int8'; accepted: bfloat16, float16"):
         AdversarialConfig(attack_dtype='int8')
+
+
+def test_task_state_refuses_another_recipe():
+    """A resumed task (timm's train.py --resume, or the train command) continues its own method and attack."""
+    x, y = batch(n=2)
+    task = trainer(nf_model(), steps=1, method='trades')
+    task(normalize(x), y)
+    state = task.get_checkpoint_state()['task_state']
+    with pytest.raises(ValueError, match="trained with method 'trades', but the task is configured with 'nofrost'"):
+        trainer(nf_model(), steps=1).load_task_state(state)
+    with pytest.raises(ValueError, match="attack 'pgd', but the task is configured with 'fgsm-rs'"):
+        trainer(nf_model(), steps=1, method='trades', attack='fgsm-rs').load_task_state(state)
+    same = trainer(nf_model(), steps=1, method='trades')
+    same.load_task_state(state)
+    assert same.adv_batches == 1
+    trainer(nf_model(), steps=1).load_task_state({'adv_batches': 2})  # a state from before the recipes: nofrost

@@ -302,4 +302,11 @@ class AdversarialTrainer(ClassificationTask):
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
                         ema: bool = False) -> None:
         if state and not ema:
+            saved = state.get('adv_cfg') if isinstance(state.get('adv_cfg'), dict) else state
+            for key, flag in (('method', '--adv-method'), ('attack', '--adv-attack')):
+                was = saved.get(key, state.get(key, {'method': 'nofrost', 'attack': 'pgd'}[key]))
+                now = getattr(self.adv_cfg, key)
+                if was != now:  # a resumed run continues its own recipe, never silently another one
+                    raise ValueError(f'This checkpoint was trained with {key} {was!r}, but the task is configured '
+                                     f'with {now!r}; resume with {flag} {was} (or start a new run).')
             self.adv_batches = int(state.get('adv_batches', 0))

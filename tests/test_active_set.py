@@ -10,26 +10,11 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn as nn
 
 from timm_nofrost.attacks import APGD, FGSM, PGD, APGDTargeted, PixelModel
 
 from conftest import TINY_ARGS, TINY_MODEL, randomize_gains
-from tiny_models import eval_data, trained_tiny_cnn
-
-
-class CountingModel(nn.Module):
-    """Counts the examples each forward sees (the work an attack spends)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.pretrained_cfg = model.pretrained_cfg
-        self.examples = 0
-
-    def forward(self, x):
-        self.examples += x.shape[0]
-        return self.model(x)
+from tiny_models import CountingModel, eval_data, trained_tiny_cnn
 
 
 def _cnn(seed: int):

@@ -2,11 +2,9 @@
 import copy
 import io
 import json
-import os
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm_nofrost.evaluate.engine as engine
@@ -14,21 +12,7 @@ from timm_nofrost.attacks import PixelModel, parse_attack
 from timm_nofrost.cli import main
 from timm_nofrost.evaluate import WORST_CASE, EvalProgress, RobustCounter, evaluate
 
-from tiny_models import MEAN, STD, eval_data, trained_tiny_cnn
-
-
-class CountingModel(nn.Module):
-    """Counts the examples its forwards see (the work evaluation spends)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.pretrained_cfg = model.pretrained_cfg
-        self.examples = 0
-
-    def forward(self, x):
-        self.examples += x.shape[0]
-        return self.model(x)
+from tiny_models import CountingModel, eval_data, trained_tiny_cnn
 
 
 def _loader(n=40, seed=5, batch_size=16):

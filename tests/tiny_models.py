@@ -54,3 +54,17 @@ def trained_tiny_cnn(seed: int = 0, steps: int = 60) -> TinyCNN:
 
 def eval_data(n: int = 128, seed: int = 1):
     return faint_colors(n=n, seed=seed)
+
+
+class CountingModel(nn.Module):
+    """Counts the examples its forwards see: the work an attack or an evaluation spends."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = model.pretrained_cfg
+        self.examples = 0
+
+    def forward(self, x):
+        self.examples += x.shape[0]
+        return self.model(x)

@@ -29,14 +29,17 @@ first) and reports medians of wall-clock and process-CPU time:
   ``--contenders ...,cascade-full`` adds ours without the active set.
 
 Ratios are reference time / contender time: > 1 means faster than the reference. Robust accuracy is over the
-group's images. A "targets" section says which targets were met (judged by wall clock, or by CPU time with
-``--cpu-time``), and whether the active set left every per-image outcome unchanged. ``--json`` writes every
-number (each round's times included).
+group's images. Each row also counts the work done: the images sent through the model with input gradients
+(forward and backward) and without (forward only), so that a speed-up can be read against the work the
+active set saved (at equal cost per image, reference work / our work bounds the speed-up). A "targets" section
+says which targets were met (judged by wall clock, or by CPU time with ``--cpu-time``), and whether the active
+set left every per-image outcome unchanged. ``--json`` writes every number (each round's times included).
 
-Run time on 2 CPU cores (1 thread): training about 10 minutes on the first run (``--train-threads 2`` on a
-quiet machine is faster), then about 5 minutes per round (``--rounds``, 2 by default). The APGD groups are
-the expensive ones (APGD-T runs 400 iterations on every robust image); size them with ``--apgd-images`` and
-``--cascade-images``.
+Run time on 2 CPU cores (1 thread, quiet machine): training 10 minutes on the first run (``--train-threads 2``
+may be faster on a quiet machine, and was 2-3x slower on a busy one), then about 7 minutes per round
+(``--rounds``, 2 by default): 25 minutes for a first run, 15 for a re-run. The APGD groups are the expensive
+ones (APGD-T runs 400 iterations on every robust image); size them with ``--apgd-images`` and
+``--cascade-images``, and the PGD group with ``--n-images``.
 
     python benchmarks/bench_robust_eval.py                                 # train (first run) and measure
     python benchmarks/bench_robust_eval.py --rounds 3 --json robust_eval.json
@@ -371,30 +374,56 @@ def _official(module: Optional[str], name: str):
 
 
 # -- timing ----------------------------------------------------------------------------------------------
-def time_contenders(fns: Dict[str, Callable[[], torch.Tensor]], rounds: int, warmup_fns: Dict[str, Callable]
-                    ) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, torch.Tensor], Dict[str, bool]]:
+class WorkCounter:
+    """Counts the images that go through the model: with input gradients (a forward and a backward) or without
+    (a forward only). A forward pre-hook on the timm model, which every contender's forwards reach; it costs one
+    Python call per forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.grad = self.nograd = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: Tuple) -> None:
+        x = inputs[0]
+        if x.requires_grad:
+            self.grad += x.shape[0]
+        else:
+            self.nograd += x.shape[0]
+
+    def take(self) -> Tuple[int, int]:
+        counts, self.grad, self.nograd = (self.grad, self.nograd), 0, 0
+        return counts
+
+
+def time_contenders(fns: Dict[str, Callable[[], torch.Tensor]], rounds: int, warmup_fns: Dict[str, Callable],
+                    counter: WorkCounter) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, torch.Tensor],
+                                                   Dict[str, bool], Dict[str, Tuple[int, int]]]:
     """Warm-up, then ``rounds`` interleaved rounds in rotating order. Returns per contender its wall-clock and
-    process-CPU times, the first round's robust flags, and whether every round gave the same flags."""
+    process-CPU times, the first round's robust flags, whether every round gave the same flags, and the first
+    round's work (images forwarded with / without input gradients)."""
     for fn in warmup_fns.values():
         fn()
     names = list(fns)
     times = {name: {'wall': [], 'cpu': []} for name in names}
     flags: Dict[str, torch.Tensor] = {}
     stable: Dict[str, bool] = {name: True for name in names}
+    work: Dict[str, Tuple[int, int]] = {}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            counter.take()
             wall, cpu = time.perf_counter(), time.process_time()
             robust = fns[name]()
             times[name]['wall'].append(time.perf_counter() - wall)
             times[name]['cpu'].append(time.process_time() - cpu)
+            work.setdefault(name, counter.take())
             if name in flags:
                 stable[name] &= bool(torch.equal(flags[name], robust))
             else:
                 flags[name] = robust
         print(f'  round {r + 1}/{rounds} (wall / CPU s): '
               + ', '.join(f'{n} {times[n]["wall"][-1]:.1f} / {times[n]["cpu"][-1]:.1f}' for n in names), flush=True)
-    return times, flags, stable
+    return times, flags, stable, work
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -429,7 +458,11 @@ def measure_model(name: str, model: torch.nn.Module, meta: Dict[str, Any], image
         small = argparse.Namespace(**{**vars(args), 'steps': 2, 'apgd_steps': 5})
         w = {g: tuple(t[:4] for t in d) for g, d in data.items()}
         warm = build_contenders(model, w, eps, step_size, small)
-    times, flags, stable = time_contenders(fns, args.rounds, warm)
+    counter = WorkCounter(model)
+    try:
+        times, flags, stable, work = time_contenders(fns, args.rounds, warm, counter)
+    finally:
+        counter.handle.remove()
     med = {clk: {k: statistics.median(v[clk]) for k, v in times.items()} for clk in ('wall', 'cpu')}
     primary = 'cpu' if args.cpu_time else 'wall'
     medians = med[primary]
@@ -443,7 +476,8 @@ def measure_model(name: str, model: torch.nn.Module, meta: Dict[str, Any], image
                            'ratio_wall': ratio['wall'], 'ratio_cpu': ratio['cpu'], 'wall_s': times[contender]['wall'],
                            'cpu_s': times[contender]['cpu'], 'robust': robust, 'n_images': n,
                            'clean': int(data[GROUP_OF[contender]][2].sum()), 'robust_acc': 100.0 * robust / n,
-                           'reference': ref, 'same_flags_every_round': stable[contender]}
+                           'reference': ref, 'same_flags_every_round': stable[contender],
+                           'fwd_bwd_images': work[contender][0], 'fwd_only_images': work[contender][1]}
     pairs = {}
     for a, b in ((OURS_PGD, OURS_PGD_FULL), (OURS_APGD, OURS_APGD_FULL), (OURS_CASCADE, OURS_CASCADE_FULL)):
         if a in flags and b in flags:
@@ -451,13 +485,15 @@ def measure_model(name: str, model: torch.nn.Module, meta: Dict[str, Any], image
             pairs[f'{a} vs {b}'] = {'identical': differ == 0, 'differing_images': differ,
                                     'ratio': medians[b] / medians[a]}
     first, second = ('cpu', 'wall') if args.cpu_time else ('wall', 'cpu')
-    print(f'\n{"contender":<46} {first + " s":>8} {"ratio":>7} {second + " s":>8} {"ratio":>7} {"robust acc":>17}')
+    print(f'\n{"contender":<46} {first + " s":>8} {"ratio":>7} {second + " s":>8} {"ratio":>7} {"robust acc":>17}'
+          f' {"fwd+bwd":>8} {"fwd":>6}')
     for contender, row in rows.items():
         acc = f'{row["robust_acc"]:.1f} % ({row["robust"]}/{row["n_images"]})'
         cols = ''.join(f' {row[f"median_{clk}_s"]:>8.2f} ' + (f'{row[f"ratio_{clk}"]:>6.2f}x' if row[f'ratio_{clk}']
                                                               else f'{"-":>7}') for clk in (first, second))
-        print(f'{contender:<46}{cols} {acc:>17}'
+        print(f'{contender:<46}{cols} {acc:>17} {row["fwd_bwd_images"]:>8} {row["fwd_only_images"]:>6}'
               + ('' if row['same_flags_every_round'] else '  [robust flags varied across rounds]'))
+    print('  (fwd+bwd / fwd: images sent through the model with input gradients / without, in one run)')
     for pair, info in pairs.items():
         outcome = 'identical' if info['identical'] else f'DIFFER on {info["differing_images"]} images'
         print(f'  {pair}: per-image outcomes {outcome}; the active set is {info["ratio"]:.2f}x as fast')
@@ -508,6 +544,9 @@ def check_targets(results: Dict[str, Dict[str, Any]], clock: str) -> List[Dict[s
         ratio, speed = _speed(ours, ref, clock)
         acc_ok = ours['robust'] <= ref['robust']
         detail = f'{speed}; robust {ours["robust_acc"]:.1f} % vs {ref["robust_acc"]:.1f} %'
+        if ours['fwd_bwd_images']:
+            detail += (f'; work {ours["fwd_bwd_images"]} vs {ref["fwd_bwd_images"]} forward+backward images, a '
+                       f'{ref["fwd_bwd_images"] / ours["fwd_bwd_images"]:.2f}x bound at equal cost per image')
         pair = res['active_vs_full'].get(f'{OURS_PGD} vs {OURS_PGD_FULL}')
         if pair is not None:
             detail += '; per-image outcomes identical to the full run' if pair['identical'] else \

@@ -3,12 +3,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import convert, evaluate, export, models, push, shift, timm_train, train
+from . import convert, evaluate, export, models, push, shift, study, timm_train, train
 from ._common import CliError, fail
 
 __all__ = ['main', 'build_parser']
 
-_SUBCOMMANDS = (models, train, timm_train, evaluate, shift, convert, export, push)
+_SUBCOMMANDS = (models, train, study, timm_train, evaluate, shift, convert, export, push)
 
 
 def build_parser() -> argparse.ArgumentParser:

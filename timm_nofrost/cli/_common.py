@@ -96,24 +96,30 @@ def _create_converted(args: Any, kwargs: dict) -> Any:
     return model
 
 
-def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
+def add_adversarial_args(parser: Any, steps_help: str = '10', per_arm: bool = False) -> None:
     """The ``--adv-*`` flags of the training commands (``train``, ``timm-train``): one AdversarialConfig each.
+
+    ``per_arm=True`` (``study``) leaves out the flags each arm of a study sets itself: method, beta, attack,
+    lambda and batch mode.
 
     ``--adv-method`` / ``--adv-attack`` take any string: the AdversarialConfig refuses a bad one with a one-line
     error naming what is accepted (exit status 2), as for every other ``--adv-*`` value.
     """
-    group = parser.add_argument_group('adversarial training (defaults: the NoFrost recipe)')
-    group.add_argument('--adv-method', default='nofrost', metavar='METHOD',
+    group = parser.add_argument_group('adversarial training (defaults: the NoFrost recipe)' +
+                                      ('; method, attack, lambda / beta and batch mode come from the arms' if per_arm
+                                       else ''))
+    arm_flag = (lambda *a, **k: None) if per_arm else group.add_argument
+    arm_flag('--adv-method', default='nofrost', metavar='METHOD',
                        help='training loss, one of: nofrost: (1-lambda)*loss(clean) + lambda*loss(adv), the '
                             "paper's recipe; madry: loss(adv) only (Madry et al. 2018); trades: loss(clean) + "
                             'beta*KL(p(clean) || p(adv)), trading clean accuracy for smoothness, with an attack that '
                             'maximises the KL (Zhang et al. 2019); mart: boosted CE(adv) + beta*KL weighted by '
                             '1 - p_y(clean), stressing misclassified examples (Wang et al. 2020) '
                             '(default: %(default)s)')
-    group.add_argument('--adv-beta', type=float, default=None, metavar='BETA',
+    arm_flag('--adv-beta', type=float, default=None, metavar='BETA',
                        help='weight of the robust (KL) term of trades and mart (default: 6, both papers\' value; '
                             'refused with nofrost and madry, which take --adv-weight)')
-    group.add_argument('--adv-attack', default='pgd', metavar='ATTACK',
+    arm_flag('--adv-attack', default='pgd', metavar='ATTACK',
                        help='training attack, one of: pgd: --adv-steps projected gradient steps (steps+1 '
                             'forward-backward passes per training step); fgsm-rs: one step of 1.25*eps from a '
                             'uniform random start, projected (Wong et al. 2020; 2 passes, can overfit '
@@ -130,13 +136,13 @@ def add_adversarial_args(parser: Any, steps_help: str = '10') -> None:
                             'min(1.25*eps, eps+4/255)/steps, 1/255 for PGD-10 at 8/255; trades/mart 2.5*eps/steps, '
                             '2/255 for PGD-10; fgsm-rs 1.25*eps; n-fgsm eps)')
     group.add_argument('--adv-norm', default='Linf', choices=('Linf', 'L2'), help='threat model (default: %(default)s)')
-    group.add_argument('--adv-weight', type=float, default=None, metavar='LAMBDA',
+    arm_flag('--adv-weight', type=float, default=None, metavar='LAMBDA',
                        help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv), with --adv-method nofrost; 1 is '
                             'Madry AT, 0 standard training (with --adv-steps 0) (default: 0.5; madry: 1; refused '
                             'with trades and mart, which take --adv-beta)')
     group.add_argument('--adv-eps-warmup-steps', type=int, default=0, metavar='N',
                        help='ramp eps linearly from 0 over this many training batches (default: no warm-up)')
-    group.add_argument('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
+    arm_flag('--adv-batch-mode', default='auto', choices=('auto', 'concat', 'separate', 'split'),
                        help='how clean and adversarial halves go through the model: concat (one forward, '
                             'normalizer-free models), separate (two forwards, shared BN: BN-AT), split (split BN: '
                             'MBN-AT); auto picks concat for models without BatchNorm (default: %(default)s)')

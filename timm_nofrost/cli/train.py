@@ -25,6 +25,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                '  timm-nofrost train --data ./my_images --model resnet18 --convert --img-size 64\n'
                '  torchrun --nproc_per_node 8 -m timm_nofrost train --data /data/imagenet -b 64\n',
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(parser)
+    parser.set_defaults(run=run_command)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, study: bool = False) -> None:
+    """The settings of a training run, shared by ``train`` and ``study`` (which applies them to every arm).
+
+    ``study=True`` leaves out what the study decides per arm or per run: the method, attack and weights (arms),
+    the BN-AT comparison (an arm), the output folder, resuming and the seed (``--seeds``).
+    """
     data = parser.add_argument_group('data')
     data.add_argument('--data', default='demo', metavar='SOURCE',
                       help="'demo' (default: the embedded shapes), an ImageFolder directory (ROOT/<class>/<img>, "
@@ -42,15 +52,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     model = parser.add_argument_group('model')
     model.add_argument('--model', default=None, metavar='NAME',
-                       help='any timm model name (default: nf_resnet50_nofrost; the demo preset on demo data)')
+                       help='any timm model name (default: nf_resnet50_nofrost; the demo preset on demo data)'
+                            + ('; a normalizer-free model gets its BatchNorm twin for the bn arms, a BatchNorm '
+                               'model is converted with convert_to_normfree for the nf arms' if study else ''))
     model.add_argument('--model-kwargs', default=None, metavar='JSON',
                        help='extra create_model arguments as JSON, e.g. \'{"drop_rate": 0.1}\'')
     model.add_argument('--pretrained', action='store_true', help="start from the model's pretrained weights")
-    model.add_argument('--convert', action='store_true',
-                       help='remove BatchNorm with the converter (convert_to_normfree) before training')
+    if not study:
+        model.add_argument('--convert', action='store_true',
+                           help='remove BatchNorm with the converter (convert_to_normfree) before training')
+    else:
+        model.add_argument('--baseline-model', default=None, metavar='NAME',
+                           help='the BatchNorm model of the bn arms (default: the twin of --model, e.g. resnet50 '
+                                'for nf_resnet50_nofrost)')
 
     optim = parser.add_argument_group('optimisation')
-    optim.add_argument('--epochs', type=int, default=None, metavar='N', help='epochs (default: 90; demo: 4)')
+    optim.add_argument('--epochs', type=int, default=None, metavar='N',
+                       help='epochs (default: 90; demo: 4' + (', demo study: 2)' if study else ')'))
     optim.add_argument('-b', '--batch-size', type=int, default=None, metavar='N',
                        help='images per process and step (default: 256; demo: 64)')
     optim.add_argument('--opt', default=None, choices=('sgd', 'adamw'),
@@ -62,35 +80,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help='linear lr warm-up epochs (default: %(default)s)')
     optim.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
 
-    add_adversarial_args(parser, steps_help='10; demo: 3')
+    add_adversarial_args(parser, steps_help='10; demo: 3' + (', demo study: 2' if study else ''), per_arm=study)
 
-    ev = parser.add_argument_group('evaluation')
+    ev = parser.add_argument_group('evaluation' + (' during training' if study else ''))
     ev.add_argument('--eval-attack', default='pgd-10', metavar='NAME',
                     help='attack for the per-epoch robust accuracy (default: %(default)s)')
-    ev.add_argument('--final-attacks', default='clean,pgd-20,apgd-ce', metavar='LIST',
-                    help='attacks of the final table (default: %(default)s)')
-    ev.add_argument('--robust-examples', type=int, default=256, metavar='N',
-                    help='validation images attacked, spread evenly over the set, the same every epoch (default: %(default)s)')
-    ev.add_argument('--compare-bn', action='store_true',
-                    help="also train the model's BatchNorm twin the same way (BN-AT) and compare in the final table")
-    ev.add_argument('--baseline-model', default=None, metavar='NAME',
-                    help='BN-AT baseline model for --compare-bn (default: the twin of --model, e.g. resnet50)')
+    if not study:
+        ev.add_argument('--final-attacks', default='clean,pgd-20,apgd-ce', metavar='LIST',
+                        help='attacks of the final table (default: %(default)s)')
+    ev.add_argument('--robust-examples', type=int, default=None if study else 256, metavar='N',
+                    help='validation images attacked every epoch, spread evenly over the set, the same every epoch '
+                         '(default: 256' + ('; demo study: 100)' if study else ')'))
+    if not study:
+        ev.add_argument('--compare-bn', action='store_true',
+                        help="also train the model's BatchNorm twin the same way (BN-AT) and compare in the final "
+                             "table")
+        ev.add_argument('--baseline-model', default=None, metavar='NAME',
+                        help='BN-AT baseline model for --compare-bn (default: the twin of --model, e.g. resnet50)')
 
     run = parser.add_argument_group('run')
-    run.add_argument('--out', default='output/nofrost', metavar='DIR',
-                     help='output folder: checkpoints, summary.jsonl, results.json (default: %(default)s)')
-    run.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
-                     help='continue a run: from CHECKPOINT, or from OUT/checkpoint-last.pth when no path is given')
-    run.add_argument('--overwrite', action='store_true', help='start over in an OUT that holds a previous run')
-    run.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    if not study:
+        run.add_argument('--out', default='output/nofrost', metavar='DIR',
+                         help='output folder: checkpoints, summary.jsonl, results.json (default: %(default)s)')
+        run.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
+                         help='continue a run: from CHECKPOINT, or from OUT/checkpoint-last.pth when no path is given')
+        run.add_argument('--overwrite', action='store_true', help='start over in an OUT that holds a previous run')
+        run.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     run.add_argument('--deterministic', action='store_true',
                      help='deterministic algorithms: a resumed run ends with the same weights as an uninterrupted one')
     run.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     run.add_argument('--amp', default=None, choices=('bf16', 'fp16'), help='mixed precision (default: off)')
     run.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     run.add_argument('--no-progress', action='store_true', help='no progress bars')
-    run.add_argument('--json', action='store_true', help='print the results as JSON on stdout at the end')
-    parser.set_defaults(run=run_command)
+    if not study:
+        run.add_argument('--json', action='store_true', help='print the results as JSON on stdout at the end')
 
 
 def build_config(args: argparse.Namespace):

@@ -74,7 +74,7 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     if kind == 'timm' and cfg.data_dir is not None:
         parts.append(f'--data-dir {shlex.quote(str(cfg.data_dir))}')
     elif kind == 'folder':
-        parts.append(f'--val-fraction {cfg.val_fraction!r} --split-seed {cfg.seed}')
+        parts.append(f'--val-fraction {cfg.val_fraction!r} --split-seed {cfg.data_split_seed}')
     if cfg.img_size is not None:
         parts.append(f'--img-size {cfg.img_size}')
     parts += ['--attacks clean,pgd-20,apgd-ce,apgd-t',

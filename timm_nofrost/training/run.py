@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
     info, device = _init_distributed(cfg.device)
     source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO_IMG_SIZE,
-                            val_fraction=cfg.val_fraction, seed=cfg.seed)
+                            val_fraction=cfg.val_fraction, seed=cfg.data_split_seed)
     num_classes = cfg.num_classes or source.num_classes
     if not num_classes:
         raise ValueError(f'Could not tell the number of classes of {cfg.data!r}; pass --num-classes.')

@@ -42,6 +42,7 @@ class TrainConfig:
     data: str = 'demo'
     data_dir: Optional[str] = None
     val_fraction: float = 0.1
+    split_seed: Optional[int] = None  # seed of the held-out split of a single folder; None: ``seed``
     model: Optional[str] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
@@ -72,6 +73,11 @@ class TrainConfig:
     amp: Optional[str] = None  # None, 'bf16' or 'fp16'
     channels_last: bool = False
     progress: bool = True
+
+    @property
+    def data_split_seed(self) -> int:
+        """The seed of the held-out split of a single folder: ``split_seed``, else the run's ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -104,6 +110,8 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Train
         cfg.adv = AdversarialConfig(steps=preset['attack_steps'])
     elif not isinstance(cfg.adv, AdversarialConfig):
         raise TypeError(f'adv must be an AdversarialConfig, got {type(cfg.adv).__name__}.')
+    if cfg.split_seed is not None and (isinstance(cfg.split_seed, bool) or not isinstance(cfg.split_seed, int)):
+        raise ValueError(f'split_seed must be an integer, got {cfg.split_seed!r}.')
     for name in ('epochs', 'batch_size', 'robust_examples', 'img_size', 'num_classes'):
         _positive_int(name, getattr(cfg, name))
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:

@@ -1,0 +1,330 @@
+"""The study report: per arm, mean and spread over seeds of every metric, a verdict written from the numbers,
+plots, and what is missing. Built only from the runs' own files (``results.json``, ``eval.json``), so it can
+aggregate a partly finished study, or one whose runs ran on different machines."""
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..evaluate.report import WORST_CASE, format_eps
+from .runner import EVAL_FILE, STUDY_FILE, run_dir, run_state
+
+__all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
+
+REPORT_MD, REPORT_JSON = 'report.md', 'report.json'
+SCATTER_PNG, CURVE_PNG = 'clean_vs_robust.png', 'robust_vs_eps.png'
+STANDARD_ARM = 'standard'
+_ANALYSIS = (('decision_margin_mean', 'decision margin (mean)'), ('loss_increase_mean', 'loss increase in the ball'),
+             ('input_grad_dual_norm_mean', 'input-gradient dual norm'))
+
+
+def _stats(values: Dict[int, float]) -> Dict[str, Any]:
+    """mean, sample standard deviation (None for one seed), min, max and the per-seed values."""
+    xs = list(values.values())
+    return {'mean': statistics.fmean(xs), 'std': statistics.stdev(xs) if len(xs) > 1 else None, 'min': min(xs),
+            'max': max(xs), 'n': len(xs), 'values': {str(k): v for k, v in sorted(values.items())}}
+
+
+def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units."""
+    protocol = ev['protocol']
+    label = format_eps(protocol['eps'][0], protocol['norm'])
+    accuracy = protocol['accuracy'][label]
+    metrics: Dict[str, Any] = {'clean': 100.0 * protocol['clean_accuracy']}
+    for attack in protocol['attacks']:
+        if attack != 'clean' and accuracy.get(attack) is not None:
+            metrics[attack] = 100.0 * accuracy[attack]
+    metrics[WORST_CASE] = 100.0 * accuracy[WORST_CASE]
+    metrics['train_time_s'] = ev['train_time_s']
+    metrics['eval_time_s'] = ev['eval_time_s']
+    for key, _ in _ANALYSIS:
+        if key in protocol.get('analysis', {}):
+            metrics[key] = protocol['analysis'][key]
+    metrics['sanity_failed'] = len([f for f in protocol.get('sanity', []) if not f['ok']])
+    return metrics
+
+
+def _curve(ev: Dict[str, Any]) -> Dict[float, float]:
+    """eps multiple -> accuracy (%) of the curve attack; 0 -> clean accuracy."""
+    curve = ev['curve']
+    attack = [a for a in curve['attacks'] if a != 'clean'][0]
+    points = {0.0: 100.0 * curve['clean_accuracy']}
+    for multiple, eps in zip(ev['curve_eps_multiples'], curve['eps']):
+        points[float(multiple)] = 100.0 * curve['accuracy'][format_eps(eps, curve['norm'])][attack]
+    return points
+
+
+def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
+    """Aggregate whatever has finished in a study folder; list what has not."""
+    out = Path(out_dir)
+    manifest_path = out / STUDY_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f'{out} is not a study folder: it has no {STUDY_FILE} (run `timm-nofrost study '
+                                f'--out {out}` first).')
+    manifest = json.loads(manifest_path.read_text())
+    arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
+    per_run: Dict[str, Dict[int, Dict[str, Any]]] = {arm: {} for arm in arms}
+    curves: Dict[str, Dict[int, Dict[float, float]]] = {arm: {} for arm in arms}
+    missing, notes, fingerprints, n_images = [], [], set(), set()
+    autoattack_notes = set()
+    for arm in arms:
+        for seed in seeds:
+            path = run_dir(out, arm, seed)
+            state, detail = run_state(path)
+            if state != 'evaluated':
+                missing.append({'arm': arm, 'seed': seed, 'state': state, 'detail': detail, 'path': str(path)})
+                continue
+            ev = json.loads((path / EVAL_FILE).read_text())
+            per_run[arm][seed] = {**_run_metrics(ev), 'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')),
+                                  'sanity_flags': [f['name'] for f in ev['protocol'].get('sanity', []) if not f['ok']]}
+            curves[arm][seed] = _curve(ev)
+            fingerprints.add(ev['data'].get('images_sha256'))
+            n_images.add(ev['protocol']['n_examples'])
+            if ev.get('autoattack', 'run').startswith('not run'):
+                autoattack_notes.add(ev['autoattack'])
+    if len(fingerprints) > 1:
+        notes.append('The runs were NOT evaluated on the same images (different image fingerprints): their numbers '
+                     'are not comparable.')
+    metric_names: List[str] = []
+    for arm in arms:
+        for m in per_run[arm].values():
+            metric_names += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and k not in metric_names]
+    summary: Dict[str, Dict[str, Any]] = {}
+    for arm in arms:
+        runs = per_run[arm]
+        if not runs:
+            continue
+        summary[arm] = {name: _stats({s: m[name] for s, m in runs.items() if name in m})
+                        for name in metric_names if any(name in m for m in runs.values())}
+    standard = summary.get(STANDARD_ARM)
+    for arm, stats in summary.items():
+        if standard is None:
+            break
+        base_clean, base_time = standard['clean']['mean'], standard['train_time_s']['mean']
+        stats['clean_drop'] = _stats({int(s): base_clean - v for s, v in stats['clean']['values'].items()})
+        stats['cost_vs_standard'] = _stats({int(s): v / base_time for s, v in stats['train_time_s']['values'].items()})
+    attacks = [m for m in metric_names if m not in ('clean', 'train_time_s', 'eval_time_s', 'sanity_failed')
+               and m not in dict(_ANALYSIS)]
+    robust_metric = 'autoattack' if 'autoattack' in attacks else WORST_CASE
+    curve_summary = {arm: {str(mult): _stats({s: c[mult] for s, c in curves[arm].items()})
+                           for mult in sorted({m for c in curves[arm].values() for m in c})}
+                     for arm in arms if curves[arm]}
+    if autoattack_notes:
+        notes.append(f'AutoAttack: {"; ".join(sorted(autoattack_notes))}.')
+    return {
+        'study': {k: manifest[k] for k in ('schedule', 'adversarial', 'protocol') if k in manifest},
+        'arm_definitions': {arm: manifest['arms'][arm] for arm in arms}, 'arm_models': manifest.get('arm_models', {}), 'seeds': seeds,
+        'attacks': attacks, 'robust_metric': robust_metric, 'arms': summary, 'runs': {
+            arm: {str(s): m for s, m in per_run[arm].items()} for arm in arms},
+        'curves': curve_summary, 'missing': missing, 'notes': notes,
+        'eps': manifest['adversarial']['eps'], 'norm': manifest['adversarial']['norm'],
+        'n_images': max(n_images) if n_images else None,
+        'data': manifest['schedule']['data'], 'model': manifest['schedule']['model'],
+    }
+
+
+# -- verdict ---------------------------------------------------------------------------------------------
+def _compare(a: str, b: str, sa: Dict[str, Any], sb: Dict[str, Any]) -> Tuple[float, str]:
+    """(difference of means a - b, whether it exceeds the seed spread, in words)."""
+    diff = sa['mean'] - sb['mean']
+    if sa['n'] < 2 or sb['n'] < 2:
+        return diff, 'one seed on a side: no spread to judge it against'
+    low, high = (a, b) if diff >= 0 else (b, a)
+    s_low, s_high = (sa, sb) if diff >= 0 else (sb, sa)
+    if s_low['min'] > s_high['max']:
+        return diff, f'every seed of {low} is above every seed of {high}: beyond the seed spread'
+    return diff, 'the seed ranges overlap: within the seed spread'
+
+
+def _metric_label(metric: str) -> str:
+    return {'clean': 'clean accuracy', WORST_CASE: 'worst-case robust accuracy',
+            'autoattack': 'AutoAttack accuracy'}.get(metric, f'{metric.upper()} accuracy')
+
+
+def verdict(result: Dict[str, Any]) -> List[str]:
+    """Sentences written from the numbers: who leads on each metric, and whether by more than the seed spread."""
+    arms = result['arms']
+    lines: List[str] = []
+    if len(arms) < 2:
+        return ['Fewer than two arms have finished: nothing to compare yet.'] + result['notes']
+    for metric in ['clean', *result['attacks']]:
+        ranked = sorted((a for a in arms if metric in arms[a]), key=lambda a: arms[a][metric]['mean'], reverse=True)
+        if len(ranked) < 2:
+            continue
+        top, second = ranked[0], ranked[1]
+        diff, spread = _compare(top, second, arms[top][metric], arms[second][metric])
+        label = _metric_label(metric)
+        lines.append(f'{label[0].upper() + label[1:]}: {top} leads ({arms[top][metric]["mean"]:.1f} %), '
+                     f'{diff:.1f} points above {second} ({arms[second][metric]["mean"]:.1f} %); {spread}.')
+    robust = result['robust_metric']
+    for bn in ('bn-at', 'mbn-at'):
+        if 'nofrost' in arms and bn in arms:
+            parts = []
+            for metric in ('clean', robust):
+                diff, spread = _compare('nofrost', bn, arms['nofrost'][metric], arms[bn][metric])
+                parts.append(f'{_metric_label(metric)} {diff:+.1f} points ({spread})')
+            lines.append(f'NoFrost against {bn} (the paper\'s comparison): ' + '; '.join(parts) + '.')
+    if STANDARD_ARM in arms and 'nofrost' in arms and 'clean_drop' in arms['nofrost']:
+        drops = ', '.join(f'{a} {arms[a]["clean_drop"]["mean"]:.1f}' for a in arms if a != STANDARD_ARM)
+        lines.append(f'Clean accuracy lost against standard training (points; the paper\'s headline): {drops}.')
+    if robust != 'autoattack':
+        lines.append('AutoAttack was not part of this evaluation: the robust figures are PGD / APGD only and may '
+                     'overstate robustness.')
+    flagged = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
+                      if m.get('sanity_failed')})
+    if flagged:
+        lines.append(f'Sanity flags failed for: {", ".join(flagged)} (see the table below): read those numbers '
+                     f'with care.')
+    overfit = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
+                      if m.get('catastrophic_overfitting')})
+    if overfit:
+        lines.append(f'Catastrophic overfitting during training: {", ".join(overfit)}.')
+    if result['missing']:
+        lines.append(f'{len(result["missing"])} run(s) have not finished (listed below): the figures cover the '
+                     f'finished ones only.')
+    return lines + result['notes']
+
+
+# -- Markdown --------------------------------------------------------------------------------------------
+def _cell(stats: Optional[Dict[str, Any]], fmt: str = '{:.1f}', suffix: str = '') -> str:
+    if stats is None:
+        return '-'
+    text = fmt.format(stats['mean']) + suffix
+    if stats['std'] is not None:
+        text += ' ± ' + fmt.format(stats['std'])
+    return text
+
+
+def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
+    arms = result['arms']
+    eps = format_eps(result['eps'], result['norm'])
+    protocol = result['study'].get('protocol', {})
+    lines = [f'# Study: {result["model"]} on {result["data"]}', '', *[f'- {s}' for s in verdict(result)], '']
+    metrics = ['clean', 'clean_drop', *result['attacks']]
+    header = ['arm', 'seeds', 'clean', 'drop vs standard', *result['attacks'], 'train time (s)', 'cost vs standard']
+    lines += [f'## Accuracy (%), mean ± standard deviation over seeds; {result["norm"]} eps {eps}, '
+              f'{result["n_images"]} validation images', '',
+              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for arm, stats in arms.items():
+        row = [arm, str(stats['clean']['n'])] + [_cell(stats.get(m)) for m in metrics]
+        row += [_cell(stats.get('train_time_s'), '{:.0f}'), _cell(stats.get('cost_vs_standard'), '{:.2f}', 'x')]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    lines += ['', 'Worst case: the lowest outcome over all attacks, per image. Drop vs standard: the standard arm\'s '
+              'mean clean accuracy minus this arm\'s. Cost: training time relative to the standard arm.', '']
+    if result['missing']:
+        lines += ['## Not finished', '']
+        lines += [f'- {m["arm"]} seed {m["seed"]}: {m["detail"]} ({m["path"]})' for m in result['missing']]
+        lines.append('')
+    for key, title in (('scatter', 'Clean against robust accuracy (every seed; larger marker: mean)'),
+                       ('curve', f'Robust accuracy against eps ({protocol.get("curve_attack")}; mean ± std)')):
+        if key in plots:
+            lines += [f'## {title}', '', f'![{title}]({plots[key]})', '']
+    if any(k in stats for stats in arms.values() for k, _ in _ANALYSIS):
+        lines += ['## Margin and smoothness (the paper\'s explanation for its gains)', '',
+                  '| arm | ' + ' | '.join(label for _, label in _ANALYSIS) + ' |', '|' + '---|' * (len(_ANALYSIS) + 1)]
+        for arm, stats in arms.items():
+            lines.append(f'| {arm} | ' + ' | '.join(_cell(stats.get(k), '{:.4g}') for k, _ in _ANALYSIS) + ' |')
+        lines += ['', 'Decision margin: smallest radius at which PGD flips the prediction (an upper bound, searched up '
+                  'to 4 eps), on up to 32 correctly classified images. Loss increase: what PGD gains within the '
+                  'eps-ball. Smaller loss increase and gradient norm mean a smoother model.', '']
+    lines += ['## Runs', '', '| arm | seed | clean | ' + ' | '.join(result['attacks']) + ' | sanity flags failed |',
+              '|' + '---|' * (len(result['attacks']) + 4)]
+    for arm, runs in result['runs'].items():
+        for seed, m in runs.items():
+            cells = [f'{m[a]:.1f}' if a in m else '-' for a in result['attacks']]
+            flags = ', '.join(m['sanity_flags']) or 'none'
+            lines.append(f'| {arm} | {seed} | {m["clean"]:.1f} | ' + ' | '.join(cells) + f' | {flags} |')
+    lines += ['', '## Arms', '']
+    for arm, definition in result['arm_definitions'].items():
+        model = result['arm_models'].get(arm, '')
+        keys = ', '.join(f'{k}={v}' for k, v in definition.items() if k not in ('name', 'description') and v is not None)
+        lines.append(f'- **{arm}**: {definition.get("description") or ""} ({model}; {keys})')
+    schedule, adv = result['study'].get('schedule', {}), result['study'].get('adversarial', {})
+    lines += ['', '## Protocol', '',
+              f'- Training: {schedule.get("epochs")} epochs, batch {schedule.get("batch_size")}, {schedule.get("opt")} '
+              f'lr {schedule.get("lr") or "default"}, weight decay {schedule.get("weight_decay")}, label smoothing '
+              f'{schedule.get("smoothing")}; attacks at {adv.get("norm")} eps {eps}, PGD steps {adv.get("steps")}.',
+              f'- Evaluation of the final weights on the same {result["n_images"]} validation images for '
+              f'every run: {protocol.get("eval_attacks")} at eps {eps} (attack seed {protocol.get("eval_seed")}), '
+              f'sanity checks, and {protocol.get("curve_attack")} at {protocol.get("curve_eps")} x eps.',
+              f'- Seeds: {", ".join(str(s) for s in result["seeds"])}.', '']
+    return '\n'.join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------------------------
+def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    plots: Dict[str, str] = {}
+    robust = result['robust_metric']
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for i, (arm, runs) in enumerate(result['runs'].items()):
+        if not runs:
+            continue
+        color = colors[i % len(colors)]
+        xs = [m['clean'] for m in runs.values()]
+        ys = [m[robust] for m in runs.values() if robust in m]
+        ax.scatter(xs, ys, color=color, alpha=0.6, s=25)
+        stats = result['arms'][arm]
+        ax.scatter([stats['clean']['mean']], [stats[robust]['mean']], color=color, s=110, marker='D',
+                   edgecolors='black', label=arm)
+    ax.set_xlabel('clean accuracy (%)')
+    ax.set_ylabel(f'{_metric_label(robust)} (%)')
+    ax.set_title(f'{result["model"]} on {result["data"]}', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / SCATTER_PNG)
+    plt.close(fig)
+    plots['scatter'] = SCATTER_PNG
+    if result['curves']:
+        fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+        scale = 255 if result['norm'] == 'Linf' else 1
+        for i, (arm, curve) in enumerate(result['curves'].items()):
+            mults = sorted(curve, key=float)
+            xs = [float(m) * result['eps'] * scale for m in mults]
+            ax.errorbar(xs, [curve[m]['mean'] for m in mults], yerr=[curve[m]['std'] or 0 for m in mults],
+                        marker='o', capsize=3, label=arm, color=colors[i % len(colors)])
+        ax.set_xlabel('eps' + (' (x 1/255)' if scale == 255 else ''))
+        ax.set_ylabel('accuracy (%)')
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / CURVE_PNG)
+        plt.close(fig)
+        plots['curve'] = CURVE_PNG
+    return plots
+
+
+def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:
+    """Write report.md, report.json and the plots into the study folder; returns the report's JSON."""
+    out = Path(out_dir)
+    result = collect_study(out)
+    plots = _plots(result, out) if result['arms'] else {}
+    result['verdict'] = verdict(result)
+    result['plots'] = plots
+    from ..training.results import atomic_json
+    atomic_json(out / REPORT_JSON, _finite(result))
+    tmp = out / f'.{REPORT_MD}.tmp'
+    tmp.write_text(study_markdown(result, plots))
+    tmp.replace(out / REPORT_MD)
+    return result
+
+
+def _finite(value: Any) -> Any:
+    """JSON without NaN / inf (strict parsers refuse them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

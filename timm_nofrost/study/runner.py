@@ -1,0 +1,412 @@
+"""``run_study``: every arm x seed as an ordinary ``train`` run, then one evaluation protocol for all.
+
+Layout of a study folder::
+
+    OUT/study.json                      what the study is (data, model, schedule, protocol, arms, seeds)
+    OUT/runs/ARM/seed-S/                a ``timm-nofrost train`` run (checkpoints, summary.jsonl, results.json)
+    OUT/runs/ARM/seed-S/eval.json       the study's evaluation of the run's final weights
+    OUT/report.md, report.json, *.png   the aggregate (``timm_nofrost.study.report``)
+
+A run with ``eval.json`` is finished and skipped; one with ``results.json`` is trained and only evaluated; one
+with ``checkpoint-last.pth`` resumes (``--deterministic`` makes the resumed run end with the weights of an
+uninterrupted one). Every model is evaluated on the same images, at the same eps, with the same attacks and
+attack seed; the final weights are evaluated (not the best checkpoint, which train selects on these images).
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+from ..attacks import parse_attack
+from ..attacks.autoattack import autoattack_available
+from ..data.sources import build_datasets, image_fingerprint, pixel_eval_transform, source_data_config, spread_indices
+from ..training.baseline import create_bn_twin
+from ..training.batch_stats import batch_statistics_layers
+from ..training.checkpointing import load_training_checkpoint
+from ..training.results import atomic_json, jsonable_kwargs
+from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
+from .arms import Arm
+
+__all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE',
+           'PROTOCOL_ATTACKS', 'DEMO_STUDY']
+
+STUDY_FILE = 'study.json'
+EVAL_FILE = 'eval.json'
+PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,apgd-t,autoattack'
+# the demo study: the paper's four arms, two seeds, a schedule that finishes in minutes on 2 CPU cores
+DEMO_STUDY = dict(arms=('standard', 'bn-at', 'mbn-at', 'nofrost'), seeds=(0, 1), epochs=2, attack_steps=2,
+                  robust_examples=100, eval_examples=100)
+_STUDY_VERSION = 1
+
+
+class StudyError(ValueError):
+    """A study that cannot start: bad arms, a model an arm cannot build, a folder holding another study."""
+
+
+@dataclass
+class StudyConfig:
+    """A study: arms x seeds trained with one schedule (``train``) and evaluated with one protocol.
+
+    Args:
+        train: The schedule every run shares (data, model, epochs, optimizer, ...). Its ``adv`` gives the study's
+            eps, norm, PGD steps and step size; each arm sets method, attack, weights and batch mode on top.
+            ``seed``, ``out_dir``, ``resume`` and ``compare_bn`` are the study's to set per run.
+        arms: The arms (``timm_nofrost.study.ARMS`` or your own ``Arm``).
+        seeds: Training seeds; every arm runs with each.
+        out_dir: The study folder.
+        eval_examples: Validation images of the protocol, spread evenly over the validation set, the same for
+            every model.
+        eval_attacks: The protocol's attacks at the study's eps; ``autoattack`` is dropped (and the report says
+            so) when ``pyautoattack`` is not installed.
+        curve_attack, curve_eps: Robust accuracy against eps: this attack at these multiples of the study's eps.
+        eval_seed: Seed of the attacks' random starts, the same for every model.
+        split_seed: Seed of the held-out split of a single folder, the same for every run (default 0).
+        baseline_model: The BatchNorm model of the ``bn`` arms (default: the twin of ``train.model``).
+        analysis: The paper's decision-margin and local-smoothness statistics per model.
+    """
+    train: TrainConfig
+    arms: List[Arm]
+    seeds: List[int]
+    out_dir: str = 'output/study'
+    eval_examples: int = 500
+    eval_attacks: str = PROTOCOL_ATTACKS
+    curve_attack: str = 'apgd-ce'
+    curve_eps: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0)
+    eval_seed: int = 0
+    eval_batch_size: int = 128
+    split_seed: int = 0
+    baseline_model: Optional[str] = None
+    analysis: bool = True
+
+    def identity(self) -> Dict[str, Any]:
+        """What makes two invocations the same study (arms and seeds may grow; see ``study.json``)."""
+        t = self.train
+        schedule = {k: getattr(t, k) for k in (
+            'data', 'data_dir', 'val_fraction', 'model', 'pretrained', 'num_classes', 'img_size', 'epochs',
+            'batch_size', 'opt', 'lr', 'weight_decay', 'momentum', 'warmup_epochs', 'smoothing', 'eval_attack',
+            'robust_examples', 'amp', 'channels_last')}
+        schedule['model_kwargs'] = jsonable_kwargs(t.model_kwargs)
+        adv = {k: v for k, v in t.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
+        protocol = dict(eval_examples=self.eval_examples, eval_attacks=self.eval_attacks,
+                        curve_attack=self.curve_attack, curve_eps=[float(m) for m in self.curve_eps],
+                        eval_seed=self.eval_seed, split_seed=self.split_seed, baseline_model=self.baseline_model,
+                        analysis=self.analysis)
+        return {'version': _STUDY_VERSION, 'schedule': schedule, 'adversarial': adv, 'protocol': protocol}
+
+
+# the study's adversarial settings; the rest (method, attack, weights, batch mode) is each arm's
+_STUDY_ADV_KEYS = ('eps', 'steps', 'step_size', 'norm', 'random_start', 'eps_warmup_steps', 'attack_dtype')
+
+
+def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
+    return Path(out_dir) / 'runs' / arm / f'seed-{seed}'
+
+
+def run_state(path: Path) -> Tuple[str, str]:
+    """(state, detail) of one run folder: evaluated, trained, training (epoch k of n) or not started."""
+    if (path / EVAL_FILE).is_file():
+        return 'evaluated', ''
+    if (path / 'results.json').is_file():
+        return 'trained', 'trained, not evaluated yet'
+    summary = path / 'summary.jsonl'
+    if (path / CHECKPOINT_LAST).is_file() and summary.is_file():
+        lines = [line for line in summary.read_text().splitlines() if line.strip()]
+        epoch = json.loads(lines[-1]).get('epoch', '?') if lines else '?'
+        return 'training', f'interrupted after epoch {epoch}'
+    return 'missing', 'not started'
+
+
+# -- configuration and checks ----------------------------------------------------------------------------
+def _resolved(cfg: StudyConfig) -> StudyConfig:
+    """Fill the study's unset settings (the demo study's on the demo data) and resolve the schedule."""
+    t = replace(cfg.train, compare_bn=False, resume=None, convert=False)
+    demo = t.data == 'demo'
+    if demo:
+        t.epochs = t.epochs if t.epochs is not None else DEMO_STUDY['epochs']
+        t.robust_examples = t.robust_examples if t.robust_examples is not None else DEMO_STUDY['robust_examples']
+        if t.adv is not None and t.adv.steps is None:
+            t.adv = replace(t.adv, steps=DEMO_STUDY['attack_steps'])
+    t.robust_examples = t.robust_examples if t.robust_examples is not None else 256
+    from ..training.config import AdversarialConfig
+    if t.adv is None:
+        t.adv = AdversarialConfig(steps=DEMO_STUDY['attack_steps'] if demo else None)
+    t = resolve_config(t)
+    if not cfg.seeds:
+        raise StudyError('The study has no seeds.')
+    for seed in cfg.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise StudyError(f'Seeds must be integers >= 0, got {seed!r}.')
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise StudyError(f'Seeds repeat: {cfg.seeds}.')
+    if isinstance(cfg.eval_examples, bool) or not isinstance(cfg.eval_examples, int) or cfg.eval_examples < 1:
+        raise StudyError(f'eval_examples must be a positive integer, got {cfg.eval_examples!r}.')
+    for name in cfg.eval_attacks.split(','):
+        parse_attack(name)
+    if parse_attack(cfg.curve_attack).kind in ('clean', 'autoattack'):
+        raise StudyError(f'curve_attack must be a gradient attack such as apgd-ce or pgd-20, got {cfg.curve_attack!r}.')
+    curve = sorted({float(m) for m in cfg.curve_eps})
+    if not curve or curve[0] <= 0:
+        raise StudyError(f'curve_eps must be positive multiples of eps, got {list(cfg.curve_eps)}.')
+    return replace(cfg, train=t, curve_eps=tuple(curve), arms=list(cfg.arms), seeds=list(cfg.seeds))
+
+
+def _arm_train_config(cfg: StudyConfig, arm: Arm, seed: int) -> TrainConfig:
+    study_adv = {k: v for k, v in cfg.train.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
+    return replace(cfg.train, adv=arm.adversarial(**study_adv), seed=seed, split_seed=cfg.split_seed,
+                   out_dir=str(run_dir(Path(cfg.out_dir), arm.name, seed)), final_attacks='clean')
+
+
+class _Models:
+    """Builds each arm's model: the study's normalizer-free model or its BatchNorm twin (or the reverse)."""
+
+    def __init__(self, cfg: StudyConfig, num_classes: int):
+        self.cfg, self.num_classes = cfg, num_classes
+        t = cfg.train
+        try:
+            probe = timm.create_model(t.model, num_classes=num_classes, **t.model_kwargs)
+        except Exception as e:  # any error of timm's factory: name, kwargs
+            raise StudyError(f'Model {t.model!r} with {t.model_kwargs} could not be built: '
+                             f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
+        self.study_has_bn = bool(batch_statistics_layers(probe))
+
+    def describe(self, arm: Arm) -> str:
+        t = self.cfg.train
+        if arm.family == 'nf':
+            return f'{t.model} converted with convert_to_normfree' if self.study_has_bn else t.model
+        if self.study_has_bn:
+            return t.model
+        from ..training.baseline import bn_twin_name
+        return self.cfg.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
+
+    def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
+        """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
+        cfg = _arm_train_config(self.cfg, arm, seed)
+        t = self.cfg.train
+        torch.manual_seed(seed)  # a ready model is initialised from the seed, as train() initialises its own
+        try:
+            if arm.family == 'nf':
+                if self.study_has_bn:
+                    cfg.convert = True  # train builds the BatchNorm model and converts it
+                return None, cfg
+            if self.study_has_bn:
+                return None, cfg
+            model, name = create_bn_twin(t.model, self.num_classes, t.model_kwargs, self.cfg.baseline_model)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise StudyError(f'Arm {arm.name!r} cannot build its {arm.family} model from {t.model!r}: '
+                             f'{str(e).splitlines()[0]}') from None
+        cfg.model = f'{name}'
+        cfg.model_kwargs = {}
+        return model, cfg
+
+    def for_evaluation(self, arm: Arm, seed: int) -> nn.Module:
+        """The arm's architecture as trained (converted, split BN), ready for its checkpoint's weights."""
+        model, cfg = self.build(arm, seed)
+        if model is None:
+            from ..training.run import build_model
+            model = build_model(replace(cfg, pretrained=False), self.num_classes)
+        if arm.batch_mode == 'split':
+            from timm.layers import convert_splitbn_model
+            model = convert_splitbn_model(model, num_splits=2)
+        return model
+
+    def check(self, arm: Arm) -> None:
+        """Build the arm's model and its training task once, so that a bad arm fails before any training."""
+        from ..training.trainer import resolve_batch_mode
+        model, cfg = self.build(arm, 0)
+        try:
+            if model is None:
+                from ..training.run import build_model
+                model = build_model(replace(cfg, pretrained=False), self.num_classes)
+            resolve_batch_mode(model, cfg.adv.batch_mode)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise StudyError(f'Arm {arm.name!r} cannot train {self.describe(arm)}: {str(e).splitlines()[0]}') from None
+
+
+def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
+    """The study.json to write: a new study, or this one grown by new arms / seeds. Refuses a folder that holds
+    another study, or anything else."""
+    out = Path(cfg.out_dir)
+    manifest_path = out / STUDY_FILE
+    identity = cfg.identity()
+    arms = {arm.name: arm.to_dict() for arm in cfg.arms}
+    if out.exists() and not out.is_dir():
+        raise StudyError(f'Study folder {out} exists and is not a directory.')
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StudyError(f'{manifest_path} is not valid JSON ({e.msg}); is {out} a study folder?') from None
+        old_identity = {k: old.get(k) for k in identity}
+        if old_identity != identity:
+            diffs = _differences(old_identity, identity)
+            raise StudyError(f'{out} holds another study ({"; ".join(diffs[:3])}); use another --out, or repeat '
+                             f'that study\'s settings to continue it.')
+        for name, arm in arms.items():
+            if name in old.get('arms', {}) and old['arms'][name] != arm:
+                raise StudyError(f'{out} holds another definition of arm {name!r} ({old["arms"][name]}); give the '
+                                 f'new arm another name.')
+        order = old.get('arm_order') or list(old.get('arms', {}))
+        order += [name for name in arms if name not in order]
+        arms = {**old.get('arms', {}), **arms}
+        seeds = sorted(set(old.get('seeds', [])) | set(cfg.seeds))
+        return {**identity, 'arms': arms, 'arm_order': order, 'seeds': seeds}
+    if out.is_dir() and any(out.iterdir()):
+        raise StudyError(f'{out} is not empty and holds no {STUDY_FILE}: choose a new or empty folder for the study.')
+    return {**identity, 'arms': arms, 'arm_order': list(arms), 'seeds': sorted(cfg.seeds)}
+
+
+def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f'{prefix}{key}.')
+        elif a != b:
+            diffs.append(f'{prefix}{key} was {a!r}, now {b!r}')
+    return diffs
+
+
+def _parse_only(only: Optional[str], cfg: StudyConfig) -> List[Tuple[Arm, int]]:
+    pairs = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+    if only is None:
+        return pairs
+    name, _, seed_text = only.partition(':')
+    if name not in {arm.name for arm in cfg.arms}:
+        raise StudyError(f'--only {only!r}: arm {name!r} is not in this study; its arms: '
+                         f'{", ".join(arm.name for arm in cfg.arms)}.')
+    if seed_text:
+        try:
+            seed = int(seed_text)
+        except ValueError:
+            raise StudyError(f'--only {only!r}: seed {seed_text!r} is not an integer.') from None
+        if seed not in cfg.seeds:
+            raise StudyError(f'--only {only!r}: seed {seed} is not among the seeds {cfg.seeds}.')
+        return [(arm, s) for arm, s in pairs if arm.name == name and s == seed]
+    return [(arm, s) for arm, s in pairs if arm.name == name]
+
+
+# -- running ---------------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(message, flush=True)
+
+
+def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True) -> Dict[str, Any]:
+    """Train and evaluate every arm x seed (or the ``only`` one: ``ARM`` or ``ARM:SEED``) not finished yet, then
+    write the report; returns the report's JSON. Every check (arms, models, data, the folder) runs before any
+    training, and raises ``StudyError`` / ``ValueError`` naming the bad value."""
+    from ..training.run import train
+    cfg = _resolved(cfg)
+    names = [arm.name for arm in cfg.arms]
+    if len(set(names)) != len(names):
+        raise StudyError(f'Arm names repeat: {names}.')
+    pairs = _parse_only(only, cfg)
+    t = cfg.train
+    source = build_datasets(t.data, t.data_dir, img_size=t.img_size or 32, val_fraction=t.val_fraction,
+                            seed=cfg.split_seed)
+    num_classes = t.num_classes or source.num_classes
+    if not num_classes:
+        raise StudyError(f'Could not tell the number of classes of {t.data!r}; pass --num-classes.')
+    models = _Models(cfg, num_classes)
+    for arm in cfg.arms:
+        models.check(arm)
+    manifest = _check_folder(cfg)
+    manifest['arm_models'] = {**manifest.get('arm_models', {}), **{arm.name: models.describe(arm) for arm in cfg.arms}}
+    primary = int(os.environ.get('RANK', '0')) == 0
+    out = Path(cfg.out_dir)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_json(out / STUDY_FILE, manifest)
+    eval_set = _EvalSet(cfg, models, source)
+
+    for i, (arm, seed) in enumerate(pairs):
+        path = run_dir(out, arm.name, seed)
+        state, _ = run_state(path)
+        tag = f'[study {i + 1}/{len(pairs)}] {arm.name} seed {seed}'
+        if state == 'evaluated':
+            _log(f'{tag}: finished, skipped')
+            continue
+        if state in ('missing', 'training'):
+            _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
+            model, run_cfg = models.build(arm, seed)
+            if state == 'training':
+                run_cfg.resume = 'auto'
+            train(run_cfg, model=model)
+        if primary:
+            _log(f'{tag}: evaluating ({cfg.eval_attacks} at eps {t.adv.eps:.4g}; curve: {cfg.curve_attack})')
+            _evaluate_run(cfg, models, eval_set, arm, seed, path)
+    if not (report and primary):
+        return {}
+    from .report import write_report
+    result = write_report(out)
+    return result
+
+
+class _EvalSet:
+    """The protocol's images: the same validation subset, in the same pixels, for every model."""
+
+    def __init__(self, cfg: StudyConfig, models: _Models, source) -> None:
+        # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
+        model = models.for_evaluation(next(a for a in cfg.arms if a.family == 'nf') if any(
+            a.family == 'nf' for a in cfg.arms) else cfg.arms[0], 0)
+        self.data_config = source_data_config(cfg.train.data, model, cfg.train.img_size)
+        val = source.val
+        val.transform = pixel_eval_transform(self.data_config)
+        self.dataset = Subset(val, spread_indices(min(cfg.eval_examples, len(val)), len(val)))
+        self.fingerprint = image_fingerprint(self.dataset)
+
+    def loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Arm, seed: int, path: Path) -> None:
+    from ..evaluate import evaluate
+    t = cfg.train
+    start = time.time()
+    state = load_training_checkpoint(path / CHECKPOINT_LAST)
+    if int(state['epoch']) + 1 < t.epochs:
+        raise StudyError(f'{path / CHECKPOINT_LAST} holds epoch {int(state["epoch"]) + 1} of {t.epochs}: the run did '
+                         f'not finish; run the study again to resume it.')
+    model = models.for_evaluation(arm, seed)
+    model.load_state_dict(state['state_dict'])
+    # each model is attacked through the normalisation it was trained with (its own data config)
+    data_config = source_data_config(t.data, model, t.img_size)
+    mean, std = tuple(data_config['mean']), tuple(data_config['std'])
+    device = torch.device(t.device) if t.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    attacks = [a.strip() for a in cfg.eval_attacks.split(',') if a.strip()]
+    autoattack = 'autoattack' in {parse_attack(a).name for a in attacks}
+    autoattack_note = None
+    if autoattack and not autoattack_available():
+        attacks = [a for a in attacks if parse_attack(a).name != 'autoattack']
+        autoattack_note = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
+    progress = 'auto' if t.progress else 'lines'
+    eps = t.adv.eps
+    name = f'{arm.name} seed {seed}'
+    report = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=attacks, eps=[eps], norm=t.adv.norm,
+                      device=device, seed=cfg.eval_seed, amp_dtype=t.amp, sanity=True, analysis=cfg.analysis,
+                      progress=progress, model_name=name, mean=mean, std=std)
+    curve = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=[cfg.curve_attack],
+                     eps=[m * eps for m in cfg.curve_eps], norm=t.adv.norm, device=device, seed=cfg.eval_seed,
+                     amp_dtype=t.amp, sanity=False, progress=progress, model_name=f'{name} (eps curve)', mean=mean,
+                     std=std)
+    results = json.loads((path / 'results.json').read_text())
+    run = next(iter(results['runs'].values()))
+    payload = {
+        'arm': arm.name, 'seed': seed, 'arm_definition': arm.to_dict(), 'model': models.describe(arm),
+        'epochs_trained': int(state['epoch']) + 1,
+        'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),
+        'eval_time_s': time.time() - start,
+        'catastrophic_overfitting': run.get('catastrophic_overfitting'),
+        'protocol': {**report.to_dict()}, 'curve': {**curve.to_dict(), 'per_example': {}},
+        'curve_eps_multiples': list(cfg.curve_eps),
+        'autoattack': autoattack_note or ('run' if autoattack else 'not requested'),
+        'data': eval_set.fingerprint,
+    }
+    atomic_json(path / EVAL_FILE, payload)

@@ -46,7 +46,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, study: bool = False)
     data.add_argument('--num-classes', type=int, default=None, metavar='N',
                       help='number of classes (default: from the data)')
     data.add_argument('--img-size', type=int, default=None, metavar='PX',
-                      help="input resolution (default: the model's; 32 on the demo data)")
+                      help="input resolution (default: the model's; 32 on the demo data" +
+                           ('; 16 in the demo study)' if study else ')'))
     data.add_argument('--workers', type=int, default=0, metavar='N',
                       help='data loading processes (default: %(default)s, load in the main process)')
 
@@ -90,7 +91,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, study: bool = False)
                         help='attacks of the final table (default: %(default)s)')
     ev.add_argument('--robust-examples', type=int, default=None if study else 256, metavar='N',
                     help='validation images attacked every epoch, spread evenly over the set, the same every epoch '
-                         '(default: 256' + ('; demo study: 100)' if study else ')'))
+                         '(default: 256' + ('; demo study: 64)' if study else ')'))
     if not study:
         ev.add_argument('--compare-bn', action='store_true',
                         help="also train the model's BatchNorm twin the same way (BN-AT) and compare in the final "

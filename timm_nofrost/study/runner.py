@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
-from ..data.sources import build_datasets, image_fingerprint, pixel_eval_transform, source_data_config, spread_indices
+from ..data.sources import DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, source_data_config, spread_indices
 from ..training.baseline import create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
@@ -40,9 +40,13 @@ __all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'ST
 STUDY_FILE = 'study.json'
 EVAL_FILE = 'eval.json'
 PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,apgd-t,autoattack'
-# the demo study: the paper's four arms, two seeds, a schedule that finishes in minutes on 2 CPU cores
-DEMO_STUDY = dict(arms=('standard', 'bn-at', 'mbn-at', 'nofrost'), seeds=(0, 1), epochs=2, attack_steps=2,
-                  robust_examples=100, eval_examples=100)
+# the demo study: the paper's four arms, two seeds, a schedule and protocol that finish in minutes on 2 CPU
+# cores: 16 px shapes, 2 epochs of PGD-2, 64 evaluation images, APGD-T with 25 iterations per target class, no
+# AutoAttack (its Square attack alone takes over 2 minutes per model on a CPU, whatever the number of images;
+# the report says it was not run).
+DEMO_STUDY = dict(arms=('standard', 'bn-at', 'mbn-at', 'nofrost'), seeds=(0, 1), img_size=16, epochs=2,
+                  attack_steps=2, robust_examples=64, eval_examples=64, eval_attacks='clean,pgd-20,apgd-ce,apgd-t-25',
+                  curve_attack='pgd-20')
 _STUDY_VERSION = 1
 
 
@@ -129,6 +133,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     t = replace(cfg.train, compare_bn=False, resume=None, convert=False)
     demo = t.data == 'demo'
     if demo:
+        t.img_size = t.img_size if t.img_size is not None else DEMO_STUDY['img_size']
         t.epochs = t.epochs if t.epochs is not None else DEMO_STUDY['epochs']
         t.robust_examples = t.robust_examples if t.robust_examples is not None else DEMO_STUDY['robust_examples']
         if t.adv is not None and t.adv.steps is None:
@@ -308,8 +313,12 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     if len(set(names)) != len(names):
         raise StudyError(f'Arm names repeat: {names}.')
     pairs = _parse_only(only, cfg)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and len(pairs) != 1:
+        raise StudyError(f'Under torchrun a study runs one arm x seed per launch (--only ARM:SEED), got '
+                         f'{len(pairs)} runs: the other processes would wait in collectives while the first '
+                         f'evaluates. Launch one per run, then `timm-nofrost study report`.')
     t = cfg.train
-    source = build_datasets(t.data, t.data_dir, img_size=t.img_size or 32, val_fraction=t.val_fraction,
+    source = build_datasets(t.data, t.data_dir, img_size=t.img_size or DEMO_IMG_SIZE, val_fraction=t.val_fraction,
                             seed=cfg.split_seed)
     num_classes = t.num_classes or source.num_classes
     if not num_classes:
@@ -317,11 +326,12 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     models = _Models(cfg, num_classes)
     for arm in cfg.arms:
         models.check(arm)
-    manifest = _check_folder(cfg)
-    manifest['arm_models'] = {**manifest.get('arm_models', {}), **{arm.name: models.describe(arm) for arm in cfg.arms}}
     primary = int(os.environ.get('RANK', '0')) == 0
     out = Path(cfg.out_dir)
-    if primary:
+    if primary:  # the other ranks of a torchrun launch would see the folder half-written
+        manifest = _check_folder(cfg)
+        manifest['arm_models'] = {**manifest.get('arm_models', {}),
+                                  **{arm.name: models.describe(arm) for arm in cfg.arms}}
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(out / STUDY_FILE, manifest)
     eval_set = _EvalSet(cfg, models, source)

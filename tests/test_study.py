@@ -1,0 +1,288 @@
+"""``timm-nofrost study``: arms x seeds as train runs, one evaluation protocol, a report built from the runs.
+
+Tiny models on a small ImageFolder written from the demo shapes; every check of a report number compares it with
+the run's own files (eval.json, results.json), recomputed here."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from timm_nofrost.cli import main
+from timm_nofrost.data.demo import write_image_folder
+from timm_nofrost.study import ARMS, Arm, load_arms_file, parse_arm_spec, resolve_arms, verdict
+from timm_nofrost.study.report import collect_study
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('study_data')
+    write_image_folder(root / 'train', 'train', num_samples=48, img_size=16)
+    write_image_folder(root / 'val', 'val', num_samples=20, img_size=16)
+    return root
+
+
+def study_args(data_root: Path, out: Path, *extra: str, arms='nofrost,bn-at', seeds='0,1', epochs='2') -> list:
+    return ['study', '--data', str(data_root), '--img-size', '16', '--model', 'nf_resnet18_cifar_nofrost',
+            '--model-kwargs', '{"channels": [8, 8, 16, 16], "stem_chs": 8}', '--arms', arms, '--seeds', seeds,
+            '--epochs', epochs, '-b', '16', '--opt', 'adamw', '--adv-steps', '1', '--robust-examples', '12',
+            '--eval-attack', 'pgd-2', '--eval-examples', '12', '--eval-attacks', 'clean,pgd-3,apgd-ce-4',
+            '--curve-attack', 'pgd-2', '--curve-eps', '0.5,2', '--no-analysis', '--deterministic', '--no-progress',
+            '--out', str(out), *extra]
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope='module')
+def finished_study(data_root, tmp_path_factory):
+    """A 2-arm x 2-seed study run to the end, uninterrupted (deterministic)."""
+    out = tmp_path_factory.mktemp('study') / 'full'
+    assert main(study_args(data_root, out, '--json')) == 0
+    return out
+
+
+def _eval(out: Path, arm: str, seed: int) -> dict:
+    return json.loads((out / 'runs' / arm / f'seed-{seed}' / 'eval.json').read_text())
+
+
+def _numbers(report: dict) -> dict:
+    """Every accuracy and analysis number of a report (times excluded: they differ from run to run)."""
+    return {arm: {metric: stats['values'] for metric, stats in arm_stats.items()
+                  if metric not in ('train_time_s', 'eval_time_s', 'cost_vs_standard')}
+            for arm, arm_stats in report['arms'].items()}
+
+
+def test_report_numbers_are_the_runs_own(finished_study):
+    out = finished_study
+    report = json.loads((out / 'report.json').read_text())
+    assert report['missing'] == []
+    assert list(report['arms']) == ['nofrost', 'bn-at']
+    images = set()
+    for arm in ('nofrost', 'bn-at'):
+        stats = report['arms'][arm]
+        for seed in (0, 1):
+            ev = _eval(out, arm, seed)
+            protocol = ev['protocol']
+            assert protocol['n_examples'] == 12 and protocol['eps'] == [pytest.approx(8 / 255)]
+            images.add(ev['data']['images_sha256'])
+            acc = protocol['accuracy']['8/255']
+            # per-example outcomes recount to the accuracies the report shows
+            per = protocol['per_example']['8/255']
+            for attack in ('pgd-3', 'apgd-ce-4', 'worst-case'):
+                assert stats[attack]['values'][str(seed)] == pytest.approx(100 * acc[attack])
+                assert 100 * acc[attack] == pytest.approx(100 * sum(per[attack]) / 12)
+            assert stats['clean']['values'][str(seed)] == pytest.approx(100 * protocol['clean_accuracy'])
+            # the train run's own final clean accuracy: the same 12 images (robust-examples = eval-examples)
+            results = json.loads((out / 'runs' / arm / f'seed-{seed}' / 'results.json').read_text())
+            run = next(iter(results['runs'].values()))
+            assert stats['clean']['values'][str(seed)] == pytest.approx(run['final']['accuracy']['clean'])
+            train_time = sum(e['train_time_s'] for e in run['epochs'])
+            assert stats['train_time_s']['values'][str(seed)] == pytest.approx(train_time)
+            assert ev['epochs_trained'] == 2 and len(run['epochs']) == 2
+        for metric in ('clean', 'pgd-3', 'apgd-ce-4', 'worst-case'):
+            values = [stats[metric]['values'][s] for s in ('0', '1')]
+            assert stats[metric]['mean'] == pytest.approx(statistics.fmean(values))
+            assert stats[metric]['std'] == pytest.approx(statistics.stdev(values))
+    assert len(images) == 1, 'every run must be evaluated on the same images'
+    # the curve: eps 0 is the clean accuracy, the others the curve attack at 0.5 and 2 eps
+    ev = _eval(out, 'nofrost', 1)
+    assert report['curves']['nofrost']['0.0']['values']['1'] == pytest.approx(100 * ev['curve']['clean_accuracy'])
+    assert report['curves']['nofrost']['2.0']['values']['1'] == pytest.approx(
+        100 * ev['curve']['accuracy']['16/255']['pgd-2'])
+    # the Markdown table shows the same means
+    md = (out / 'report.md').read_text()
+    for arm in ('nofrost', 'bn-at'):
+        clean = report['arms'][arm]['clean']
+        assert f"| {arm} | 2 | {clean['mean']:.1f} ± {clean['std']:.1f} |" in md
+    assert (out / 'clean_vs_robust.png').stat().st_size > 1000 and (out / 'robust_vs_eps.png').is_file()
+
+
+def test_verdict_is_written_from_the_numbers(finished_study):
+    report = json.loads((finished_study / 'report.json').read_text())
+    arms = report['arms']
+    leader = max(arms, key=lambda a: arms[a]['clean']['mean'])
+    other = min(arms, key=lambda a: arms[a]['clean']['mean'])
+    assert report['verdict'][0].startswith(f'Clean accuracy: {leader} leads')
+    assert f"{arms[leader]['clean']['mean'] - arms[other]['clean']['mean']:.1f} points above {other}" \
+        in report['verdict'][0]
+    md = (finished_study / 'report.md').read_text()
+    assert md.splitlines()[2] == f"- {report['verdict'][0]}"
+    assert any('AutoAttack was not part of this evaluation' in line for line in report['verdict'])
+
+
+def _synthetic(values_a, values_b):
+    def stats(values):
+        return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else None,
+                'min': min(values), 'max': max(values), 'n': len(values)}
+    return {'arms': {'nofrost': {'clean': stats(values_a), 'autoattack': stats(values_a)},
+                     'bn-at': {'clean': stats(values_b), 'autoattack': stats(values_b)}},
+            'attacks': ['autoattack'], 'robust_metric': 'autoattack', 'runs': {}, 'missing': [], 'notes': []}
+
+
+def test_verdict_tells_separated_from_overlapping_seeds():
+    separated = verdict(_synthetic([60.0, 61.0, 62.0], [50.0, 52.0, 59.5]))
+    assert separated[0] == ('Clean accuracy: nofrost leads (61.0 %), 7.2 points above bn-at (53.8 %); every seed of '
+                            'nofrost is above every seed of bn-at: beyond the seed spread.')
+    overlapping = verdict(_synthetic([50.0, 52.0, 60.5], [55.0, 56.0, 57.0]))
+    assert overlapping[0].startswith('Clean accuracy: bn-at leads (56.0 %), 1.8 points above nofrost')
+    assert overlapping[0].endswith('the seed ranges overlap: within the seed spread.')
+    assert "NoFrost against bn-at (the paper's comparison): clean accuracy -1.8 points" in overlapping[2]
+    single = verdict(_synthetic([50.0], [40.0]))
+    assert single[0].endswith('one seed on a side: no spread to judge it against.')
+
+
+def test_interrupted_study_resumes_to_the_same_report(finished_study, data_root, tmp_path, capsys, monkeypatch):
+    from timm_nofrost.training import run as run_module
+    out = tmp_path / 'interrupted'
+    original_save, saves = run_module._Run._save, []
+
+    def save_then_stop(self, epoch, metrics):  # the 5th checkpoint: bn-at seed 0 after its first epoch
+        original_save(self, epoch, metrics)
+        saves.append(self.out_dir)
+        if len(saves) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module._Run, '_save', save_then_stop)
+    code, _, err = run_cli(study_args(data_root, out), capsys)
+    assert code == 130 and 'interrupted' in err
+    monkeypatch.setattr(run_module._Run, '_save', original_save)
+
+    # the report of the partial study lists what is missing, and why
+    code, stdout, _ = run_cli(['study', 'report', str(out), '--json'], capsys)
+    assert code == 0
+    partial = json.loads(stdout)
+    assert [(m['arm'], m['seed'], m['detail']) for m in partial['missing']] == [
+        ('bn-at', 0, 'interrupted after epoch 1'), ('bn-at', 1, 'not started')]
+    assert list(partial['arms']) == ['nofrost'] and partial['arms']['nofrost']['clean']['n'] == 2
+    assert '## Not finished' in (out / 'report.md').read_text()
+
+    trained = []
+    real_train = run_module.train
+
+    def spy(cfg, model=None):
+        trained.append((Path(cfg.out_dir).parent.name, Path(cfg.out_dir).name, cfg.resume))
+        return real_train(cfg, model=model)
+
+    monkeypatch.setattr(run_module, 'train', spy)
+    code, stdout, err = run_cli(study_args(data_root, out), capsys)
+    assert code == 0, err
+    assert trained == [('bn-at', 'seed-0', 'auto'), ('bn-at', 'seed-1', None)]  # finished runs skipped
+    assert 'nofrost seed 0: finished, skipped' in stdout
+    resumed = json.loads((out / 'report.json').read_text())
+    reference = json.loads((finished_study / 'report.json').read_text())
+    assert _numbers(resumed) == _numbers(reference)
+    assert resumed['curves'] == reference['curves']
+
+
+def test_only_runs_one_arm_and_seed(data_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'only'
+    code, _, err = run_cli(study_args(data_root, out, '--only', 'bn-at:1', epochs='1'), capsys)
+    assert code == 0, err
+    assert sorted(p.parent.name + '/' + p.name for p in (out / 'runs').glob('*/*')) == ['bn-at/seed-1']
+    result = collect_study(out)
+    assert list(result['arms']) == ['bn-at']
+    assert len(result['missing']) == 3
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--arm', 'trades3'], "--arm 'trades3' is malformed: expected NAME:key=value"),
+    (['--arm', 'x:beta'], "malformed at 'beta': expected key=value"),
+    (['--arm', 'x:bogus=1'], "unknown arm key 'bogus'; accepted: base, family"),
+    (['--arm', 'x:base=trades,beta=lots'], "beta='lots' is not a number"),
+    (['--arm', 'x:family=nf,batch_mode=split'], "batch_mode 'split' needs BatchNorm layers"),
+    (['--arm', 'x:method=trades,lambda=0.5'], 'adv_weight (lambda) 0.5 does not apply to method='),
+    (['--arms', 'nofrost,bogus'], "Unknown arm 'bogus'; built in: standard"),
+    (['--seeds', '0,one'], "--seeds must be comma-separated integers, got '0,one'"),
+    (['--only', 'trades'], "--only 'trades': arm 'trades' is not in this study"),
+    (['--only', 'nofrost:7'], '--only \'nofrost:7\': seed 7 is not among the seeds [0, 1]'),
+    (['--eval-attacks', 'clean,pgd-x'], "Unknown attack 'pgd-x'"),
+])
+def test_bad_study_input_fails_in_one_line_before_training(data_root, tmp_path, capsys, monkeypatch, extra, message):
+    from timm_nofrost.training import run as run_module
+    monkeypatch.setattr(run_module, 'train', lambda *a, **k: pytest.fail('training started'))
+    code, _, err = run_cli(study_args(data_root, tmp_path / 'bad', *extra), capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith('timm-nofrost study: error: ')
+    assert message in err
+    assert not (tmp_path / 'bad' / 'runs').exists()
+
+
+def test_an_arm_whose_model_cannot_be_built(data_root, tmp_path, capsys, monkeypatch):
+    from timm_nofrost.training import run as run_module
+    monkeypatch.setattr(run_module, 'train', lambda *a, **k: pytest.fail('training started'))
+    argv = study_args(data_root, tmp_path / 'bad', arms='nofrost,bn-at')
+    i = argv.index('--model')
+    argv[i + 1: i + 4] = ['nf_regnet_b0', '--model-kwargs', '{}']  # no BatchNorm twin known
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "Arm 'bn-at' cannot build its bn model from 'nf_regnet_b0'" in err and 'No BatchNorm twin' in err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_a_folder_holding_another_study_or_something_else(finished_study, data_root, tmp_path, capsys, monkeypatch):
+    from timm_nofrost.training import run as run_module
+    monkeypatch.setattr(run_module, 'train', lambda *a, **k: pytest.fail('training started'))
+    code, _, err = run_cli(study_args(data_root, finished_study, epochs='3'), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f'{finished_study} holds another study (schedule.epochs was 2, now 3)' in err
+    other = tmp_path / 'train_run'
+    other.mkdir()
+    (other / 'checkpoint-last.pth').write_bytes(b'x')
+    code, _, err = run_cli(study_args(data_root, other), capsys)
+    assert code == 2 and f'{other} is not empty and holds no study.json' in err
+    code, _, err = run_cli(['study', 'report', str(other)], capsys)
+    assert code == 2 and f'{other} is not a study folder: it has no study.json' in err
+
+
+def test_arm_specs_and_files(tmp_path):
+    arm = parse_arm_spec('trades3:base=trades,beta=3')
+    assert arm == Arm('trades3', 'nf', method='trades', beta=3.0)
+    assert parse_arm_spec('bnf:family=bn,batch-mode=separate,method=madry,attack=fgsm-rs').attack == 'fgsm-rs'
+    assert parse_arm_spec('light:lambda=0.25').adv_weight == 0.25
+    yaml_file = tmp_path / 'arms.yaml'
+    yaml_file.write_text('half:\n  base: nofrost\n  lambda: 0.3\nbn-mart:\n  family: bn\n  batch_mode: separate\n'
+                         '  method: mart\n')
+    arms = load_arms_file(yaml_file)
+    assert [a.name for a in arms] == ['half', 'bn-mart'] and arms[0].adv_weight == 0.3 and arms[1].beta is None
+    json_file = tmp_path / 'arms.json'
+    json_file.write_text('{"fast": {"base": "fast-at", "steps": 1}}')
+    assert load_arms_file(json_file)[0].attack == 'fgsm-rs'
+    assert [a.name for a in resolve_arms(['nofrost', 'bn-at'], arms)] == ['nofrost', 'bn-at', 'half', 'bn-mart']
+    with pytest.raises(ValueError, match='is not valid JSON'):
+        (tmp_path / 'bad.json').write_text('{nope')
+        load_arms_file(tmp_path / 'bad.json')
+    # the arms' training configs: what the paper's arms mean
+    study = dict(eps=0.1, steps=5, step_size=None, norm='Linf', random_start=True)
+    assert ARMS['standard'].adversarial(**study).steps == 0 and ARMS['standard'].adversarial(**study).adv_weight == 0
+    assert ARMS['bn-at'].adversarial(**study).batch_mode == 'separate'
+    assert ARMS['mbn-at'].adversarial(**study).batch_mode == 'split'
+    assert ARMS['nofrost'].adversarial(**study).adv_weight == 0.5
+    fast = ARMS['fast-at'].adversarial(**study)
+    assert (fast.steps, fast.attack_step_size) == (1, pytest.approx(0.125))
+    assert ARMS['trades'].adversarial(**study).beta == 6.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_one_run_of_a_study_as_a_torchrun_launch(data_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / 'ddp'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
+              'timm_nofrost']
+    refused = subprocess.run(launch + study_args(data_root, out, epochs='1'), env=env, capture_output=True,
+                             text=True, timeout=380)
+    assert refused.returncode != 0 and 'Under torchrun a study runs one arm x seed per launch' in refused.stderr
+    done = subprocess.run(launch + study_args(data_root, out, '--only', 'nofrost:1', '--json', epochs='1'), env=env,
+                          capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)  # rank 0 alone evaluates and reports
+    assert list(report['arms']) == ['nofrost'] and report['arms']['nofrost']['clean']['n'] == 1
+    assert 'batch 16 x 2' in done.stderr
+    assert len(report['missing']) == 3

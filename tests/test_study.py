@@ -286,3 +286,17 @@ def test_one_run_of_a_study_as_a_torchrun_launch(data_root, tmp_path):
     assert list(report['arms']) == ['nofrost'] and report['arms']['nofrost']['clean']['n'] == 1
     assert 'batch 16 x 2' in done.stderr
     assert len(report['missing']) == 3
+
+
+def test_the_bn_twin_has_the_same_depth_and_width():
+    import timm
+    import torch
+    from timm_nofrost.training.baseline import create_bn_twin
+    for kwargs in (dict(channels=(8, 16, 32, 64), stem_chs=8), dict(channels=(16, 32, 64, 128), stem_chs=16),
+                   dict(channels=(8, 16, 32, 64), stem_chs=4)):
+        nf = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=10, **kwargs)
+        bn, name = create_bn_twin('nf_resnet18_cifar_nofrost', 10, kwargs)
+        convs = [m.weight.shape for m in nf.modules() if isinstance(m, torch.nn.Conv2d)]
+        bn_convs = [m.weight.shape for m in bn.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert name == 'resnet18' and sorted(convs) == sorted(bn_convs)  # the same convolutions, BN added
+        assert bn(torch.rand(2, 3, 28, 28)).shape == (2, 10)

@@ -25,8 +25,8 @@ def create_bn_twin(model_name: str, num_classes: int, model_kwargs: Optional[Dic
                    baseline: Optional[str] = None) -> Tuple[nn.Module, str]:
     """The BN-AT baseline for ``model_name``: its BatchNorm twin (or ``baseline``), with the same widths.
 
-    The CIFAR-stem NoFrost ResNet-18 gets timm's ``resnet18`` with the same 3x3 stride-1 stem and no
-    max-pool, so that both see 32x32 images at the same resolution.
+    The CIFAR-stem NoFrost ResNet-18 gets timm's ``resnet18`` with the same 3x3 stride-1 stem (of the NF model's
+    ``stem_chs`` width when given) and no max-pool, so that both see 32x32 images at the same resolution.
     """
     name = baseline or bn_twin_name(model_name)
     if name is None:
@@ -38,7 +38,13 @@ def create_bn_twin(model_name: str, num_classes: int, model_kwargs: Optional[Dic
         kwargs['channels'] = tuple(model_kwargs['channels'])
     model = timm.create_model(name, **kwargs)
     if baseline is None and model_name.startswith('nf_resnet18_cifar_nofrost'):
-        stem = model.layer1[0].conv1.in_channels  # timm's stem width for its single-conv stem
+        stem = model.layer1[0].conv1.in_channels  # timm's stem width for its single-conv stem (64)
+        if 'stem_chs' in model_kwargs:  # the NF model's stem width: rebuild the first block's input side
+            stem = int(model_kwargs['stem_chs'])
+            block, width = model.layer1[0], model.layer1[0].conv1.out_channels
+            block.conv1 = nn.Conv2d(stem, width, kernel_size=3, stride=1, padding=1, bias=False)
+            block.downsample = None if stem == width else nn.Sequential(
+                nn.Conv2d(stem, width, kernel_size=1, bias=False), nn.BatchNorm2d(width))
         model.conv1 = nn.Conv2d(3, stem, kernel_size=3, stride=1, padding=1, bias=False)
         model.bn1 = nn.BatchNorm2d(stem)
         model.maxpool = nn.Identity()

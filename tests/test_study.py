@@ -60,7 +60,7 @@ def test_report_numbers_are_the_runs_own(finished_study):
     out = finished_study
     report = json.loads((out / 'report.json').read_text())
     assert report['missing'] == []
-    assert list(report['arms']) == ['nofrost', 'bn-at']
+    assert report['arm_order'] == ['nofrost', 'bn-at'] and sorted(report['arms']) == ['bn-at', 'nofrost']
     images = set()
     for arm in ('nofrost', 'bn-at'):
         stats = report['arms'][arm]
@@ -158,6 +158,7 @@ def test_interrupted_study_resumes_to_the_same_report(finished_study, data_root,
     assert [(m['arm'], m['seed'], m['detail']) for m in partial['missing']] == [
         ('bn-at', 0, 'interrupted after epoch 1'), ('bn-at', 1, 'not started')]
     assert list(partial['arms']) == ['nofrost'] and partial['arms']['nofrost']['clean']['n'] == 2
+    assert partial['arm_order'] == ['nofrost', 'bn-at']
     assert '## Not finished' in (out / 'report.md').read_text()
 
     trained = []

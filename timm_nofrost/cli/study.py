@@ -119,7 +119,8 @@ def build_study_config(args: argparse.Namespace):
         data=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, model=args.model,
         model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained, num_classes=args.num_classes,
         img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, opt=args.opt, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, smoothing=args.smoothing, adv=adv,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, smoothing=args.smoothing,
+        scale=tuple(args.scale) if args.scale else None, color_jitter=args.color_jitter, hflip=args.hflip, adv=adv,
         eval_attack=args.eval_attack, robust_examples=args.robust_examples, deterministic=args.deterministic,
         workers=args.workers, device=args.device, amp=args.amp, channels_last=args.channels_last,
         progress=not args.no_progress)

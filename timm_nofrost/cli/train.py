@@ -80,6 +80,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, study: bool = False)
     optim.add_argument('--warmup-epochs', type=int, default=0, metavar='N',
                        help='linear lr warm-up epochs (default: %(default)s)')
     optim.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
+    aug = parser.add_argument_group('augmentation (timm\'s training transform)')
+    aug.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                     help='RandomResizedCrop area range (default: 0.08 1.0, timm\'s ImageNet recipe; demo: 0.6 1.0); '
+                          'small images such as 28 px Fashion-MNIST want a narrower range, e.g. 0.6 1.0')
+    aug.add_argument('--color-jitter', type=float, default=None, metavar='F',
+                     help='colour jitter strength (default: 0.4; demo: 0)')
+    aug.add_argument('--hflip', type=float, default=0.5, metavar='P',
+                     help='horizontal flip probability (default: %(default)s)')
 
     add_adversarial_args(parser, steps_help='10; demo: 3' + (', demo study: 2' if study else ''), per_arm=study)
 
@@ -125,7 +133,8 @@ def build_config(args: argparse.Namespace):
         data=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, model=args.model,
         model_kwargs=model_kwargs, pretrained=args.pretrained, convert=args.convert, num_classes=args.num_classes,
         img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, opt=args.opt, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, smoothing=args.smoothing, adv=adv,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, smoothing=args.smoothing,
+        scale=tuple(args.scale) if args.scale else None, color_jitter=args.color_jitter, hflip=args.hflip, adv=adv,
         eval_attack=args.eval_attack, final_attacks=args.final_attacks, robust_examples=args.robust_examples,
         compare_bn=args.compare_bn, baseline_model=args.baseline_model, out_dir=args.out, resume=args.resume,
         overwrite=args.overwrite, seed=args.seed, deterministic=args.deterministic, workers=args.workers,

@@ -115,6 +115,7 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
         notes.append(f'AutoAttack: {"; ".join(sorted(autoattack_notes))}.')
     return {
         'study': {k: manifest[k] for k in ('schedule', 'adversarial', 'protocol') if k in manifest},
+        'arm_order': arms,  # report.json sorts its keys: the study's order of arms
         'arm_definitions': {arm: manifest['arms'][arm] for arm in arms}, 'arm_models': manifest.get('arm_models', {}), 'seeds': seeds,
         'attacks': attacks, 'robust_metric': robust_metric, 'arms': summary, 'runs': {
             arm: {str(s): m for s, m in per_run[arm].items()} for arm in arms},

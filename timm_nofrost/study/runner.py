@@ -94,7 +94,8 @@ class StudyConfig:
         t = self.train
         schedule = {k: getattr(t, k) for k in (
             'data', 'data_dir', 'val_fraction', 'model', 'pretrained', 'num_classes', 'img_size', 'epochs',
-            'batch_size', 'opt', 'lr', 'weight_decay', 'momentum', 'warmup_epochs', 'smoothing', 'eval_attack',
+            'batch_size', 'opt', 'lr', 'weight_decay', 'momentum', 'warmup_epochs', 'smoothing', 'scale',
+            'color_jitter', 'hflip', 'eval_attack',
             'robust_examples', 'amp', 'channels_last')}
         schedule['model_kwargs'] = jsonable_kwargs(t.model_kwargs)
         adv = {k: v for k, v in t.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
@@ -239,8 +240,8 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     another study, or anything else."""
     out = Path(cfg.out_dir)
     manifest_path = out / STUDY_FILE
-    identity = cfg.identity()
-    arms = {arm.name: arm.to_dict() for arm in cfg.arms}
+    identity = json.loads(json.dumps(cfg.identity()))  # as study.json stores it (tuples become lists)
+    arms = json.loads(json.dumps({arm.name: arm.to_dict() for arm in cfg.arms}))
     if out.exists() and not out.is_dir():
         raise StudyError(f'Study folder {out} exists and is not a directory.')
     if manifest_path.is_file():

@@ -97,7 +97,8 @@ def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], 
     demo = cfg.data == 'demo'
     train_loader = create_loader(
         source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
-        use_prefetcher=False, scale=(0.6, 1.0) if demo else None, color_jitter=0.0 if demo else 0.4,
+        use_prefetcher=False, scale=cfg.scale or ((0.6, 1.0) if demo else None),
+        color_jitter=cfg.color_jitter if cfg.color_jitter is not None else (0.0 if demo else 0.4), hflip=cfg.hflip,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False, device=device,
         pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])

@@ -4,7 +4,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch.nn as nn
@@ -57,6 +57,11 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_epochs: int = 0
     smoothing: float = 0.1
+    # training augmentation (timm's create_transform): RandomResizedCrop scale range, colour jitter, flip
+    # probability; None: timm's ImageNet defaults (0.08-1, 0.4), on the demo data 0.6-1 and no jitter
+    scale: Optional[Tuple[float, float]] = None
+    color_jitter: Optional[float] = None
+    hflip: float = 0.5
     adv: Optional[AdversarialConfig] = None  # None: the recipe (PGD-10), PGD-3 on the demo data
     eval_attack: str = 'pgd-10'
     final_attacks: str = 'clean,pgd-20,apgd-ce'
@@ -120,6 +125,15 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Train
         raise ValueError(f'lr must be a positive number, got {cfg.lr!r}.')
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f'val_fraction must be in (0, 1), got {cfg.val_fraction!r}.')
+    if cfg.scale is not None:
+        if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
+            raise ValueError(f'scale must be two numbers 0 < MIN <= MAX <= 1 (the RandomResizedCrop area range), '
+                             f'got {cfg.scale!r}.')
+        cfg.scale = (float(cfg.scale[0]), float(cfg.scale[1]))
+    if cfg.color_jitter is not None and not 0 <= cfg.color_jitter:
+        raise ValueError(f'color_jitter must be >= 0, got {cfg.color_jitter!r}.')
+    if not 0 <= cfg.hflip <= 1:
+        raise ValueError(f'hflip must be a probability in [0, 1], got {cfg.hflip!r}.')
     if not 0 <= cfg.smoothing < 1:
         raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}.')
     amp_dtype(cfg.amp)  # None, 'bf16' or 'fp16' (or torch's names); else a ValueError listing them

@@ -15,6 +15,8 @@ from .convert import (
 from .signal_propagation import BlockSignal, signal_propagation
 from .hub import export_checkpoint, list_nofrost_models, push_folder
 from .training import AdversarialConfig, AdversarialTrainer
+from .training.train_config import TrainConfig
+from .study import ARMS, Arm, StudyConfig, run_study, write_report
 
 __all__ = [
     '__version__',
@@ -49,4 +51,10 @@ __all__ = [
     'push_folder',
     'AdversarialConfig',
     'AdversarialTrainer',
+    'TrainConfig',
+    'ARMS',
+    'Arm',
+    'StudyConfig',
+    'run_study',
+    'write_report',
 ]

@@ -10,7 +10,7 @@ from timm_nofrost.attacks import (
     parse_attack, parse_eps)
 from timm_nofrost.layers import WS_CONV_TYPES
 
-from tiny_models import eval_data, trained_tiny_cnn
+from tiny_models import MEAN, STD, eval_data, trained_tiny_cnn
 
 EPS = 4 / 255
 
@@ -38,11 +38,41 @@ def test_linf_ball_and_pixel_range(model, data, make):
     assert result.correct.shape == y.shape
 
 
+def _l2_pgd_transcribed(model, x, y, eps, steps, alpha):
+    """L2 PGD as published (Madry et al. 2018): from x, step alpha along the L2-normalised gradient of the CE,
+    project onto the L2 ball of radius eps, then onto [0, 1]. An example is robust if no iterate (including the
+    last) is misclassified."""
+    delta = torch.zeros_like(x)
+    fooled = torch.zeros(len(y), dtype=torch.bool)
+    for _ in range(steps):
+        xt = (x + delta).requires_grad_(True)
+        logits = model(xt)
+        fooled |= logits.argmax(1) != y
+        grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction='sum'), xt)
+        delta = delta + alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(-1, 1, 1, 1)
+        delta = (x + delta).clamp(0, 1) - x
+    with torch.no_grad():
+        fooled |= model(x + delta).argmax(1) != y
+    return ~fooled, delta
+
+
 def test_l2_ball(model, data):
     x, y = data
     result = PGD(model, eps=0.5, steps=5, norm='L2')(x, y)
     assert (result.x_adv - x).flatten(1).norm(dim=1).max().item() <= 0.5 + 1e-5
-    assert result.accuracy < 1.0
+    # the outcome of every example equals the published algorithm's, transcribed (float64, no random start)
+    m64 = copy.deepcopy(model).double().eval()
+    for p in m64.parameters():
+        p.requires_grad_(False)
+    x64 = x.double()
+    ours = PGD(m64, eps=0.5, steps=5, norm='L2', random_start=False, mean=MEAN, std=STD)(x64, y)
+    pixel_model = lambda t: m64((t - torch.tensor(MEAN, dtype=t.dtype).view(1, 3, 1, 1)) /  # noqa: E731
+                                torch.tensor(STD, dtype=t.dtype).view(1, 3, 1, 1))
+    correct, _ = _l2_pgd_transcribed(pixel_model, x64, y, 0.5, 5, 2.5 * 0.5 / 5)
+    assert torch.equal(ours.correct, correct)
+    clean = (pixel_model(x64).argmax(1) == y).float().mean().item()
+    assert ours.accuracy <= clean - 0.25  # the L2 ball of 0.5 holds adversarial examples for many images
 
 
 def test_strength_ordering(model, data):

@@ -215,8 +215,14 @@ def test_compare_bn_trains_the_batchnorm_twin(data_dir, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert set(results['runs']) == {'nofrost', 'bn-at'}
     assert results['runs']['bn-at']['name'] == 'BN-AT (resnet18)'
+    assert [e['epoch'] for e in results['runs']['bn-at']['epochs']] == [1]
     state = load_training_checkpoint(out / 'bn-at' / 'checkpoint-last.pth')
-    assert any('bn1.running_mean' in k for k in state['state_dict'])  # a BatchNorm model, trained (separate BN)
+    # trained with shared BN and two forwards a step (BN-AT): every BN saw a clean and an adversarial batch in
+    # each of the 4 steps (40 images, batch 10); the attack and the evaluation run in eval mode and add none
+    tracked = {k: int(v) for k, v in state['state_dict'].items() if k.endswith('num_batches_tracked')}
+    assert len(tracked) == 1 + 4 * 2 * 2 + 3  # stem, 4 stages x 2 blocks x 2 BNs, 3 downsample BNs
+    assert set(tracked.values()) == {2 * 4}
+    assert all(v.abs().sum() > 0 for k, v in state['state_dict'].items() if k.endswith('running_mean'))
 
 
 def test_convert_trains_a_batchnorm_model_without_batchnorm(data_dir, tmp_path, capsys):
@@ -224,9 +230,17 @@ def test_convert_trains_a_batchnorm_model_without_batchnorm(data_dir, tmp_path, 
     assert main(tiny_args(data_dir, out, '--epochs', '1', '--model', 'resnet18', '--model-kwargs', '{}', '--convert',
                           '--json')) == 0
     results = json.loads(capsys.readouterr().out)
-    assert results['runs']['nofrost']['epochs'][0]['epoch'] == 1
-    state = load_training_checkpoint(out / 'checkpoint-last.pth')
-    assert not any('running_mean' in k for k in state['state_dict'])
+    assert results['config']['convert'] is True and results['runs']['nofrost']['epochs'][0]['epoch'] == 1
+    state = load_training_checkpoint(out / 'checkpoint-last.pth')['state_dict']
+    # the converted resnet18 (seeded as train seeds it) is what was trained: the same tensors, no BatchNorm
+    # left, and the weights moved from their initial values
+    from timm_nofrost.convert import convert_to_normfree
+    torch.manual_seed(0)
+    initial = convert_to_normfree(timm.create_model('resnet18', num_classes=5), init='fresh').state_dict()
+    assert set(state) == set(initial) and not any('running' in k for k in state)
+    assert all(state[k].shape == v.shape for k, v in initial.items())
+    moved = [k for k, v in initial.items() if not torch.equal(v, state[k])]
+    assert len(moved) >= 0.9 * len(initial), sorted(set(initial) - set(moved))
 
 
 @pytest.mark.slow

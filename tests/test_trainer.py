@@ -32,6 +32,10 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
+def denormalize(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
 def trainer(model: nn.Module, **kwargs) -> AdversarialTrainer:
     kwargs = {'steps': 2, 'mean': MEAN, 'std': STD, 'verbose': False, **kwargs}
     return AdversarialTrainer(model, **kwargs)
@@ -140,10 +144,19 @@ def test_pixel_inputs_without_normalisation():
 def test_random_erasing_outside_the_pixel_range_is_clamped_for_the_attack():
     x, y = batch()
     inputs = normalize(x)
-    inputs[:, :, :4, :4] = 10.0  # random erasing writes normal noise in normalised space
+    inputs[:, :, :4, :4] = 10.0  # random erasing writes normal noise in normalised space: far above pixel 1
+    inputs[:, :, -4:, -4:] = -10.0  # and far below pixel 0
     task = trainer(nf_model(), steps=2)
-    out = task(inputs, y)
-    assert math.isfinite(out['loss'].item())
+    adv = denormalize(task.make_adversarial(inputs, y)['input_adv'])
+    high, low = adv[:, :, :4, :4], adv[:, :, -4:, -4:]
+    # the attack's ball is around the clamped pixel (1, resp. 0), so the random start and the steps move the
+    # pixel inside [1 - eps, 1] (resp. [0, eps]); around the unclamped pixel the ball lies outside [0, 1] and
+    # every pixel would sit exactly on the bound
+    eps = 8 / 255
+    assert high.max().item() <= 1 and high.min().item() >= 1 - eps - 1e-5
+    assert low.min().item() >= 0 and low.max().item() <= eps + 1e-5
+    assert (high < 1 - 1e-3).float().mean().item() > 0.5 and (low > 1e-3).float().mean().item() > 0.5
+    assert math.isfinite(task(inputs, y)['loss'].item())
 
 
 def test_soft_targets_from_mixup_attack_like_hard_labels():
@@ -200,14 +213,26 @@ def test_gradient_accumulation_matches_one_batch():
 def test_ema_follows_training():
     x, y = batch()
     task = trainer(nf_model())
-    ema = task.setup_ema(decay=0.5)
-    before = [p.clone() for p in ema.module.parameters()]
+    task.setup_ema(decay=0.5)
     optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.5)
-    task(normalize(x), y)['loss'].backward()
-    optimizer.step()
-    task.update_ema(step=1)
-    moved = [not torch.equal(a, b) for a, b in zip(before, task.get_eval_model(ema=True).parameters())]
-    assert any(moved)
+
+    def train_step():
+        optimizer.zero_grad()
+        task(normalize(x), y)['loss'].backward()
+        optimizer.step()
+        return [p.detach().clone() for p in task.trainable_module.parameters()]
+
+    trained = train_step()
+    task.update_ema(step=1)  # timm's first update (step 1) copies the weights: decay 0
+    for a, p in zip(task.get_eval_model(ema=True).parameters(), trained):
+        assert torch.equal(a, p)
+    before = [p.clone() for p in task.get_eval_model(ema=True).parameters()]
+    trained = train_step()
+    task.update_ema()  # no step: decay 0.5, the mean of the old EMA and the new weights
+    after = list(task.get_eval_model(ema=True).parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, after)) >= len(after) // 2
+    for b, p, a in zip(before, trained, after):
+        torch.testing.assert_close(a, 0.5 * b + 0.5 * p, rtol=1e-6, atol=1e-7)
 
 
 def test_eps_warmup_and_task_state_round_trip():

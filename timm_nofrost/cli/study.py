@@ -59,6 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help='attack of the accuracy-vs-eps curve (default: apgd-ce; demo: pgd-20)')
     protocol.add_argument('--curve-eps', default='0.25,0.5,1,1.5,2', metavar='LIST',
                           help='eps of the curve, as multiples of --adv-eps (default: %(default)s)')
+    protocol.add_argument('--eval-batch-size', type=int, default=128, metavar='N',
+                          help='images per evaluation batch (default: %(default)s); on a CPU one batch for all '
+                               '--eval-examples is fastest, as AutoAttack\'s Square attack and APGD-T pay a fixed '
+                               'cost per batch')
     protocol.add_argument('--eval-seed', type=int, default=0, metavar='SEED',
                           help='seed of the attacks\' random starts (default: %(default)s)')
     protocol.add_argument('--split-seed', type=int, default=0, metavar='SEED',
@@ -131,6 +135,7 @@ def build_study_config(args: argparse.Namespace):
         eval_attacks=args.eval_attacks or (DEMO_STUDY['eval_attacks'] if demo else PROTOCOL_ATTACKS),
         curve_attack=args.curve_attack or (DEMO_STUDY['curve_attack'] if demo else 'apgd-ce'),
         curve_eps=_float_list(args.curve_eps, '--curve-eps'), eval_seed=args.eval_seed, split_seed=args.split_seed,
+        eval_batch_size=args.eval_batch_size,
         baseline_model=args.baseline_model, analysis=not args.no_analysis)
 
 

@@ -84,7 +84,7 @@ class StudyConfig:
     curve_attack: str = 'apgd-ce'
     curve_eps: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0)
     eval_seed: int = 0
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # results depend on it (random starts are drawn per batch): part of the protocol
     split_seed: int = 0
     baseline_model: Optional[str] = None
     analysis: bool = True
@@ -101,7 +101,8 @@ class StudyConfig:
         adv = {k: v for k, v in t.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
         protocol = dict(eval_examples=self.eval_examples, eval_attacks=self.eval_attacks,
                         curve_attack=self.curve_attack, curve_eps=[float(m) for m in self.curve_eps],
-                        eval_seed=self.eval_seed, split_seed=self.split_seed, baseline_model=self.baseline_model,
+                        eval_seed=self.eval_seed, eval_batch_size=self.eval_batch_size, split_seed=self.split_seed,
+                        baseline_model=self.baseline_model,
                         analysis=self.analysis)
         return {'version': _STUDY_VERSION, 'schedule': schedule, 'adversarial': adv, 'protocol': protocol}
 
@@ -151,8 +152,10 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
             raise StudyError(f'Seeds must be integers >= 0, got {seed!r}.')
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise StudyError(f'Seeds repeat: {cfg.seeds}.')
-    if isinstance(cfg.eval_examples, bool) or not isinstance(cfg.eval_examples, int) or cfg.eval_examples < 1:
-        raise StudyError(f'eval_examples must be a positive integer, got {cfg.eval_examples!r}.')
+    for name in ('eval_examples', 'eval_batch_size'):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StudyError(f'{name} must be a positive integer, got {value!r}.')
     for name in cfg.eval_attacks.split(','):
         parse_attack(name)
     if parse_attack(cfg.curve_attack).kind in ('clean', 'autoattack'):

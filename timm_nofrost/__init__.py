@@ -10,10 +10,9 @@ from .checkpoint import CheckpointError, checkpoint_filter_fn, clean_state_dict,
 from .pixels import AMP_DTYPES, PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, to_float_pixels
 from .layers import fuse_weight_standardization, make_fusable
 from .models import HF_HUB_ORG, NOFROST_RECIPE_DEFAULTS, NoFrostCfg, NormFreeBasicBlock, NormFreeBasicResNet
-from .convert import (
-    BlockReport, ConversionReport, NormFreeConversionError, convert_and_export, convert_to_normfree, normfree_blocks)
+from .convert import BlockReport, ConversionReport, NormFreeConversionError, convert_to_normfree, normfree_blocks
 from .signal_propagation import BlockSignal, signal_propagation
-from .hub import export_checkpoint, list_nofrost_models, push_folder
+from .hub import convert_and_export, export_checkpoint, list_nofrost_models, push_folder
 from .training import AdversarialConfig, AdversarialTrainer
 from .training.train_config import TrainConfig
 from .study import ARMS, Arm, StudyConfig, run_study, write_report

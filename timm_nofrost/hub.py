@@ -2,7 +2,8 @@
 
 ``export_checkpoint`` turns the authors' ``.pth`` files (or any compatible checkpoint) into the folder
 layout timm reads with ``hf-hub:`` and ``local-dir:``: ``model.safetensors``, ``config.json`` in timm's
-format, and a model card. Writing goes through timm's own ``save_for_hf``.
+format, and a model card. Writing goes through timm's own ``save_for_hf``. ``convert_and_export`` writes a
+model converted by ``convert_to_normfree`` the same way (``timm-nofrost convert``).
 """
 import hashlib
 import json
@@ -12,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -21,7 +22,8 @@ from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_h
 from .checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict, translate_load_errors
 from .model_card import ModelCardInfo, render_model_card
 
-__all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models']
+__all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models',
+           'convert_and_export']
 
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
 _REQUIRED_FILES = ('model.safetensors', 'config.json')
@@ -279,3 +281,69 @@ def list_nofrost_models(pattern: str = '*nofrost*', pretrained: bool = False) ->
             tags=[] if pretrained else [n.split('.', 1)[1] for n in timm.list_pretrained(arch) if '.' in n],
         ))
     return infos
+
+
+# -- converted models -------------------------------------------------------------------------------------
+def convert_and_export(
+        model_name: str,
+        out_dir: Union[str, Path],
+        pretrained: bool = False,
+        checkpoint: Optional[Union[str, Path]] = None,
+        init: Optional[str] = None,
+        alpha: float = 0.2,
+        norms: Sequence[str] = ('batch',),
+        act_layer: Optional[str] = None,
+        zero_init_last: bool = True,
+        strict: bool = False,
+        num_classes: Optional[int] = None,
+        repo_id: Optional[str] = None,
+        overwrite: bool = False,
+) -> Tuple[ExportResult, Any]:
+    """Convert timm model ``model_name`` (optionally with its BN weights) and save it as a timm folder;
+    returns the export result and the ``ConversionReport``.
+
+    The folder's ``config.json`` names the ``normfree_converted`` architecture with ``base_model`` and the
+    conversion options, so ``timm.create_model('local-dir:OUT')`` rebuilds and loads it after
+    ``import timm_nofrost``. ``init`` defaults to ``'keep'`` when weights are given, else ``'fresh'``.
+    """
+    from .convert import convert_to_normfree
+    from .models.converted import CONVERTED_ARCH
+    if pretrained and checkpoint:
+        raise ValueError('Pass either pretrained=True or a checkpoint, not both.')
+    if model_name not in timm.list_models():
+        raise ValueError(f'Unknown model {model_name!r}: not a registered timm model.')
+    check_out_dir(out_dir, overwrite)
+    init = init or ('keep' if pretrained or checkpoint else 'fresh')
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    base = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if checkpoint is not None:
+        state_dict = read_state_dict(checkpoint)
+        with translate_load_errors(f"checkpoint '{checkpoint}'"):
+            base.load_state_dict(checkpoint_filter_fn(state_dict, base))
+
+    conversion = dict(alpha=alpha, init=init, norms=list(norms), act_layer=act_layer, zero_init_last=zero_init_last)
+    model = convert_to_normfree(base, strict=strict, **conversion)
+    report = model.normfree_report
+    conversion['act_layer'] = report.activation  # record what was used, not what was detected
+    model._model_args = dict(base_model=model_name, conversion=conversion, num_classes=model.num_classes)
+    cfg = {k: v for k, v in model.pretrained_cfg.items()
+           if k not in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag')}
+    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=CONVERTED_ARCH)
+
+    weights = 'pretrained weights' if pretrained else (f'weights from {Path(checkpoint).name}' if checkpoint
+                                                       else 'fresh weights')
+    card = ModelCardInfo(
+        model_name=CONVERTED_ARCH,
+        repo_id=repo_id or f'<your-org>/{model_name}_normfree',
+        num_params=sum(p.numel() for p in model.parameters()),
+        num_classes=model.num_classes,
+        input_size=tuple(model.pretrained_cfg.get('input_size', (3, 224, 224))),
+        description=(f'timm `{model_name}` converted to a normalizer-free network by '
+                     f'`timm_nofrost.convert_to_normfree` (alpha={alpha}, init={init}, {weights}); '
+                     f'{len(report.norms_removed)} normalization layers removed, {len(report.blocks)} residual '
+                     f'blocks rescaled. Train it with NoFrost adversarial training before use.'),
+        source_checkpoint=Path(checkpoint).name if checkpoint else None,
+        dataset=None,
+        architecture=f'`{model_name}` with every normalizer removed and scaled weight-standardised convs',
+    )
+    return write_model_folder(model, out_dir, card, overwrite=overwrite), report

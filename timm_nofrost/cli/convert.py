@@ -1,7 +1,8 @@
 """``timm-nofrost convert``: a timm BatchNorm model as a loadable normalizer-free folder."""
 import argparse
 
-from ..convert import INIT_MODES, convert_and_export
+from ..convert import INIT_MODES
+from ..hub import convert_and_export
 from ._common import add_json_flag, print_json
 
 

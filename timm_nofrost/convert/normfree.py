@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import WS_CONV_TYPES
+from ..layers import WS_CONV_TYPES, is_preact_nf_block
 from .layers import (
     NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
     is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
@@ -232,11 +232,8 @@ def convert_to_normfree(
 
 def normfree_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Residual blocks of a normalizer-free model: converted blocks and timm / NoFrost NF blocks."""
-    from timm.models.nfnet import NormFreeBlock
-    from ..models.nfnet import NormFreeBasicBlock
     blocks = []
     for name, module in model.named_modules():
-        if isinstance(module, (NormFreeBlock, NormFreeBasicBlock)) or (
-                isinstance(module, fx.GraphModule) and hasattr(module, 'nf_beta')):
+        if is_preact_nf_block(module) or (isinstance(module, fx.GraphModule) and hasattr(module, 'nf_beta')):
             blocks.append((name, module))
     return blocks

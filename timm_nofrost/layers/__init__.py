@@ -8,6 +8,7 @@ from .std_conv import (
     FusedNormFreeBlock,
     fuse_weight_standardization,
     fused_conv,
+    is_preact_nf_block,
     make_fusable,
     standardized_weight,
 )

@@ -14,6 +14,7 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdCon
 
 __all__ = [
     'WS_CONV_TYPES',
+    'is_preact_nf_block',
     'FusableScaledStdConv2d',
     'FusableScaledStdConv2dSame',
     'FusableStdConv2d',
@@ -131,10 +132,19 @@ def fuse_weight_standardization(model: nn.Module, inplace: bool = False, fold_re
     return model
 
 
+def is_preact_nf_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalizer-free pre-activation block, found by what it has (as timm's
+    ``reparameterize_model`` finds ``fuse()``): float ``alpha`` and ``beta``, ``act1``, ``conv1``, ``downsample``
+    and ``attn_last`` attributes, computing ``alpha * branch(beta * act1(x)) + shortcut``. timm's
+    ``NormFreeBlock`` and the NoFrost ``NormFreeBasicBlock`` are; post-activation ResNet blocks are not (no
+    ``alpha`` / ``beta`` / ``attn_last``)."""
+    scales = [getattr(module, name, None) for name in ('alpha', 'beta')]
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
+            and all(hasattr(module, name) for name in ('act1', 'conv1', 'downsample', 'attn_last')))
+
+
 def _is_nf_block(module: nn.Module) -> bool:
-    from timm.models.nfnet import NormFreeBlock
-    from ..models.nfnet import NormFreeBasicBlock
-    return isinstance(module, (NormFreeBlock, NormFreeBasicBlock)) and not module.training
+    return is_preact_nf_block(module) and not module.training
 
 
 class FusedNormFreeBlock(nn.Module):

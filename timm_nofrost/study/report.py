@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..evaluate.report import WORST_CASE, format_eps
-from .runner import EVAL_FILE, STUDY_FILE, run_dir, run_state
+from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
 

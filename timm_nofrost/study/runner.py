@@ -33,12 +33,11 @@ from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from .arms import Arm
+from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE',
            'PROTOCOL_ATTACKS', 'DEMO_STUDY']
 
-STUDY_FILE = 'study.json'
-EVAL_FILE = 'eval.json'
 PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,apgd-t,autoattack'
 # the demo study: the paper's four arms, two seeds, a schedule and protocol that finish in minutes on 2 CPU
 # cores: 16 px shapes, 2 epochs of PGD-2, 64 evaluation images, APGD-T with 25 iterations per target class, no
@@ -109,24 +108,6 @@ class StudyConfig:
 
 # the study's adversarial settings; the rest (method, attack, weights, batch mode) is each arm's
 _STUDY_ADV_KEYS = ('eps', 'steps', 'step_size', 'norm', 'random_start', 'eps_warmup_steps', 'attack_dtype')
-
-
-def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
-    return Path(out_dir) / 'runs' / arm / f'seed-{seed}'
-
-
-def run_state(path: Path) -> Tuple[str, str]:
-    """(state, detail) of one run folder: evaluated, trained, training (epoch k of n) or not started."""
-    if (path / EVAL_FILE).is_file():
-        return 'evaluated', ''
-    if (path / 'results.json').is_file():
-        return 'trained', 'trained, not evaluated yet'
-    summary = path / 'summary.jsonl'
-    if (path / CHECKPOINT_LAST).is_file() and summary.is_file():
-        lines = [line for line in summary.read_text().splitlines() if line.strip()]
-        epoch = json.loads(lines[-1]).get('epoch', '?') if lines else '?'
-        return 'training', f'interrupted after epoch {epoch}'
-    return 'missing', 'not started'
 
 
 # -- configuration and checks ----------------------------------------------------------------------------

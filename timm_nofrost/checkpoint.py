@@ -20,7 +20,10 @@ import torch.nn as nn
 
 __all__ = [
     'CheckpointError',
+    'read_checkpoint',
     'read_state_dict',
+    'load_checkpoint',
+    'compare_state_dict',
     'clean_state_dict',
     'checkpoint_filter_fn',
     'describe_key_mismatch',
@@ -36,7 +39,23 @@ _MAX_LISTED_KEYS = 6
 
 
 class CheckpointError(ValueError):
-    """A file or state_dict that cannot be loaded as weights of the requested model."""
+    """A file or state_dict that cannot be loaded as weights of the requested model.
+
+    Besides the one-line message, the fields say what went wrong, for programs: ``path`` (the file, when there
+    is one) and the ``missing``, ``unexpected`` and ``mismatched`` (``'key: checkpoint (..) vs model (..)'``)
+    keys when the weights do not fit the model.
+    """
+
+    def __init__(self, message: str, path: Optional[Union[str, Path]] = None, missing: Sequence[str] = (),
+                 unexpected: Sequence[str] = (), mismatched: Sequence[str] = ()):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+
+    def with_source(self, source: str, path: Optional[Union[str, Path]] = None) -> 'CheckpointError':
+        """The same error, its message prefixed with ``source`` (and ``path`` recorded)."""
+        return CheckpointError(f'{source}: {self}', path=path if path is not None else self.path,
+                               missing=self.missing, unexpected=self.unexpected, mismatched=self.mismatched)
 
 
 def _strip_prefixes(key: str) -> str:
@@ -78,28 +97,92 @@ def clean_state_dict(checkpoint: Mapping[str, Any], name: str = 'checkpoint') ->
     return state_dict
 
 
-def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read weights from a ``.safetensors`` file or a PyTorch checkpoint, safely.
+def read_checkpoint(path: Union[str, Path]) -> Any:
+    """The whole content of a ``.safetensors`` file or a PyTorch checkpoint, read safely: the one place that
+    opens checkpoint files (weights, the authors' formats, training checkpoints).
 
     Pickle-based files are loaded with ``weights_only=True`` on the CPU; anything else is refused.
+
+    Raises:
+        FileNotFoundError: The path does not exist (or is a folder).
+        CheckpointError: The file is corrupted, not a checkpoint, or would need arbitrary code to unpickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint file not found: {path}' + (' (a folder)' if path.is_dir() else ''))
+    try:
+        if _is_safetensors(path):
+            import safetensors.torch
+            return safetensors.torch.load_file(str(path), device='cpu')
+        return torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure to read becomes a CheckpointError naming the file
+        raise _diagnose(path, e) from None
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read weights from a ``.safetensors`` file or a PyTorch checkpoint, safely (``read_checkpoint``), and
+    unwrap them (``clean_state_dict``).
 
     Raises:
         FileNotFoundError: The path does not exist.
         CheckpointError: The file is corrupted, not a checkpoint, or would need arbitrary code to unpickle.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint file not found: {path}')
-    name = f"checkpoint '{path}'"
     try:
-        if _is_safetensors(path):
-            import safetensors.torch
-            checkpoint = safetensors.torch.load_file(str(path), device='cpu')
-        else:
-            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure to read becomes a CheckpointError naming the file
-        raise _diagnose(path, e) from None
-    return clean_state_dict(checkpoint, name=name)
+        return clean_state_dict(read_checkpoint(path), name=f"checkpoint '{path}'")
+    except CheckpointError as e:
+        raise CheckpointError(str(e), path=path) from None
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, Path, Mapping[str, Any]]) -> nn.Module:
+    """Load weights into ``model``: read safely, unwrap (authors' formats, DDP / compile prefixes), check every
+    key and shape against the model, then ``load_state_dict``. Used by the CLI, the train command, export,
+    convert and the study.
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: Unreadable or unsafe file, or weights that do not fit (its ``missing``,
+            ``unexpected`` and ``mismatched`` fields list them; the message says what to pass).
+    """
+    is_file = isinstance(checkpoint, (str, Path))
+    state_dict = read_state_dict(checkpoint) if is_file else clean_state_dict(checkpoint)
+    missing, unexpected, mismatched = compare_state_dict(state_dict, model)
+    if missing or unexpected or mismatched:
+        source = f"checkpoint '{checkpoint}'" if is_file else 'state_dict'
+        raise CheckpointError(f'{source} does not fit {_arch(model)}: '
+                              f'{describe_key_mismatch(missing, unexpected, mismatched)}.'
+                              f'{_classes_hint(state_dict, model, missing, unexpected, mismatched)}',
+                              path=checkpoint if is_file else None, missing=missing, unexpected=unexpected,
+                              mismatched=mismatched)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def compare_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, skip: Sequence[str] = ()) -> tuple:
+    """``(missing, unexpected, mismatched)`` keys of ``state_dict`` against ``model``, ignoring the modules in
+    ``skip`` (qualified names); ``mismatched`` as ``'key: checkpoint (..) vs model (..)'``."""
+    model_state = model.state_dict()
+    missing = [k for k in model_state if k not in state_dict and not _prefix_match(k, skip)]
+    unexpected = [k for k in state_dict if k not in model_state and not _prefix_match(k, skip)]
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}'
+                  for k, v in state_dict.items()
+                  if k in model_state and tuple(model_state[k].shape) != tuple(v.shape) and not _prefix_match(k, skip)]
+    return missing, unexpected, mismatched
+
+
+def _arch(model: nn.Module) -> str:
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+
+
+def _classes_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module, missing: Sequence[str],
+                  unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
+    """' Pass num_classes=N.' when only the classifier differs."""
+    classifiers = _as_names((getattr(model, 'pretrained_cfg', None) or {}).get('classifier'))
+    if classifiers and mismatched and not missing and not unexpected \
+            and all(_prefix_match(m.split(':')[0], classifiers) for m in mismatched):
+        weight = state_dict.get(classifiers[0] + '.weight')
+        if weight is not None:
+            return f' The checkpoint was trained for {weight.shape[0]} classes: pass num_classes={weight.shape[0]}.'
+    return ''
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -115,16 +198,23 @@ def _diagnose(path: Path, error: BaseException) -> CheckpointError:
     """Explain why ``path`` could not be read, without ever executing its pickle."""
     name = f"checkpoint '{path}'"
     if _is_safetensors_error(error) or _is_safetensors(path):
-        return CheckpointError(f'{name} is not a valid safetensors file ({error}).')
+        return CheckpointError(f'{name} is not a valid safetensors file ({_first_line(error)}).', path=path)
     unsafe = unsafe_pickle_globals(path)
     if unsafe:
         return CheckpointError(
             f'refusing to load {name}: its pickle imports {", ".join(unsafe)}, which could execute code. '
             f'Only tensor state_dicts are loaded (torch.load weights_only=True); re-save the weights with '
-            f'torch.save(model.state_dict()) or as safetensors if you trust the file.')
+            f'torch.save(model.state_dict()) or as safetensors if you trust the file.', path=path)
     if unsafe is None:
-        return CheckpointError(f'{name} is not a PyTorch or safetensors checkpoint.')
-    return CheckpointError(f'{name} is truncated or corrupted ({type(error).__name__}: {error}).')
+        return CheckpointError(f'{name} is not a PyTorch or safetensors checkpoint.', path=path)
+    return CheckpointError(f'{name} is truncated or corrupted ({type(error).__name__}: {_first_line(error)}).',
+                           path=path)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error from torch / safetensors, for a one-line message (shown, never parsed)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 _SAFE_GLOBAL_ROOTS = ('torch', 'collections', '_codecs')
@@ -206,28 +296,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     first_convs = _as_names(pretrained_cfg.get('first_conv'))
     head_reset = getattr(model, 'num_classes', None) != pretrained_cfg.get('num_classes', None)
 
-    model_state = model.state_dict()
-    missing = [k for k in model_state if k not in state_dict and not _prefix_match(k, classifiers)]
-    unexpected = [k for k in state_dict if k not in model_state and not _prefix_match(k, classifiers)]
-    mismatched = []
-    for key, value in state_dict.items():
-        target = model_state.get(key, None)
-        if target is None or tuple(target.shape) == tuple(value.shape):
-            continue
-        if _prefix_match(key, first_convs):
-            continue  # timm adapts the first conv to in_chans
-        if _prefix_match(key, classifiers) and head_reset:
-            continue  # timm drops the classifier when num_classes differs
-        mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}')
+    missing, unexpected, _ = compare_state_dict(state_dict, model, skip=classifiers)
+    _, _, mismatched = compare_state_dict(state_dict, model)
+    # timm adapts the first conv to in_chans, and drops the classifier when num_classes differs
+    mismatched = [m for m in mismatched if not _prefix_match(m.split(':')[0], first_convs)
+                  and not (head_reset and _prefix_match(m.split(':')[0], classifiers))]
     if missing or unexpected or mismatched:
-        arch = pretrained_cfg.get('architecture') or type(model).__name__
-        hint = ''
-        if mismatched and all(_prefix_match(m.split(':')[0], classifiers) for m in mismatched) \
-                and not missing and not unexpected:
-            n_ckpt = state_dict[classifiers[0] + '.weight'].shape[0]
-            hint = f' The checkpoint was trained for {n_ckpt} classes: pass num_classes={n_ckpt}.'
         raise CheckpointError(
-            f'weights do not fit {arch}: {describe_key_mismatch(missing, unexpected, mismatched)}.{hint}')
+            f'weights do not fit {_arch(model)}: {describe_key_mismatch(missing, unexpected, mismatched)}.'
+            f'{_classes_hint(state_dict, model, missing, unexpected, mismatched)}',
+            missing=missing, unexpected=unexpected, mismatched=mismatched)
     return state_dict
 
 
@@ -241,7 +319,7 @@ def translate_load_errors(source: str, file: Optional[Union[str, Path]] = None) 
     try:
         yield
     except CheckpointError as e:
-        raise CheckpointError(f'{source}: {e}') from e
+        raise e.with_source(source, file) from e
     except Exception as e:  # noqa: BLE001 - narrowed below, everything else re-raised unchanged
         if file is not None and Path(file).is_file():
             try:

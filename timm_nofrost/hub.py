@@ -19,7 +19,7 @@ import timm
 import torch
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
-from .checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict, translate_load_errors
+from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint, read_state_dict, translate_load_errors
 from .model_card import ModelCardInfo, render_model_card
 
 __all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models',
@@ -77,9 +77,21 @@ def _infer_shape(state_dict: Dict[str, torch.Tensor], name: Optional[str], dim: 
 
 
 def check_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Path:
+    """A new or empty folder we can write (or any folder with ``overwrite``), checked before any work."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f'Output folder {out_dir} exists and is not a folder.')
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f'Output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite).')
+    existed = out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise PermissionError(f'Output folder {out_dir} cannot be written: {e.strerror or e}.') from None
+    if not existed:
+        out_dir.rmdir()  # created only to check; the export creates it again when it writes
     return out_dir
 
 
@@ -317,9 +329,7 @@ def convert_and_export(
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     base = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
-        state_dict = read_state_dict(checkpoint)
-        with translate_load_errors(f"checkpoint '{checkpoint}'"):
-            base.load_state_dict(checkpoint_filter_fn(state_dict, base))
+        load_checkpoint(base, checkpoint)
 
     conversion = dict(alpha=alpha, init=init, norms=list(norms), act_layer=act_layer, zero_init_last=zero_init_last)
     model = convert_to_normfree(base, strict=strict, **conversion)

@@ -11,14 +11,22 @@ __all__ = ['main', 'build_parser']
 _SUBCOMMANDS = (models, train, study, timm_train, evaluate, shift, convert, export, push)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``timm-nofrost CMD: error: ...``, exit status 2), like every other error of
+    the command; the usage is one ``--help`` away."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog='timm-nofrost',
         description='Normalizer-free adversarial training (NoFrost) for timm: models, weights and tools.',
     )
     from ..version import __version__
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=OneLineErrorParser)
     for module in _SUBCOMMANDS:
         module.add_parser(subparsers)
     return parser
@@ -34,8 +42,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except CliError as e:
         return fail(args.command, str(e), e.exit_code)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        return fail(args.command, str(e))
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError) as e:  # the package's own errors (CheckpointError, StudyError, ...) are ValueErrors
+        return fail(args.command, str(e) or f'{type(e).__name__} ({e!r})')
     except OSError as e:  # network / Hub errors
         notes = ' '.join(getattr(e, '__notes__', []))
         return fail(args.command, f'{type(e).__name__}: {e} {notes}'.strip())

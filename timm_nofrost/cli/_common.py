@@ -52,48 +52,43 @@ def parse_model_kwargs(text: Any) -> dict:
 
 
 def create_model_from_args(args: Any, **kwargs: Any) -> Any:
-    """``timm.create_model`` from ``--model``, ``--pretrained`` / ``--checkpoint`` and ``--model-kwargs`` (and
-    ``--convert`` where the command has it).
+    """``timm.create_model`` from ``--model``, ``--pretrained`` and ``--model-kwargs`` (and ``--convert`` where the
+    command has it), then the ``--checkpoint`` weights through the package's one loader (``load_checkpoint``).
 
-    A checkpoint that does not fit the architecture becomes a CliError listing the mismatches, not a traceback.
+    An unknown model is a CliError naming it; a checkpoint that cannot be read or does not fit the architecture
+    is a ``CheckpointError`` (one line, with what to pass), not a traceback.
     """
     import timm
+    from ..checkpoint import CheckpointError, load_checkpoint
     kwargs = {**parse_model_kwargs(getattr(args, 'model_kwargs', None)), **kwargs}
-    if getattr(args, 'convert', False):
-        return _create_converted(args, kwargs)
-    try:
-        return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
-    except RuntimeError as e:
-        if 'state_dict' not in str(e) or not args.checkpoint:
-            raise
-        raise _misfit(args, e) from None
-
-
-def _misfit(args: Any, error: Exception) -> CliError:
-    """A one-line CliError for a checkpoint whose keys or shapes do not fit the model."""
-    lines = [line.strip().rstrip('.') for line in str(error).splitlines() if line.strip()]
-    details = lines[1:] or [line.split(': ', 1)[-1] for line in lines]  # CheckpointError: one line
-    shown = '; '.join(details[:3]) + (f' (and {len(details) - 3} more)' if len(details) > 3 else '')
-    converted = ' (converted with --convert)' if getattr(args, 'convert', False) else ''
-    return CliError(f'Checkpoint {args.checkpoint} does not fit {args.model}{converted}: {shown}. Pass the '
-                    f'--num-classes and --model-kwargs the model was trained with.')
-
-
-def _create_converted(args: Any, kwargs: dict) -> Any:
-    """``--convert``: the timm (BatchNorm) model, converted by ``convert_to_normfree`` as ``train --convert`` does,
-    THEN the ``--checkpoint`` weights (a converted model's weights do not fit the unconverted one)."""
-    import timm
-    from ..checkpoint import CheckpointError, checkpoint_filter_fn, read_state_dict
-    from ..convert import convert_to_normfree
+    check_model_name(args.model)
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    model = convert_to_normfree(model, init='keep' if args.pretrained else 'fresh')
+    converted = ''
+    if getattr(args, 'convert', False):  # as `train --convert` does: convert the BN model, then load the weights
+        from ..convert import convert_to_normfree
+        model = convert_to_normfree(model, init='keep' if args.pretrained else 'fresh')
+        converted = ' (converted with --convert)'
     if args.checkpoint:
-        state_dict = read_state_dict(args.checkpoint)  # safetensors or torch.load(weights_only=True)
         try:
-            model.load_state_dict(checkpoint_filter_fn(state_dict, model))
-        except (CheckpointError, RuntimeError) as e:
-            raise _misfit(args, e) from None
+            load_checkpoint(model, args.checkpoint)
+        except CheckpointError as e:
+            if not (e.missing or e.unexpected or e.mismatched):
+                raise
+            raise CheckpointError(f'{e} It does not fit {args.model}{converted}: pass the --num-classes and '
+                                  f'--model-kwargs the model was trained with.', path=e.path, missing=e.missing,
+                                  unexpected=e.unexpected, mismatched=e.mismatched) from None
     return model
+
+
+def check_model_name(name: str) -> None:
+    """A one-line error for a model name timm does not know (``hf-hub:`` / ``local-dir:`` are timm's to check)."""
+    import timm
+    if name.startswith(('hf-hub:', 'local-dir:')):
+        return
+    if not timm.is_model(name.split('.', 1)[0]):
+        close = timm.list_models(f'*{name.split(".", 1)[0][:6]}*')[:8] if len(name) >= 3 else []
+        hint = f'; similar names: {", ".join(close)}' if close else ''
+        raise CliError(f'Unknown model {name!r}: not a timm model name (after import timm_nofrost){hint}.')
 
 
 def add_adversarial_args(parser: Any, steps_help: str = '10', per_arm: bool = False) -> None:

@@ -64,7 +64,8 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
     """Parse the ``--adv-*`` flags written after SCRIPT into ``args``."""
     if not tokens:
         return
-    parser = argparse.ArgumentParser(prog='timm-nofrost timm-train', add_help=False)
+    from . import OneLineErrorParser
+    parser = OneLineErrorParser(prog='timm-nofrost timm-train', add_help=False)
     _add_adv_arguments(parser)
     _, unknown = parser.parse_known_args(tokens, namespace=args)
     if unknown:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.sources import DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, source_data_config, spread_indices
 from ..training.baseline import create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
@@ -370,7 +371,11 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Ar
         raise StudyError(f'{path / CHECKPOINT_LAST} holds epoch {int(state["epoch"]) + 1} of {t.epochs}: the run did '
                          f'not finish; run the study again to resume it.')
     model = models.for_evaluation(arm, seed)
-    model.load_state_dict(state['state_dict'])
+    try:
+        load_checkpoint(model, state['state_dict'])
+    except CheckpointError as e:
+        raise e.with_source(f'{path / CHECKPOINT_LAST} does not fit arm {arm.name!r}', path / CHECKPOINT_LAST) \
+            from None
     # each model is attacked through the normalisation it was trained with (its own data config)
     data_config = source_data_config(t.data, model, t.img_size)
     mean, std = tuple(data_config['mean']), tuple(data_config['std'])

@@ -11,7 +11,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ['atomic_save', 'load_training_checkpoint']
 
@@ -46,13 +46,11 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
 def load_training_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Read a checkpoint written by ``timm-nofrost train`` (``weights_only=True``: no code can run)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'Checkpoint {path} does not exist.')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # corrupted, truncated, or pickles more than tensors and plain types
-        raise CheckpointError(f'Could not read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') \
-            from None
+        state = read_checkpoint(path)  # the package's one reader: safetensors or weights_only pickle
+    except FileNotFoundError:
+        raise CheckpointError(f'Checkpoint {path} does not exist.', path=path) from None
     if not isinstance(state, dict) or 'state_dict' not in state or 'epoch' not in state:
-        raise CheckpointError(f'{path} is not a timm-nofrost training checkpoint (no state_dict / epoch entries).')
+        raise CheckpointError(f'{path} is not a timm-nofrost training checkpoint (no state_dict / epoch entries).',
+                              path=path)
     return state

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..attacks.spec import parse_attack
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
 from .config import AdversarialConfig
@@ -236,10 +236,9 @@ class _Run:
     def restore(self, path: Path) -> None:
         state = load_training_checkpoint(path)
         try:
-            unwrap_model(self.model).load_state_dict(state['state_dict'])
-        except RuntimeError as e:
-            raise CheckpointError(f'Checkpoint {path} does not match the model {self.cfg.model}: '
-                                  f'{str(e).splitlines()[0]}') from None
+            load_checkpoint(unwrap_model(self.model), state['state_dict'])
+        except CheckpointError as e:
+            raise e.with_source(f'Checkpoint {path} does not match the model {self.cfg.model}', path) from None
         self._check_same_recipe(path, state)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])

@@ -66,6 +66,8 @@ def test_authors_resnet50_checkpoint_via_file_and_export(resnet50_authors_checkp
     assert card.startswith('---\n') and 'library_name: timm' in card and 'license: apache-2.0' in card
     assert 'import timm_nofrost' in card
     assert "timm.create_model('hf-hub:timm-nofrost/nf_resnet50_nofrost.at_in1k', pretrained=True)" in card
+    assert f"pretrained_cfg_overlay=dict(file='{path.name}')" in card  # the authors' file, loadable now
+    assert 'github.com/amazon-research/normalizer-free-robust-training' in card
     for fact in ('74.06', '59.28', '13.57', '23.56', '22.45', 'PGD-20', 'eps 8/255', 'step size 0.5/255',
                  'APGD-CE, 100 iterations | 5.3', 'AutoAttack (standard) | 1.3', 'Reported in the paper',
                  'weight decay 5e-5', '@inproceedings{wang2022removing'):

@@ -127,3 +127,18 @@ def test_push_rejects_bad_input(tmp_path):
         push_folder(tmp_path, 'org/name')
     with pytest.raises(FileNotFoundError, match='nowhere'):
         push_folder(tmp_path / 'nowhere', 'org/name')
+
+
+def test_pretrained_true_before_the_hub_repos_exist_says_how_to_load_the_authors_files(tmp_path, monkeypatch):
+    """Until the project's repos are published, pretrained=True names the repo and the two ways to load the
+    authors' files instead (the loopback Hub has no such repo, as the real one today)."""
+    (tmp_path / 'hub').mkdir()
+    with HubServer(tmp_path / 'hub') as server:
+        configure_hub_env(monkeypatch, server.endpoint, tmp_path / 'cache')
+        with pytest.raises(RepositoryNotFoundError) as info:
+            timm.create_model('nf_resnet50_nofrost.at_in1k', pretrained=True)
+    notes = ' '.join(getattr(info.value, '__notes__', []))
+    assert "repo 'timm-nofrost/nf_resnet50_nofrost.at_in1k' does not exist" in notes
+    assert "pretrained_cfg_overlay=dict(file='best_RA.pth')" in notes
+    assert 'timm-nofrost export best_RA.pth --model nf_resnet50_nofrost.at_in1k --out DIR' in notes
+    assert 'github.com/amazon-research/normalizer-free-robust-training' in notes

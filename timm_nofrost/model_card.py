@@ -109,6 +109,12 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
     ]
     if tagged_name:
         usage.append(f"# same weights through the registered tag: timm.create_model('{tagged_name}', pretrained=True)")
+    if info.is_paper_model:
+        usage += [
+            f"# or the authors' original file (Google Drive links in the README of {AUTHORS_CODE_URL}):",
+            f"# timm.create_model('{info.model_name}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='{info.source_checkpoint or 'best_RA.pth'}'))",
+        ]
     usage += [
         'model.eval()',
         '',

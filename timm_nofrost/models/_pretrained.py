@@ -13,7 +13,8 @@ from timm.models import (
 
 from ..checkpoint import checkpoint_filter_fn, translate_load_errors
 
-__all__ = ['build_nofrost_model', 'describe_pretrained_source', 'explain_load_errors']
+__all__ = ['build_nofrost_model', 'describe_pretrained_source', 'explain_load_errors', 'weights_not_on_hub_note',
+           'HF_HUB_ORG', 'AUTHORS_CODE']
 
 
 def _check_tag(variant: str, pretrained_cfg: Any) -> None:
@@ -53,12 +54,30 @@ def describe_pretrained_source(cfg: Optional[PretrainedCfg], variant: str) -> st
     return f'the pretrained weights of {variant}'
 
 
+AUTHORS_CODE = 'https://github.com/amazon-research/normalizer-free-robust-training'
+# the Hub organisation the registered tags point at; its repos are created when the weights are published
+HF_HUB_ORG = 'timm-nofrost'
+
+
+def weights_not_on_hub_note(hub_id: str, variant: str) -> str:
+    """What to do while the project's Hub repos do not exist yet: the authors' files, loaded two ways."""
+    arch = variant.split('.', 1)[0]
+    return (f"timm-nofrost: the NoFrost weights are not published on the Hub yet (repo '{hub_id}' does not exist). "
+            f"Download the authors' checkpoint (best_RA.pth for .at_in1k, the NoFrost* one for .at_deepaug_in1k; "
+            f"Google Drive links in the README of {AUTHORS_CODE}) and load it with "
+            f"timm.create_model('{arch}', pretrained=True, pretrained_cfg_overlay=dict(file='best_RA.pth')), or "
+            f"run `timm-nofrost export best_RA.pth --model {variant} --out DIR` and load 'local-dir:DIR'.")
+
+
 @contextlib.contextmanager
-def _explain_download_errors(source: str) -> Iterator[None]:
+def _explain_download_errors(source: str, hub_id: Optional[str] = None, variant: str = '') -> Iterator[None]:
     try:
         yield
     except OSError as e:
         if type(e).__module__.startswith('huggingface_hub'):
+            from huggingface_hub.errors import RepositoryNotFoundError
+            if isinstance(e, RepositoryNotFoundError) and hub_id and hub_id.startswith(f'{HF_HUB_ORG}/'):
+                e.add_note(weights_not_on_hub_note(hub_id, variant))
             e.add_note(
                 f'timm-nofrost: could not fetch weights from {source}. Check the repo id, HF_ENDPOINT and '
                 f'network access; offline, set HF_HUB_OFFLINE=1 after a first download, or load a local file '
@@ -69,9 +88,11 @@ def _explain_download_errors(source: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def explain_load_errors(source: str, file: Optional[str] = None) -> Iterator[None]:
-    """Errors while loading pretrained weights name their source (and diagnose a local ``file``)."""
-    with translate_load_errors(source, file=file), _explain_download_errors(source):
+def explain_load_errors(source: str, file: Optional[str] = None, hub_id: Optional[str] = None,
+                        variant: str = '') -> Iterator[None]:
+    """Errors while loading pretrained weights name their source (and diagnose a local ``file``); a missing
+    repo of the project's own Hub organisation says how to load the authors' files instead."""
+    with translate_load_errors(source, file=file), _explain_download_errors(source, hub_id, variant):
         yield
 
 
@@ -89,5 +110,7 @@ def build_nofrost_model(
     cfg = _resolve(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     source = describe_pretrained_source(cfg, variant)
     file = cfg.file if cfg is not None and cfg.source != 'local-dir' and cfg.state_dict is None else None
-    with explain_load_errors(source, file):
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    tagged = f'{variant}.{cfg.tag}' if cfg is not None and cfg.tag else variant
+    with explain_load_errors(source, file, hub_id, tagged):
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)

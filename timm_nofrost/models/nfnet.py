@@ -25,11 +25,10 @@ from timm.models.nfnet import DownsampleAvg, NfCfg, NormFreeNet, create_stem
 from timm.models.nfnet import _nonlin_gamma, model_cfgs as timm_nf_cfgs
 
 from ..layers import make_fusable
-from ._pretrained import build_nofrost_model
+from ._pretrained import HF_HUB_ORG, build_nofrost_model
 
 __all__ = ['NormFreeBasicBlock', 'NormFreeBasicResNet', 'NoFrostCfg', 'NOFROST_RECIPE_DEFAULTS', 'HF_HUB_ORG']
 
-HF_HUB_ORG = 'timm-nofrost'
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 

@@ -120,8 +120,9 @@ def test_identity_shortcut_is_not_scaled_and_branch_is():
     beta, alpha = block.nf_beta, block.nf_alpha
     with torch.no_grad():
         h = torch.relu(x * beta)
-        branch = block.conv2(torch.relu(block.conv1(h)))
+        branch = block.conv2.forward(torch.relu(block.conv1.forward(h)))  # .forward: without the scale hooks
         assert torch.allclose(block(x), x + alpha * branch, atol=1e-6)
+    assert type(block) is PreActBlock and block.nf_scaled_modules == {'beta': ['bn1'], 'alpha': 'conv2'}
 
 
 def test_generic_path_vgg_and_mobilenet():

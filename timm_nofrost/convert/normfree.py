@@ -18,11 +18,12 @@ from .layers import (
     is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
 )
 from .report import BlockReport, ConversionReport
-from .residual import find_residual, rescale_residual
+from .residual import attach_scales, find_residual, hook_sites, rescale_residual
 
 __all__ = ['convert_to_normfree', 'NormFreeConversionError', 'normfree_blocks', 'INIT_MODES']
 
 INIT_MODES = ('keep', 'fresh')
+_FORCE_REWRITE = False  # tests: convert every block by rewriting its forward, as before the hooks existed
 
 
 class NormFreeConversionError(ValueError):
@@ -120,24 +121,36 @@ class _Converter:
         except Exception as e:  # noqa: BLE001 - untraceable forward: walk into the children instead
             self.report.notes.append(f'{qual} ({type(child).__name__}) could not be traced '
                                      f'({type(e).__name__}); converted layer by layer')
+            self.report.unscaled.append((qual, f'{type(child).__name__}: its forward could not be traced with '
+                                               f'torch.fx ({type(e).__name__}), so no residual scaling'))
             return False
         if info is None:
+            if sum(isinstance(m, nn.Conv2d) for m in child.modules()) >= 2:  # a block of convs, not e.g. ConvNormAct
+                self.report.unscaled.append((qual, f'{type(child).__name__}: no residual add found'))
             return False
-        # convert the layers of the block, then rebuild it from a fresh trace so the graph holds the new layers
+        # convert the layers of the block, then find its residual structure again on the converted layers
         self.visit(child, qual + '.', in_block=True)
         info = find_residual(child)
         beta = 1.0 / math.sqrt(self.expected_var)
-        block = rescale_residual(info, self.alpha, beta)
+        report = BlockReport(
+            name=qual, source_type=type(child).__name__, transition=info.transition, alpha=self.alpha,
+            beta=beta, expected_var=self.expected_var, branch_convs=info.branch_convs,
+            last_conv=info.last_conv, shortcut=', '.join(info.shortcut_convs) or 'identity')
+        placed = None if _FORCE_REWRITE else hook_sites(info)
+        if isinstance(placed, tuple):  # the user's block stays; hooks apply beta and alpha
+            block = child
+            report.beta_on, report.alpha_on = placed
+            attach_scales(block, report.beta_on, report.alpha_on, self.alpha, beta, info.transition)
+        else:  # the forward has to be rewritten for an exact scaling: a GraphModule, reported (strict refuses)
+            block = rescale_residual(info, self.alpha, beta)
+            report.scaled_by, report.rewrite_reason = 'rewrite', placed or 'forced'
+            setattr(parent, name, block)
         if self.zero_init_last and info.last_conv is not None:
             last = block.get_submodule(info.last_conv)
             if hasattr(last, 'gain'):
                 self.last_convs.append(last)
-        self.report.blocks.append(BlockReport(
-            name=qual, source_type=type(child).__name__, transition=info.transition, alpha=self.alpha,
-            beta=beta, expected_var=self.expected_var, branch_convs=info.branch_convs,
-            last_conv=info.last_conv, shortcut=', '.join(info.shortcut_convs) or 'identity'))
+        self.report.blocks.append(report)
         self.expected_var = (1.0 if info.transition else self.expected_var) + self.alpha ** 2
-        setattr(parent, name, block)
         return True
 
 
@@ -224,6 +237,13 @@ def convert_to_normfree(
         details = '; '.join(f'{name}: {why}' for name, why in report.unchanged)
         raise NormFreeConversionError(f'strict conversion of {report.model_type} left {len(report.unchanged)} '
                                       f'layer(s) unconverted: {details}')
+    rewritten = [b for b in report.blocks if b.rewritten]
+    if strict and (rewritten or report.unscaled):
+        details = '; '.join([f'{b.name}: rewritten ({b.rewrite_reason})' for b in rewritten]
+                            + [f'{name}: {why}' for name, why in report.unscaled])
+        raise NormFreeConversionError(
+            f'strict conversion of {report.model_type}: {len(rewritten)} block(s) would lose their class (forward '
+            f'rewritten) and {len(report.unscaled)} block(s) with convolutions have no residual scaling: {details}')
     if not report.changed:
         report.notes.append('model returned unchanged')
     model.normfree_report = report
@@ -234,6 +254,6 @@ def normfree_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Residual blocks of a normalizer-free model: converted blocks and timm / NoFrost NF blocks."""
     blocks = []
     for name, module in model.named_modules():
-        if is_preact_nf_block(module) or (isinstance(module, fx.GraphModule) and hasattr(module, 'nf_beta')):
+        if is_preact_nf_block(module) or hasattr(module, 'nf_beta'):  # native, hooked or rewritten blocks
             blocks.append((name, module))
     return blocks

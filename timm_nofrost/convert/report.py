@@ -17,6 +17,16 @@ class BlockReport:
     branch_convs: List[str]
     last_conv: Optional[str]  # its gain starts at zero when zero_init_last
     shortcut: str  # 'identity' or the projection's module names
+    # how alpha / beta are applied: hooks on the block's own modules (the block keeps its class and forward),
+    # or a rewrite of the forward with torch.fx (the block becomes a GraphModule) where hooks cannot be exact
+    scaled_by: str = 'hooks'
+    beta_on: List[str] = field(default_factory=list)  # modules whose input is multiplied by beta
+    alpha_on: Optional[str] = None  # module whose output is multiplied by alpha
+    rewrite_reason: Optional[str] = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.scaled_by == 'rewrite'
 
 
 @dataclass
@@ -33,6 +43,8 @@ class ConversionReport:
     blocks: List[BlockReport] = field(default_factory=list)
     kept: List[Tuple[str, str]] = field(default_factory=list)  # by design, e.g. attention modules
     unchanged: List[Tuple[str, str]] = field(default_factory=list)  # not converted, with the reason
+    # modules with convolutions whose residual structure could not be traced or found: no alpha / beta scaling
+    unscaled: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -59,8 +71,12 @@ class ConversionReport:
             lines.append('  no residual blocks found: generic conversion, no alpha/beta signal-propagation scaling')
         for block in self.blocks:
             kind = 'transition' if block.transition else 'identity'
+            how = (f'REWRITTEN ({block.rewrite_reason})' if block.rewritten else
+                   f'beta on {", ".join(block.beta_on)}, alpha on {block.alpha_on}')
             lines.append(f'    {block.name:<24} {block.source_type:<16} {kind:<10} beta={block.beta:.4f} '
-                         f'expected_var={block.expected_var:.3f}')
+                         f'expected_var={block.expected_var:.3f}  {how}')
+        for name, why in self.unscaled:
+            lines.append(f'  UNSCALED {name}: {why}')
         for name, why in self.kept:
             lines.append(f'  kept {name}: {why}')
         for name, why in self.unchanged:

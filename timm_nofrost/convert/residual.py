@@ -4,10 +4,15 @@ A block is traced with its children as leaves (plain containers are traced throu
 how the branch and the shortcut meet, however the block is written: ``x += shortcut``, ``torch.add``,
 functional or module activations, ``shortcut`` / ``downsample`` modules, pre- or post-activation.
 The last add whose two operands both depend on the block input, with convolutions on one side, is the
-residual add. The rewrite inserts ``x * beta`` on the branch input and ``branch * alpha`` before the add:
+residual add. The scaling multiplies the branch input by beta and the branch output by alpha:
 
     out = alpha * branch(beta * x) + shortcut(x)           (identity shortcut: shortcut(x) = x)
     out = alpha * branch(beta * x) + shortcut(beta * x)    (projection shortcut, as in NF-ResNets)
+
+The trace is only read: the block keeps its class and forward, and hooks on its own modules apply the
+scalings (``attach_scales``: beta on the modules that read the block input, alpha on the module whose output
+enters the add). Where that is not exact (the input or the branch output goes through a function rather than a
+module called once, see ``hook_sites``), ``rescale_residual`` rewrites the forward instead (a GraphModule).
 """
 import operator
 from dataclasses import dataclass
@@ -17,9 +22,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..layers.residual_scale import ScaleInput, ScaleOutput
 from .layers import is_container
 
-__all__ = ['ResidualInfo', 'trace_block', 'find_residual', 'rescale_residual']
+__all__ = ['ResidualInfo', 'trace_block', 'find_residual', 'hook_sites', 'attach_scales', 'rescale_residual']
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ('add', 'add_')
@@ -159,3 +165,52 @@ def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphM
     gm.nf_beta = float(beta)
     gm.nf_transition = info.transition
     return gm
+
+
+def _scaled_input_users(info: ResidualInfo) -> List[fx.Node]:
+    """The nodes that must see ``beta * x``: every user of the block input but an identity shortcut."""
+    x = next(n for n in info.graph_module.graph.nodes if n.op == 'placeholder')
+    return [u for u in x.users if info.transition or not (u is info.add or u in info.shortcut_only)]
+
+
+def hook_sites(info: ResidualInfo):
+    """``(beta modules, alpha module)``: where hooks scale the block exactly, as qualified names; or, when they
+    cannot, the reason (a string) the forward has to be rewritten.
+
+    Exact means: every consumer of the scaled input is a module called once, on that input alone; the branch
+    output comes from a module called once whose only consumer is the residual add.
+    """
+    gm = info.graph_module
+    x = next(n for n in gm.graph.nodes if n.op == 'placeholder')
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == 'call_module':
+            calls[node.target] = calls.get(node.target, 0) + 1
+    beta_on = []
+    for user in _scaled_input_users(info):
+        if user.op != 'call_module':
+            return f'the block input goes through {user.op} {getattr(user.target, "__name__", user.target)}'
+        if calls[user.target] != 1 or user.args != (x,) or user.kwargs:
+            return f'module {user.target} is called more than once or with more than the block input'
+        beta_on.append(user.target)
+    branch = info.branch
+    if branch.op != 'call_module':
+        return f'the branch ends in {branch.op} {getattr(branch.target, "__name__", branch.target)}, not a module'
+    if calls[branch.target] != 1 or set(branch.users) != {info.add}:
+        return f'the branch output of module {branch.target} is used elsewhere or the module runs twice'
+    if branch.target in beta_on:
+        return f'module {branch.target} both reads the block input and ends the branch'
+    return beta_on, branch.target
+
+
+def attach_scales(block: nn.Module, beta_on: List[str], alpha_on: str, alpha: float, beta: float,
+                  transition: bool) -> nn.Module:
+    """Put ``nf_alpha`` / ``nf_beta`` on the user's block and the hooks that apply them on its modules."""
+    block.nf_alpha = float(alpha)
+    block.nf_beta = float(beta)
+    block.nf_transition = bool(transition)
+    block.nf_scaled_modules = {'beta': list(beta_on), 'alpha': alpha_on}  # where the hooks are, for reading
+    for name in beta_on:
+        block.get_submodule(name).register_forward_pre_hook(ScaleInput(block, 'nf_beta'))
+    block.get_submodule(alpha_on).register_forward_hook(ScaleOutput(block, 'nf_alpha'))
+    return block

@@ -12,3 +12,4 @@ from .std_conv import (
     make_fusable,
     standardized_weight,
 )
+from .residual_scale import ScaleInput, ScaleOutput, fold_residual_scale_hooks, residual_scale_hooks, transfer_hooks

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
+from .residual_scale import fold_residual_scale_hooks, transfer_hooks
+
 __all__ = [
     'WS_CONV_TYPES',
     'is_preact_nf_block',
@@ -63,7 +65,7 @@ class _FuseMixin:
 
     @torch.jit.ignore
     def fuse(self) -> nn.Conv2d:
-        return fused_conv(self)
+        return transfer_hooks(self, fused_conv(self))  # a converted block's residual-scale hooks go along
 
 
 class FusableScaledStdConv2d(_FuseMixin, ScaledStdConv2d):
@@ -115,16 +117,20 @@ def fuse_weight_standardization(model: nn.Module, inplace: bool = False, fold_re
         model: Model with timm ``StdConv2d`` / ``ScaledStdConv2d`` layers (``*Same`` variants included).
         inplace: Modify ``model`` itself; by default a deep copy is fused and returned.
         fold_residual_scales: Replace timm ``NormFreeBlock`` / NoFrost ``NormFreeBasicBlock`` instances
-            without attention by ``FusedNormFreeBlock``.
+            without attention by ``FusedNormFreeBlock``, and fold the alpha / beta hooks of blocks converted by
+            ``convert_to_normfree`` into the convs they sit on (hooks on other modules stay and keep working).
     """
     if not inplace:
         import copy
         model = copy.deepcopy(model)
     if isinstance(model, WS_CONV_TYPES):
-        return fused_conv(model)
+        return transfer_hooks(model, fused_conv(model))
     for name, child in model.named_children():
         if isinstance(child, WS_CONV_TYPES):
-            setattr(model, name, fused_conv(child))
+            fused = transfer_hooks(child, fused_conv(child))  # a converted block's residual scalings go along
+            setattr(model, name, fused)
+            if fold_residual_scales:
+                fold_residual_scale_hooks(fused)
             continue
         fuse_weight_standardization(child, inplace=True, fold_residual_scales=fold_residual_scales)
         if fold_residual_scales and _is_nf_block(child) and _foldable(child):

@@ -132,27 +132,60 @@ def test_blocks_hooks_cannot_scale_are_rewritten_reported_and_refused_by_strict(
 
 
 class DataDependentBlock(nn.Module):
-    """Python control flow on the data: torch.fx cannot trace it."""
+    """Python control flow on tensor values in the branch: torch.fx cannot trace it."""
 
     def __init__(self, c: int = 8):
         super().__init__()
-        self.conv1, self.bn1, self.conv2 = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)
 
     def forward(self, x):
-        out = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        out = self.bn1(self.conv1(x))
         if out.mean() > 0:  # data-dependent
+            out = F.relu(out)
+        else:
+            out = -F.relu(-out)
+        return x + self.bn2(self.conv2(out))
+
+
+def test_data_dependent_control_flow_converts_and_keeps_its_behaviour():
+    model = convert_to_normfree(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DataDependentBlock(), DataDependentBlock()),
+                                zero_init_last=False).eval()
+    block = model[1]
+    assert type(block) is DataDependentBlock and type(block.bn1) is nn.Identity
+    report = model.normfree_report
+    assert [b.name for b in report.blocks] == ['1', '2'] and report.unscaled == []
+    assert block.nf_scaled_modules == {'beta': ['conv1'], 'alpha': 'bn2'}
+    assert any('found on a sample input' in note for note in report.notes)
+    # both paths of the `if` compute alpha * branch(beta * x) + x, the branch taking the path its data picks
+    for sign in (1.0, -1.0):
+        x = sign * torch.rand(1, 8, 6, 6) * 3
+        with torch.no_grad():
+            out = block.conv1.forward(x * block.nf_beta)
+            out = F.relu(out) if out.mean() > 0 else -F.relu(-out)
+            expected = x + block.nf_alpha * block.conv2.forward(out)
+            torch.testing.assert_close(block(x), expected)
+    assert convert_to_normfree(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DataDependentBlock()), strict=True)
+
+
+class UntraceableFunctionalBlock(DataDependentBlock):
+    """Untraceable and the branch ends in a function: neither hooks nor a rewrite can scale it."""
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        if out.mean() > 0:
             out = out * 0.5
-        return x + out
+        return x + torch.tanh(out)
 
 
-def test_untraceable_blocks_keep_their_forward_and_strict_refuses_them():
-    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DataDependentBlock())  # noqa: E731
+def test_blocks_that_cannot_be_scaled_keep_their_forward_and_strict_refuses_them():
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), UntraceableFunctionalBlock())  # noqa: E731
     model = convert_to_normfree(make())
     block = model[1]
-    assert type(block) is DataDependentBlock  # converted layer by layer, its own forward (with the `if`) kept
-    assert type(block.bn1) is nn.Identity and not hasattr(block, 'nf_beta')
+    assert type(block) is UntraceableFunctionalBlock and type(block.bn1) is nn.Identity
+    assert not hasattr(block, 'nf_beta')
     assert [name for name, _ in model.normfree_report.unscaled] == ['1']
-    assert 'UNSCALED 1: DataDependentBlock: its forward could not be traced' in model.normfree_report.summary()
+    assert 'the branch ends in function tanh' in model.normfree_report.summary()
     with pytest.raises(NormFreeConversionError, match='1 block\\(s\\) with convolutions have no residual scaling'):
         convert_to_normfree(make(), strict=True)
 

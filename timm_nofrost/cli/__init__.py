@@ -4,19 +4,11 @@ import sys
 from typing import List, Optional
 
 from . import convert, evaluate, export, models, push, shift, study, timm_train, train
-from ._common import CliError, fail
+from ._common import CliError, OneLineErrorParser, fail
 
 __all__ = ['main', 'build_parser']
 
 _SUBCOMMANDS = (models, train, study, timm_train, evaluate, shift, convert, export, push)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse with one-line errors (``timm-nofrost CMD: error: ...``, exit status 2), like every other error of
-    the command; the usage is one ``--help`` away."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 def build_parser() -> argparse.ArgumentParser:

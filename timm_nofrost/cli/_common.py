@@ -1,7 +1,16 @@
 """Shared CLI helpers: error reporting and JSON / human output."""
+import argparse
 import json
 import sys
 from typing import Any
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``timm-nofrost CMD: error: ...``, exit status 2), like every other error of
+    the command; the usage is one ``--help`` away."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 class CliError(Exception):

@@ -2,7 +2,7 @@
 import argparse
 from typing import List, Tuple
 
-from ._common import CliError, add_adversarial_args, adversarial_config
+from ._common import CliError, OneLineErrorParser, add_adversarial_args, adversarial_config
 
 _ADV_PREFIX = '--adv-'
 
@@ -64,7 +64,6 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
     """Parse the ``--adv-*`` flags written after SCRIPT into ``args``."""
     if not tokens:
         return
-    from . import OneLineErrorParser
     parser = OneLineErrorParser(prog='timm-nofrost timm-train', add_help=False)
     _add_adv_arguments(parser)
     _, unknown = parser.parse_known_args(tokens, namespace=args)

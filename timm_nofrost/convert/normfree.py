@@ -9,7 +9,7 @@ last conv. See ``docs/converter.md`` for the maths and the trade-offs.
 import math
 from typing import List, Optional, Sequence, Tuple
 
-import torch.fx as fx
+import torch
 import torch.nn as nn
 
 from ..layers import WS_CONV_TYPES, is_preact_nf_block
@@ -18,6 +18,7 @@ from .layers import (
     is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
 )
 from .report import BlockReport, ConversionReport
+from .concrete import find_residual_concrete
 from .residual import attach_scales, find_residual, hook_sites, rescale_residual
 
 __all__ = ['convert_to_normfree', 'NormFreeConversionError', 'normfree_blocks', 'INIT_MODES']
@@ -66,6 +67,7 @@ class _Converter:
         self.zero_init_last = zero_init_last
         self.expected_var = 1.0
         self.last_convs: List[nn.Module] = []
+        self.root: Optional[nn.Module] = None  # the model, for sample runs of blocks torch.fx cannot trace
 
     def visit(self, module: nn.Module, prefix: str = '', in_block: bool = False) -> None:
         for name, child in list(module.named_children()):
@@ -118,12 +120,8 @@ class _Converter:
             return False
         try:
             info = find_residual(child)
-        except Exception as e:  # noqa: BLE001 - untraceable forward: walk into the children instead
-            self.report.notes.append(f'{qual} ({type(child).__name__}) could not be traced '
-                                     f'({type(e).__name__}); converted layer by layer')
-            self.report.unscaled.append((qual, f'{type(child).__name__}: its forward could not be traced with '
-                                               f'torch.fx ({type(e).__name__}), so no residual scaling'))
-            return False
+        except Exception as e:  # noqa: BLE001 - untraceable forward (control flow on values): run it instead
+            return self.try_block_concrete(child, qual, e)
         if info is None:
             if sum(isinstance(m, nn.Conv2d) for m in child.modules()) >= 2:  # a block of convs, not e.g. ConvNormAct
                 self.report.unscaled.append((qual, f'{type(child).__name__}: no residual add found'))
@@ -152,6 +150,81 @@ class _Converter:
         self.report.blocks.append(report)
         self.expected_var = (1.0 if info.transition else self.expected_var) + self.alpha ** 2
         return True
+
+
+    def try_block_concrete(self, child: nn.Module, qual: str, error: Exception) -> bool:
+        """A block torch.fx cannot trace: find its structure from one forward on a sample of its real input and
+        scale it with hooks; if that fails too, it is converted layer by layer and reported unscaled."""
+        why = f'its forward cannot be traced by torch.fx ({type(error).__name__})'
+        x = self.sample_input(child)
+        try:
+            found = None if x is None else find_residual_concrete(child, x)
+        except Exception as e:  # noqa: BLE001 - the sample run failed: layer by layer
+            found, why = None, f'{why}, and a sample run failed ({type(e).__name__})'
+        if found is None or not isinstance(found.sites, tuple):
+            if x is None:
+                reason = f'{why}, and the model could not run on a sample image'
+            elif found is None:
+                reason = why if 'sample run' in why else f'{why}; no residual add on a sample input'
+            else:
+                reason = f'{why}; {found.sites}'
+            self.report.notes.append(f'{qual} ({type(child).__name__}): {reason}; converted layer by layer')
+            self.report.unscaled.append((qual, f'{type(child).__name__}: {reason}, so no residual scaling'))
+            return False
+        self.visit(child, qual + '.', in_block=True)
+        beta = 1.0 / math.sqrt(self.expected_var)
+        beta_on, alpha_on = found.sites
+        attach_scales(child, beta_on, alpha_on, self.alpha, beta, found.transition)
+        self.report.blocks.append(BlockReport(
+            name=qual, source_type=type(child).__name__, transition=found.transition, alpha=self.alpha, beta=beta,
+            expected_var=self.expected_var, branch_convs=found.branch_convs, last_conv=found.last_conv,
+            shortcut=', '.join(found.shortcut_convs) or 'identity', scaled_by='hooks', beta_on=beta_on,
+            alpha_on=alpha_on))
+        self.report.notes.append(f'{qual} ({type(child).__name__}): {why}; its structure was found on a sample '
+                                 f'input and is scaled by hooks, its forward (control flow included) kept')
+        if self.zero_init_last and found.last_conv is not None:
+            last = child.get_submodule(found.last_conv)
+            if hasattr(last, 'gain'):
+                self.last_convs.append(last)
+        self.expected_var = (1.0 if found.transition else self.expected_var) + self.alpha ** 2
+        return True
+
+    def sample_input(self, block: nn.Module) -> Optional[torch.Tensor]:
+        """The input ``block`` receives when the (partly converted) model runs on a random image; None if the
+        model cannot run on one."""
+        root = self.root
+        if root is None:
+            return None
+        captured: List[torch.Tensor] = []
+
+        def grab(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0].detach().clone())
+            raise _Captured
+
+        first = next((m for m in root.modules() if isinstance(m, nn.Conv2d)), None)
+        size = tuple((getattr(root, 'pretrained_cfg', None) or {}).get('input_size', (3, 64, 64)))[-2:]
+        x = torch.rand(1, first.in_channels if first is not None else 3, *size,
+                       generator=torch.Generator().manual_seed(0))
+        handle = block.register_forward_pre_hook(grab)
+        training = [m.training for m in root.modules()]
+        try:
+            root.eval()
+            with torch.no_grad():
+                root(x)
+        except _Captured:
+            pass
+        except Exception:  # noqa: BLE001 - a model that needs other inputs: no sample
+            return None
+        finally:
+            handle.remove()
+            for m, flag in zip(root.modules(), training):
+                m.training = flag
+        return captured[0] if captured else None
+
+
+class _Captured(BaseException):
+    """Stops the sample run once the block's input is captured (a BaseException: user code's `except Exception`
+    does not swallow it)."""
 
 
 def _reinit(model: nn.Module) -> None:
@@ -221,6 +294,7 @@ def convert_to_normfree(
         report.notes.append('no activation modules found (functional activations?): assumed relu for the gain')
 
     converter = _Converter(report, tuple(norms), float(alpha), report.gamma, zero_init_last)
+    converter.root = model
     if isinstance(model, converter.norms) or convertible_conv(model):
         holder = nn.Sequential(model)
         converter.visit(holder)

@@ -1,0 +1,202 @@
+"""Residual structure of a block from one real forward pass, for blocks torch.fx cannot trace.
+
+torch.fx traces symbolically and fails on Python control flow over tensor values (``if out.mean() > 0:``). Such
+a block is run once on a sample of its real input, with a ``TorchFunctionMode`` recording every tensor
+operation outside its leaf modules and forward hooks recording each leaf module call (plain containers are
+looked through, as in the fx trace). The recorded data flow gives the same answers as the fx analysis: the
+residual add, the branch and shortcut sides, their convolutions, and where hooks can apply beta and alpha. It
+describes the path this input took; the hooks sit on modules, so they act on whichever path runs.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .layers import is_container
+
+__all__ = ['ConcreteResidual', 'find_residual_concrete']
+
+_ADDS = ('add', 'add_', '__add__', '__iadd__', '__radd__')
+
+
+@dataclass
+class _Node:
+    kind: str  # 'input', 'module' or 'function'
+    target: str  # module qualified name, or function name
+    inputs: List[int]
+    users: List[int] = field(default_factory=list)
+
+
+@dataclass
+class ConcreteResidual:
+    """What the converter needs of a block (the fx analysis' ``ResidualInfo`` fields, plus the hook sites)."""
+    transition: bool
+    branch_convs: List[str]
+    shortcut_convs: List[str]
+    last_conv: Optional[str]
+    sites: Union[Tuple[List[str], str], str]  # (beta modules, alpha module), or why hooks cannot be exact
+
+
+def _leaves(block: nn.Module) -> Dict[nn.Module, str]:
+    """The block's leaf modules (children, looking through plain containers), by qualified name."""
+    leaves: Dict[nn.Module, str] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if is_container(child):
+                walk(child, f'{prefix}{name}.')
+            else:
+                leaves[child] = f'{prefix}{name}'
+    walk(block, '')
+    return leaves
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, nodes: List[_Node], producer: Dict[int, int], keep: List[Any]):
+        super().__init__()
+        self.nodes, self.producer, self.keep = nodes, producer, keep
+        self.depth = 0  # > 0 inside a leaf module: its own operations are not recorded
+
+    def record(self, kind: str, target: str, inputs: Any, output: Any) -> None:
+        sources = [self.producer[id(t)] for t in tree_flatten(inputs)[0]
+                   if isinstance(t, torch.Tensor) and id(t) in self.producer]
+        outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        if not sources or not outputs:
+            return
+        index = len(self.nodes)
+        self.nodes.append(_Node(kind, target, sources))
+        for s in set(sources):
+            self.nodes[s].users.append(index)
+        for t in outputs:
+            self.producer[id(t)] = index
+            self.keep.append(t)  # ids stay unique while the trace lives
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0:
+            self.record('function', getattr(func, '__name__', str(func)), (args, kwargs or {}), out)
+        return out
+
+
+def _trace(block: nn.Module, x: torch.Tensor) -> Tuple[List[_Node], int]:
+    nodes = [_Node('input', 'x', [])]
+    x = x.detach().clone()
+    producer, keep = {id(x): 0}, [x]
+    recorder = _Recorder(nodes, producer, keep)
+    leaves = _leaves(block)
+    handles = []
+
+    def pre(module: nn.Module, args: Any) -> None:
+        recorder.depth += 1
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        recorder.depth -= 1
+        if recorder.depth == 0:
+            recorder.record('module', leaves[module], args, output)
+
+    for leaf in leaves:
+        handles.append(leaf.register_forward_pre_hook(pre, prepend=True))
+        handles.append(leaf.register_forward_hook(post))
+    training = [m.training for m in block.modules()]
+    try:
+        block.eval()
+        with torch.no_grad(), recorder:
+            out = block(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in zip(block.modules(), training):
+            m.training = flag
+    if not isinstance(out, torch.Tensor) or id(out) not in producer:
+        raise ValueError('the block does not return a tensor computed from its input')
+    return nodes, producer[id(out)]
+
+
+def _ancestors(nodes: List[_Node], start: int) -> Set[int]:
+    seen: Set[int] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(nodes[n].inputs)
+    return seen
+
+
+def _convs(block: nn.Module, nodes: List[_Node], indices: Set[int]) -> List[str]:
+    names = []
+    for i in sorted(indices):
+        if nodes[i].kind == 'module':
+            module = block.get_submodule(nodes[i].target)
+            names += [f'{nodes[i].target}.{n}' if n else nodes[i].target
+                      for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    return names
+
+
+def find_residual_concrete(block: nn.Module, x: torch.Tensor) -> Optional[ConcreteResidual]:
+    """The residual structure of ``block`` on input ``x`` (one forward, no gradients); None without one."""
+    nodes, output = _trace(block, x)
+    live = _ancestors(nodes, output)
+    found = None
+    for i in sorted(live):
+        node = nodes[i]
+        if node.kind != 'function' or node.target not in _ADDS or len(node.inputs) < 2:
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        anc_a, anc_b = _ancestors(nodes, a), _ancestors(nodes, b)
+        if 0 not in anc_a or 0 not in anc_b:
+            continue
+        only_a, only_b = anc_a - anc_b, anc_b - anc_a
+        convs_a, convs_b = _convs(block, nodes, only_a), _convs(block, nodes, only_b)
+        if not convs_a and not convs_b:
+            continue
+        if len(convs_a) >= len(convs_b):
+            found = (i, a, only_a, only_b, convs_a, convs_b)
+        else:
+            found = (i, b, only_b, only_a, convs_b, convs_a)
+    if found is None:
+        return None
+    add, branch, branch_only, shortcut_only, branch_convs, shortcut_convs = found
+    transition = bool(shortcut_convs)
+    last = None
+    frontier, seen = [branch], set()
+    while frontier and last is None:
+        n = frontier.pop(0)
+        if n in seen or n not in branch_only:
+            continue
+        seen.add(n)
+        if nodes[n].kind == 'module':
+            convs = _convs(block, nodes, {n})
+            last = convs[-1] if convs else None
+        frontier.extend(nodes[n].inputs)
+    return ConcreteResidual(transition, branch_convs, shortcut_convs, last,
+                            _sites(nodes, add, branch, shortcut_only, transition))
+
+
+def _sites(nodes: List[_Node], add: int, branch: int, shortcut_only: Set[int], transition: bool):
+    """As ``residual.hook_sites``, on the recorded data flow."""
+    calls: Dict[str, int] = {}
+    for node in nodes:
+        if node.kind == 'module':
+            calls[node.target] = calls.get(node.target, 0) + 1
+    beta_on = []
+    for user in dict.fromkeys(nodes[0].users):
+        if not transition and (user == add or user in shortcut_only):
+            continue
+        node = nodes[user]
+        if node.kind != 'module':
+            return f'the block input goes through function {node.target}'
+        if calls[node.target] != 1 or node.inputs != [0]:
+            return f'module {node.target} is called more than once or with more than the block input'
+        beta_on.append(node.target)
+    node = nodes[branch]
+    if node.kind != 'module':
+        return f'the branch ends in function {node.target}, not a module'
+    if calls[node.target] != 1 or set(node.users) != {add}:
+        return f'the branch output of module {node.target} is used elsewhere or the module runs twice'
+    if node.target in beta_on:
+        return f'module {node.target} both reads the block input and ends the branch'
+    return beta_on, node.target

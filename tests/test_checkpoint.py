@@ -178,3 +178,27 @@ def test_in_chans_adapts_first_conv(authors_checkpoint, sample_batch):
     assert torch.allclose(gray.stem.conv.weight, expected)
     assert torch.equal(gray.stages[0][0].conv1.weight, source.stages[0][0].conv1.weight)
     assert _logits(gray, sample_batch[:, :1]).shape == (2, 10)
+
+
+def test_one_loader_reports_what_does_not_fit_as_fields(tmp_path):
+    """``load_checkpoint`` (the loader the CLI, train, export, convert and the study use): the CheckpointError
+    carries the file and the key differences as fields, not only in its message."""
+    from timm_nofrost.checkpoint import load_checkpoint
+    small = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=4, channels=(8, 8, 16, 16), stem_chs=8)
+    path = tmp_path / 'small.pth'
+    torch.save({'state_dict': small.state_dict(), 'epoch': 3}, path)
+    wide = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=4, channels=(8, 8, 16, 32), stem_chs=8)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(wide, path)
+    e = info.value
+    assert e.path == str(path) and e.missing == [] and e.unexpected == []
+    assert 'stages.3.0.conv1.weight: checkpoint (16, 16, 3, 3) vs model (32, 16, 3, 3)' in e.mismatched
+    assert len(e.mismatched) == sum(a.shape != b.shape for a, b in zip(small.state_dict().values(),
+                                                                       wide.state_dict().values()))
+    assert str(e).startswith(f"checkpoint '{path}' does not fit nf_resnet18_cifar_nofrost: ")
+    other = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=7, channels=(8, 8, 16, 16), stem_chs=8)
+    with pytest.raises(CheckpointError, match='trained for 4 classes: pass num_classes=4') as info:
+        load_checkpoint(other, path)
+    assert [m.split(':')[0] for m in info.value.mismatched] == ['head.fc.weight', 'head.fc.bias']
+    assert load_checkpoint(timm.create_model('nf_resnet18_cifar_nofrost', num_classes=4, channels=(8, 8, 16, 16),
+                                             stem_chs=8), path) is not None  # fits: loaded

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .layers import is_container
+from .residual import residual_sides
 
 __all__ = ['ConcreteResidual', 'find_residual_concrete']
 
@@ -145,21 +146,13 @@ def find_residual_concrete(block: nn.Module, x: torch.Tensor) -> Optional[Concre
         node = nodes[i]
         if node.kind != 'function' or node.target not in _ADDS or len(node.inputs) < 2:
             continue
-        a, b = node.inputs[0], node.inputs[1]
-        anc_a, anc_b = _ancestors(nodes, a), _ancestors(nodes, b)
-        if 0 not in anc_a or 0 not in anc_b:
-            continue
-        only_a, only_b = anc_a - anc_b, anc_b - anc_a
-        convs_a, convs_b = _convs(block, nodes, only_a), _convs(block, nodes, only_b)
-        if not convs_a and not convs_b:
-            continue
-        if len(convs_a) >= len(convs_b):
-            found = (i, a, only_a, only_b, convs_a, convs_b)
-        else:
-            found = (i, b, only_b, only_a, convs_b, convs_a)
+        sides = residual_sides(node.inputs[0], node.inputs[1], 0, lambda n: _ancestors(nodes, n),
+                               lambda indices: _convs(block, nodes, indices))
+        if sides is not None:
+            found = (i, sides)  # the last such add, as in the fx analysis
     if found is None:
         return None
-    add, branch, branch_only, shortcut_only, branch_convs, shortcut_convs = found
+    add, (branch, _, branch_only, shortcut_only, branch_convs, shortcut_convs) = found
     transition = bool(shortcut_convs)
     last = None
     frontier, seen = [branch], set()

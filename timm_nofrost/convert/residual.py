@@ -16,7 +16,7 @@ module called once, see ``hook_sites``), ``rescale_residual`` rewrites the forwa
 """
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,8 @@ import torch.nn as nn
 from ..layers.residual_scale import ScaleInput, ScaleOutput
 from .layers import is_container
 
-__all__ = ['ResidualInfo', 'trace_block', 'find_residual', 'hook_sites', 'attach_scales', 'rescale_residual']
+__all__ = ['ResidualInfo', 'trace_block', 'find_residual', 'residual_sides', 'hook_sites', 'attach_scales',
+           'rescale_residual']
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ('add', 'add_')
@@ -108,6 +109,24 @@ def _last_conv(gm: fx.GraphModule, branch: fx.Node, allowed: Set[fx.Node]) -> Op
     return None
 
 
+def residual_sides(a: Any, b: Any, x: Any, ancestors: Callable[[Any], Set[Any]],
+                   convs: Callable[[Set[Any]], List[str]]) -> Optional[Tuple]:
+    """The two operands of an add seen as a residual connection, in any graph (torch.fx nodes or a recorded
+    forward): ``(branch, shortcut, branch_only, shortcut_only, branch_convs, shortcut_convs)``, the branch being
+    the side with more convolutions of its own; None unless both sides read the block input ``x`` and
+    convolutions feed one of them."""
+    anc_a, anc_b = ancestors(a), ancestors(b)
+    if x not in anc_a or x not in anc_b:
+        return None
+    only_a, only_b = anc_a - anc_b, anc_b - anc_a
+    convs_a, convs_b = convs(only_a), convs(only_b)
+    if not convs_a and not convs_b:
+        return None
+    if len(convs_a) >= len(convs_b):
+        return a, b, only_a, only_b, convs_a, convs_b
+    return b, a, only_b, only_a, convs_b, convs_a
+
+
 def find_residual(block: nn.Module) -> Optional[ResidualInfo]:
     """Trace ``block`` and locate its residual add; ``None`` if it has none (or cannot be traced)."""
     gm = trace_block(block)
@@ -125,17 +144,10 @@ def find_residual(block: nn.Module) -> Optional[ResidualInfo]:
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        anc_a, anc_b = _ancestors(a), _ancestors(b)
-        if x not in anc_a or x not in anc_b:
+        sides = residual_sides(a, b, x, _ancestors, lambda nodes: _conv_modules(gm, nodes, order))
+        if sides is None:
             continue
-        only_a, only_b = anc_a - anc_b, anc_b - anc_a
-        convs_a, convs_b = _conv_modules(gm, only_a, order), _conv_modules(gm, only_b, order)
-        if not convs_a and not convs_b:
-            continue
-        if len(convs_a) >= len(convs_b):
-            branch, shortcut, branch_only, shortcut_only, bc, sc = a, b, only_a, only_b, convs_a, convs_b
-        else:
-            branch, shortcut, branch_only, shortcut_only, bc, sc = b, a, only_b, only_a, convs_b, convs_a
+        branch, shortcut, branch_only, shortcut_only, bc, sc = sides
         candidates.append(ResidualInfo(
             graph_module=gm, add=node, branch=branch, shortcut=shortcut, branch_only=branch_only,
             shortcut_only=shortcut_only, branch_convs=bc, shortcut_convs=sc,

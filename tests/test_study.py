@@ -156,7 +156,8 @@ def test_interrupted_study_resumes_to_the_same_report(finished_study, data_root,
     assert code == 0
     partial = json.loads(stdout)
     assert [(m['arm'], m['seed'], m['detail']) for m in partial['missing']] == [
-        ('bn-at', 0, 'interrupted after epoch 1'), ('bn-at', 1, 'not started')]
+        ('bn-at', 0, '1 epoch(s) done: still running, or interrupted (run the study again to resume)'),
+        ('bn-at', 1, 'not started')]
     assert list(partial['arms']) == ['nofrost'] and partial['arms']['nofrost']['clean']['n'] == 2
     assert partial['arm_order'] == ['nofrost', 'bn-at']
     assert '## Not finished' in (out / 'report.md').read_text()

@@ -16,7 +16,7 @@ def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
 
 
 def run_state(path: Path) -> Tuple[str, str]:
-    """(state, detail) of one run folder: evaluated, trained, training (epoch k of n) or not started."""
+    """(state, detail) of one run folder: evaluated, trained, training (some epochs done) or missing."""
     if (path / EVAL_FILE).is_file():
         return 'evaluated', ''
     if (path / 'results.json').is_file():
@@ -25,5 +25,5 @@ def run_state(path: Path) -> Tuple[str, str]:
     if (path / CHECKPOINT_LAST).is_file() and summary.is_file():
         lines = [line for line in summary.read_text().splitlines() if line.strip()]
         epoch = json.loads(lines[-1]).get('epoch', '?') if lines else '?'
-        return 'training', f'interrupted after epoch {epoch}'
+        return 'training', f'{epoch} epoch(s) done: still running, or interrupted (run the study again to resume)'
     return 'missing', 'not started'

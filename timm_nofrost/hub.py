@@ -19,6 +19,7 @@ import timm
 import torch
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
+from .files import check_writable_dir
 from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint, read_state_dict, translate_load_errors
 from .model_card import ModelCardInfo, render_model_card
 
@@ -83,14 +84,7 @@ def check_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Path:
         raise FileExistsError(f'Output folder {out_dir} exists and is not a folder.')
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f'Output folder {out_dir} is not empty; pass overwrite=True (CLI: --overwrite).')
-    existed = out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise PermissionError(f'Output folder {out_dir} cannot be written: {e.strerror or e}.') from None
-    if not existed:
+    if check_writable_dir(out_dir):
         out_dir.rmdir()  # created only to check; the export creates it again when it writes
     return out_dir
 

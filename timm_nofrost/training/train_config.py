@@ -1,7 +1,6 @@
 """Settings of a ``timm-nofrost train`` run: the authors' recipe, a CPU-sized demo preset, and the checks that
 run before any training starts."""
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -10,6 +9,7 @@ import timm
 import torch.nn as nn
 
 from ..attacks.spec import parse_attack
+from ..files import check_writable_dir
 from ..pixels import amp_dtype
 from ..data.sources import DEMO_IMG_SIZE
 from .config import AdversarialConfig
@@ -164,12 +164,7 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and (out_dir / CHECKPOINT_LAST).exists():
         raise FileExistsError(f'{out_dir} already holds a training run ({CHECKPOINT_LAST}); pass --resume to '
                               f'continue it or --overwrite to start over.')
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise PermissionError(f'Output directory {out_dir} is not writable: {e.strerror or e}.') from None
+    check_writable_dir(out_dir, 'Output directory')
 
 
 # -- distributed -----------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ CASES = [
     # a checkpoint of another architecture
     (['eval', *TINY, '--checkpoint', '{other}', '--data', 'demo'], "checkpoint '{other}' does not fit"),
     (['shift', *TINY, '--checkpoint', '{other}', '--benchmark', 'imagenet-r', '--root', '{root}'], 'does not fit'),
-    (['export', '{other}', '--model', 'nf_resnet18_cifar_nofrost', '--out', '{root}/e5'], 'do not fit'),
+    (['export', '{other}', '--model', 'nf_resnet18_cifar_nofrost', '--out', '{root}/e5'], "'{other}': state_dict does not fit"),
     (['train', *TINY, '--resume', '{other}', '--out', '{root}/t5'], '{other} is not a timm-nofrost training'),
     # unknown models
     (['eval', '--model', 'nope_net', '--data', 'demo'], "Unknown model 'nope_net'"),

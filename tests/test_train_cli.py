@@ -76,7 +76,9 @@ def test_train_writes_timm_checkpoints_summary_and_table(data_dir, tmp_path, cap
     assert main(['eval', '--model', TINY_MODEL, '--checkpoint', str(out / 'model_best.pth'), '--data', str(data_dir),
                  '--n-examples', '2']) == 2
     err = capsys.readouterr().err
-    assert 'does not fit nf_resnet18_cifar_nofrost: size mismatch' in err and 'Traceback' not in err
+    assert "does not fit nf_resnet18_cifar_nofrost: " in err and 'shape mismatches (stem.conv.weight: checkpoint' in err
+    assert 'pass the --num-classes and --model-kwargs the model was trained with' in err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_continues_where_the_run_stopped(data_dir, tmp_path, capsys):

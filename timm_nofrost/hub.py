@@ -20,7 +20,7 @@ import torch
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .files import check_writable_dir
-from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint, read_state_dict, translate_load_errors
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .model_card import ModelCardInfo, render_model_card
 
 __all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models',
@@ -149,8 +149,10 @@ def export_checkpoint(
     model = timm.create_model(
         arch, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
         num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-    with translate_load_errors(f"checkpoint '{checkpoint}'"):
-        model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    try:
+        load_checkpoint(model, state_dict)  # the package's one loader: every key and shape checked
+    except CheckpointError as e:
+        raise e.with_source(f"checkpoint '{checkpoint}'", checkpoint) from None
     model.eval()
     del state_dict
 

@@ -69,6 +69,7 @@ def create_model_from_args(args: Any, **kwargs: Any) -> Any:
     """
     import timm
     from ..checkpoint import CheckpointError, load_checkpoint
+    from ..training.train_config import check_model_name
     kwargs = {**parse_model_kwargs(getattr(args, 'model_kwargs', None)), **kwargs}
     check_model_name(args.model)
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
@@ -87,17 +88,6 @@ def create_model_from_args(args: Any, **kwargs: Any) -> Any:
                                   f'--model-kwargs the model was trained with.', path=e.path, missing=e.missing,
                                   unexpected=e.unexpected, mismatched=e.mismatched) from None
     return model
-
-
-def check_model_name(name: str) -> None:
-    """A one-line error for a model name timm does not know (``hf-hub:`` / ``local-dir:`` are timm's to check)."""
-    import timm
-    if name.startswith(('hf-hub:', 'local-dir:')):
-        return
-    if not timm.is_model(name.split('.', 1)[0]):
-        close = timm.list_models(f'*{name.split(".", 1)[0][:6]}*')[:8] if len(name) >= 3 else []
-        hint = f'; similar names: {", ".join(close)}' if close else ''
-        raise CliError(f'Unknown model {name!r}: not a timm model name (after import timm_nofrost){hint}.')
 
 
 def add_adversarial_args(parser: Any, steps_help: str = '10', per_arm: bool = False) -> None:

@@ -279,12 +279,7 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
     ax.set_xlabel('clean accuracy (%)')
     ax.set_ylabel(f'{_metric_label(robust)} (%)')
     ax.set_title(f'{result["model"]} on {result["data"]}', fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / SCATTER_PNG)
-    plt.close(fig)
-    plots['scatter'] = SCATTER_PNG
+    plots['scatter'] = _save(plt, fig, ax, out / SCATTER_PNG)
     if result['curves']:
         fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
         scale = 255 if result['norm'] == 'Linf' else 1
@@ -296,13 +291,18 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
         ax.set_xlabel('eps' + (' (x 1/255)' if scale == 255 else ''))
         ax.set_ylabel('accuracy (%)')
         ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / CURVE_PNG)
-        plt.close(fig)
-        plots['curve'] = CURVE_PNG
+        plots['curve'] = _save(plt, fig, ax, out / CURVE_PNG)
     return plots
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> str:
+    """Grid, legend, tight layout, write ``path``; its file name."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
 
 
 def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:

@@ -196,26 +196,30 @@ class _Models:
         cfg.model_kwargs = {}
         return model, cfg
 
-    def for_evaluation(self, arm: Arm, seed: int) -> nn.Module:
-        """The arm's architecture as trained (converted, split BN), ready for its checkpoint's weights."""
+    def instantiate(self, arm: Arm, seed: int) -> Tuple[nn.Module, TrainConfig]:
+        """The arm's model as ``train`` builds it (converted where the arm converts), and its TrainConfig."""
         model, cfg = self.build(arm, seed)
         if model is None:
             from ..training.run import build_model
             model = build_model(replace(cfg, pretrained=False), self.num_classes)
+        return model, cfg
+
+    def for_evaluation(self, arm: Arm, seed: int) -> nn.Module:
+        """The arm's architecture as trained (converted, split BN), ready for its checkpoint's weights."""
+        model, _ = self.instantiate(arm, seed)
         if arm.batch_mode == 'split':
             from timm.layers import convert_splitbn_model
             model = convert_splitbn_model(model, num_splits=2)
         return model
 
     def check(self, arm: Arm) -> None:
-        """Build the arm's model and its training task once, so that a bad arm fails before any training."""
+        """Build the arm's model and resolve its batch mode once, so that a bad arm fails before any training."""
         from ..training.trainer import resolve_batch_mode
-        model, cfg = self.build(arm, 0)
         try:
-            if model is None:
-                from ..training.run import build_model
-                model = build_model(replace(cfg, pretrained=False), self.num_classes)
+            model, cfg = self.instantiate(arm, 0)
             resolve_batch_mode(model, cfg.adv.batch_mode)
+        except StudyError:
+            raise
         except (ValueError, RuntimeError, TypeError) as e:
             raise StudyError(f'Arm {arm.name!r} cannot train {self.describe(arm)}: {str(e).splitlines()[0]}') from None
 

@@ -14,8 +14,9 @@ from ..pixels import amp_dtype
 from ..data.sources import DEMO_IMG_SIZE
 from .config import AdversarialConfig
 
-__all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'preset_for', 'check_out_dir', 'DEMO_MODEL',
-           'DEMO_MODEL_KWARGS', 'RECIPE', 'DEMO', 'OPTIMIZERS', 'CHECKPOINT_LAST', 'CHECKPOINT_BEST', 'SUMMARY']
+__all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'preset_for', 'check_out_dir', 'check_model_name',
+           'DEMO_MODEL', 'DEMO_MODEL_KWARGS', 'RECIPE', 'DEMO', 'OPTIMIZERS', 'CHECKPOINT_LAST', 'CHECKPOINT_BEST',
+           'SUMMARY']
 
 
 DEMO_MODEL = 'nf_resnet18_cifar_nofrost'
@@ -142,11 +143,13 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Train
     for name in cfg.final_attacks.split(','):
         parse_attack(name.strip())
     if model is None:
-        _check_model_name(cfg.model)
+        check_model_name(cfg.model)
     return cfg
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """A ValueError naming ``name`` and similar timm names when timm does not know it (``hf-hub:`` / ``local-dir:``
+    are timm's to check)."""
     if name.startswith(('hf-hub:', 'local-dir:')):
         return
     arch = name.split('.', 1)[0]

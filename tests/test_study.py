@@ -231,6 +231,11 @@ def test_a_folder_holding_another_study_or_something_else(finished_study, data_r
     code, _, err = run_cli(study_args(data_root, finished_study, epochs='3'), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f'{finished_study} holds another study (schedule.epochs was 2, now 3)' in err
+    # the same data folder named relative to another working directory is the same study: nothing to do
+    monkeypatch.chdir(data_root.parent)
+    code, out, err = run_cli(study_args(Path(data_root.name), finished_study), capsys)
+    assert code == 0, err
+    assert out.count('finished, skipped') == 4
     other = tmp_path / 'train_run'
     other.mkdir()
     (other / 'checkpoint-last.pth').write_bytes(b'x')
@@ -288,6 +293,11 @@ def test_one_run_of_a_study_as_a_torchrun_launch(data_root, tmp_path):
     assert list(report['arms']) == ['nofrost'] and report['arms']['nofrost']['clean']['n'] == 1
     assert 'batch 16 x 2' in done.stderr
     assert len(report['missing']) == 3
+    # the first rank's refusal of the folder reaches every rank: one clear error, no rank left training or waiting
+    other = subprocess.run(launch + study_args(data_root, out, '--only', 'nofrost:1', epochs='2'), env=env,
+                           capture_output=True, text=True, timeout=380)
+    assert other.returncode != 0 and 'holds another study (schedule.epochs was 1, now 2)' in other.stderr
+    assert not (out / 'runs' / 'nofrost' / 'seed-1' / 'epoch-2.json').exists()
 
 
 def test_the_bn_twin_has_the_same_depth_and_width():

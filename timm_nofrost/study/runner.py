@@ -21,17 +21,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..data.sources import DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, source_data_config, spread_indices
+from ..data.sources import (DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, resolve_source,
+                            source_data_config, spread_indices)
 from ..training.baseline import create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
+from ..training import run as training_run  # looked up at call time: tests replace train
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from .arms import Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
@@ -127,6 +130,12 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     if t.adv is None:
         t.adv = AdversarialConfig(steps=DEMO_STUDY['attack_steps'] if demo else None)
     t = resolve_config(t)
+    # the same folder, whatever the working directory it is named from: one study, and runs that resume anywhere
+    spec = resolve_source(t.data, t.data_dir)
+    if spec.kind in ('folder', 'image-folder'):
+        t.data = str(Path(spec.root).resolve())
+    elif t.data_dir is not None:
+        t.data_dir = str(Path(t.data_dir).expanduser().resolve())
     if not cfg.seeds:
         raise StudyError('The study has no seeds.')
     for seed in cfg.seeds:
@@ -200,8 +209,7 @@ class _Models:
         """The arm's model as ``train`` builds it (converted where the arm converts), and its TrainConfig."""
         model, cfg = self.build(arm, seed)
         if model is None:
-            from ..training.run import build_model
-            model = build_model(replace(cfg, pretrained=False), self.num_classes)
+            model = training_run.build_model(replace(cfg, pretrained=False), self.num_classes)
         return model, cfg
 
     def for_evaluation(self, arm: Arm, seed: int) -> nn.Module:
@@ -297,7 +305,6 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     """Train and evaluate every arm x seed (or the ``only`` one: ``ARM`` or ``ARM:SEED``) not finished yet, then
     write the report; returns the report's JSON. Every check (arms, models, data, the folder) runs before any
     training, and raises ``StudyError`` / ``ValueError`` naming the bad value."""
-    from ..training.run import train
     cfg = _resolved(cfg)
     names = [arm.name for arm in cfg.arms]
     if len(set(names)) != len(names):
@@ -318,12 +325,25 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
         models.check(arm)
     primary = int(os.environ.get('RANK', '0')) == 0
     out = Path(cfg.out_dir)
-    if primary:  # the other ranks of a torchrun launch would see the folder half-written
-        manifest = _check_folder(cfg)
-        manifest['arm_models'] = {**manifest.get('arm_models', {}),
-                                  **{arm.name: models.describe(arm) for arm in cfg.arms}}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_json(out / STUDY_FILE, manifest)
+    refused = None
+    if primary:
+        try:
+            manifest = _check_folder(cfg)
+            manifest['arm_models'] = {**manifest.get('arm_models', {}),
+                                      **{arm.name: models.describe(arm) for arm in cfg.arms}}
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_json(out / STUDY_FILE, manifest)
+        except StudyError as e:
+            refused = str(e)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        # under torchrun the other ranks wait for the first one's verdict on the folder: were they to start
+        # training first, the run folders they create would make the folder look like no study at all
+        training_run.init_distributed(t.device)
+        verdict = [refused]
+        dist.broadcast_object_list(verdict, src=0)
+        refused = verdict[0]
+    if refused is not None:
+        raise StudyError(refused)
     eval_set = _EvalSet(cfg, models, source)
 
     for i, (arm, seed) in enumerate(pairs):
@@ -338,7 +358,7 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
             model, run_cfg = models.build(arm, seed)
             if state == 'training':
                 run_cfg.resume = 'auto'
-            train(run_cfg, model=model)
+            training_run.train(run_cfg, model=model)
         if primary:
             _log(f'{tag}: evaluating ({cfg.eval_attacks} at eps {t.adv.eps:.4g}; curve: {cfg.curve_attack})')
             _evaluate_run(cfg, models, eval_set, arm, seed, path)

@@ -54,7 +54,8 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device_pref: Optional[str]) -> tuple:
+def init_distributed(device_pref: Optional[str]) -> tuple:
+    """Join the torchrun process group (once) when WORLD_SIZE > 1; returns the rank info and this rank's device."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     use_cuda = torch.cuda.is_available() if device_pref is None else device_pref.startswith('cuda')
     if world > 1:
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         if not resume_path.is_file():
             raise FileNotFoundError(f'Nothing to resume: checkpoint {resume_path} does not exist.')
     check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
-    info, device = _init_distributed(cfg.device)
+    info, device = init_distributed(cfg.device)
     source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO_IMG_SIZE,
                             val_fraction=cfg.val_fraction, seed=cfg.data_split_seed)
     num_classes = cfg.num_classes or source.num_classes

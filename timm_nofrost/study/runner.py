@@ -30,11 +30,11 @@ from ..attacks.autoattack import autoattack_available
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.sources import (DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, resolve_source,
                             source_data_config, spread_indices)
+from ..training import run as training_run  # looked up at call time: tests replace train
 from ..training.baseline import create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
-from ..training import run as training_run  # looked up at call time: tests replace train
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from .arms import Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state

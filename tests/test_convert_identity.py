@@ -149,6 +149,7 @@ class DataDependentBlock(nn.Module):
 
 
 def test_data_dependent_control_flow_converts_and_keeps_its_behaviour():
+    torch.manual_seed(0)
     model = convert_to_normfree(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DataDependentBlock(), DataDependentBlock()),
                                 zero_init_last=False).eval()
     block = model[1]
@@ -158,13 +159,17 @@ def test_data_dependent_control_flow_converts_and_keeps_its_behaviour():
     assert block.nf_scaled_modules == {'beta': ['conv1'], 'alpha': 'bn2'}
     assert any('found on a sample input' in note for note in report.notes)
     # both paths of the `if` compute alpha * branch(beta * x) + x, the branch taking the path its data picks
-    for sign in (1.0, -1.0):
-        x = sign * torch.rand(1, 8, 6, 6) * 3
+    taken = set()
+    magnitude = torch.rand(1, 8, 6, 6, generator=torch.Generator().manual_seed(0)) * 30
+    for sign in (1.0, -1.0):  # conv1(-x) = -W x + b: large inputs of opposite signs take opposite paths
+        x = sign * magnitude
         with torch.no_grad():
             out = block.conv1.forward(x * block.nf_beta)
+            taken.add(bool(out.mean() > 0))
             out = F.relu(out) if out.mean() > 0 else -F.relu(-out)
             expected = x + block.nf_alpha * block.conv2.forward(out)
             torch.testing.assert_close(block(x), expected)
+    assert taken == {True, False}  # both paths of the `if` were exercised
     assert convert_to_normfree(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), DataDependentBlock()), strict=True)
 
 

@@ -143,31 +143,37 @@ class _Converter:
             block = rescale_residual(info, self.alpha, beta)
             report.scaled_by, report.rewrite_reason = 'rewrite', placed or 'forced'
             setattr(parent, name, block)
-        if self.zero_init_last and info.last_conv is not None:
-            last = block.get_submodule(info.last_conv)
+        return self.finish_block(block, report)
+
+    def finish_block(self, block: nn.Module, report: BlockReport) -> bool:
+        """Record a scaled block: its report, its last conv for zero-init, the variance after it."""
+        if self.zero_init_last and report.last_conv is not None:
+            last = block.get_submodule(report.last_conv)
             if hasattr(last, 'gain'):
                 self.last_convs.append(last)
         self.report.blocks.append(report)
-        self.expected_var = (1.0 if info.transition else self.expected_var) + self.alpha ** 2
+        self.expected_var = (1.0 if report.transition else self.expected_var) + self.alpha ** 2
         return True
-
 
     def try_block_concrete(self, child: nn.Module, qual: str, error: Exception) -> bool:
         """A block torch.fx cannot trace: find its structure from one forward on a sample of its real input and
         scale it with hooks; if that fails too, it is converted layer by layer and reported unscaled."""
         why = f'its forward cannot be traced by torch.fx ({type(error).__name__})'
         x = self.sample_input(child)
-        try:
-            found = None if x is None else find_residual_concrete(child, x)
-        except Exception as e:  # noqa: BLE001 - the sample run failed: layer by layer
-            found, why = None, f'{why}, and a sample run failed ({type(e).__name__})'
-        if found is None or not isinstance(found.sites, tuple):
-            if x is None:
-                reason = f'{why}, and the model could not run on a sample image'
-            elif found is None:
-                reason = why if 'sample run' in why else f'{why}; no residual add on a sample input'
+        found, reason = None, None
+        if x is None:
+            reason = f'{why}, and the model could not run on a sample image'
+        else:
+            try:
+                found = find_residual_concrete(child, x)
+            except Exception as e:  # noqa: BLE001 - the sample run failed: layer by layer
+                reason = f'{why}, and a sample run failed ({type(e).__name__})'
             else:
-                reason = f'{why}; {found.sites}'
+                if found is None:
+                    reason = f'{why}; no residual add on a sample input'
+                elif not isinstance(found.sites, tuple):
+                    reason = f'{why}; {found.sites}'
+        if reason is not None:
             self.report.notes.append(f'{qual} ({type(child).__name__}): {reason}; converted layer by layer')
             self.report.unscaled.append((qual, f'{type(child).__name__}: {reason}, so no residual scaling'))
             return False
@@ -175,19 +181,13 @@ class _Converter:
         beta = 1.0 / math.sqrt(self.expected_var)
         beta_on, alpha_on = found.sites
         attach_scales(child, beta_on, alpha_on, self.alpha, beta, found.transition)
-        self.report.blocks.append(BlockReport(
+        self.report.notes.append(f'{qual} ({type(child).__name__}): {why}; its structure was found on a sample '
+                                 f'input and is scaled by hooks, its forward (control flow included) kept')
+        return self.finish_block(child, BlockReport(
             name=qual, source_type=type(child).__name__, transition=found.transition, alpha=self.alpha, beta=beta,
             expected_var=self.expected_var, branch_convs=found.branch_convs, last_conv=found.last_conv,
             shortcut=', '.join(found.shortcut_convs) or 'identity', scaled_by='hooks', beta_on=beta_on,
             alpha_on=alpha_on))
-        self.report.notes.append(f'{qual} ({type(child).__name__}): {why}; its structure was found on a sample '
-                                 f'input and is scaled by hooks, its forward (control flow included) kept')
-        if self.zero_init_last and found.last_conv is not None:
-            last = child.get_submodule(found.last_conv)
-            if hasattr(last, 'gain'):
-                self.last_convs.append(last)
-        self.expected_var = (1.0 if found.transition else self.expected_var) + self.alpha ** 2
-        return True
 
     def sample_input(self, block: nn.Module) -> Optional[torch.Tensor]:
         """The input ``block`` receives when the (partly converted) model runs on a random image; None if the

@@ -1,0 +1,114 @@
+"""Nothing a user relies on changes: every subcommand's flags, their parsed defaults and the resolved train /
+study configurations on demo and on folder data equal the snapshot in ``tests/data/cli_snapshot.json``.
+
+The snapshot was recorded before the parsers were generated from the dataclasses; regenerate it only for a
+deliberate, documented change of a flag (``TIMM_NOFROST_WRITE_SNAPSHOT=1 pytest tests/test_cli_snapshot.py``).
+"""
+import argparse
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from timm_nofrost.cli import build_parser
+
+SNAPSHOT = Path(__file__).parent / 'data' / 'cli_snapshot.json'
+# the arguments a subcommand needs to parse at all (its required ones), on demo and on folder data
+_REQUIRED = {
+    'train': [], 'study': [], 'timm-train': ['train.py'], 'eval': ['--model', 'resnet18', '--data', 'demo'],
+    'shift': ['--model', 'resnet18', '--benchmark', 'imagenet-r', '--root', 'R'],
+    'convert': ['--model', 'resnet18', '--out', 'O'], 'export': [], 'push': [], 'models': [],
+}
+_FOLDER = '@FOLDER@'
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _jsonable(value: Any) -> Any:
+    if callable(value) and not isinstance(value, type):
+        return '<function>'
+    if is_dataclass(value):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _flags(parser: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
+    """Each option string of ``parser`` with its parsed value for ``argv`` (``--help`` flag list and defaults)."""
+    args = parser.parse_args(argv)
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or not action.option_strings:
+            continue
+        key = '/'.join(sorted(action.option_strings))
+        value = _jsonable(getattr(args, action.dest, None))
+        if key == '--device' and value == ('cuda' if torch.cuda.is_available() else 'cpu'):
+            value = '<cuda if available, else cpu>'
+        out[key] = value
+    return out
+
+
+def _resolved_train(argv: List[str], folder: Path) -> Dict[str, Any]:
+    from timm_nofrost.cli.train import build_config
+    from timm_nofrost.training.train_config import resolve_config
+    args = build_parser().parse_args(['train'] + argv)
+    return _jsonable(resolve_config(build_config(args)))
+
+
+def _resolved_study(argv: List[str], folder: Path) -> Dict[str, Any]:
+    from timm_nofrost.cli.study import build_study_config
+    from timm_nofrost.study.runner import _resolved
+    args = build_parser().parse_args(['study'] + argv)
+    cfg = _resolved(build_study_config(args))
+    out = _jsonable(cfg)
+    out['arms'] = [arm.name for arm in cfg.arms]
+    return out
+
+
+def snapshot(folder: Path) -> Dict[str, Any]:
+    parser = build_parser()
+    subs = _subparsers(parser)
+    result: Dict[str, Any] = {'commands': sorted(subs)}
+    for name, sub in sorted(subs.items()):
+        base = _REQUIRED.get(name, [])
+        if name in ('export', 'push', 'models'):
+            result[f'{name}/flags'] = sorted(
+                '/'.join(sorted(a.option_strings)) for a in sub._actions if a.option_strings)
+            continue
+        result[f'{name}/demo'] = _flags(sub, base)
+        if any('--data' in a.option_strings for a in sub._actions):
+            result[f'{name}/folder'] = _flags(sub, base + ['--data', str(folder)])
+    for kind, argv in (('demo', []), ('folder', ['--data', str(folder)])):
+        result[f'train/resolved/{kind}'] = _resolved_train(argv, folder)
+        result[f'study/resolved/{kind}'] = _resolved_study(argv, folder)
+    text = json.dumps(result, indent=1, sort_keys=True, default=str)
+    return json.loads(text.replace(str(folder), _FOLDER))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    from timm_nofrost.data import write_image_folder
+    root = tmp_path / 'imgs'
+    write_image_folder(root, 'train', num_samples=10, img_size=16)
+    return root
+
+
+def test_flags_defaults_and_resolved_configs_unchanged(folder: Path):
+    current = snapshot(folder)
+    if os.environ.get('TIMM_NOFROST_WRITE_SNAPSHOT'):
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + '\n')
+    recorded = json.loads(SNAPSHOT.read_text())
+    assert sorted(current) == sorted(recorded)
+    for key in recorded:
+        assert current[key] == recorded[key], key

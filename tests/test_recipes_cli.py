@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from timm_nofrost.cli import main
-from timm_nofrost.cli._common import add_adversarial_args, adversarial_config
+from timm_nofrost.settings import add_settings, build_settings, settings_dict
+from timm_nofrost.training.config import AdversarialConfig
+from timm_nofrost.training.presets import resolve
 from timm_nofrost.data import write_image_folder
 from timm_nofrost.training import AdversarialTrainer
 from timm_nofrost.training.checkpointing import load_training_checkpoint
@@ -33,10 +35,12 @@ def tiny_args(data_dir: Path, out: Path, *extra: str) -> list:
             '--final-attacks', 'clean,pgd-3', '--eval-attack', 'pgd-3', '--out', str(out), '--no-progress', *extra]
 
 
-def flags_config(*flags: str, default_steps: int = 10):
+def flags_config(*flags: str, presets=('recipe',)):
+    """The AdversarialConfig the training commands build from ``flags`` (unset ones from ``presets``)."""
     parser = argparse.ArgumentParser()
-    add_adversarial_args(parser)
-    return adversarial_config(parser.parse_args(list(flags)), default_steps=default_steps)
+    add_settings(parser, AdversarialConfig)
+    return build_settings(AdversarialConfig, resolve(settings_dict(parser.parse_args(list(flags)), AdversarialConfig),
+                                                     presets))
 
 
 # -- flags -> AdversarialConfig ---------------------------------------------------------------------------------
@@ -50,8 +54,8 @@ def test_flags_reach_the_config_and_unset_ones_keep_its_defaults():
     assert flags_config('--adv-method', 'mart', '--adv-beta', '3').beta == 3.0
     assert flags_config('--adv-method', 'madry').adv_weight == 1.0
     # the command's PGD default (3 on the demo data) is for PGD; single-step attacks take their one step
-    assert flags_config(default_steps=3).steps == 3
-    assert flags_config('--adv-attack', 'fgsm-rs', default_steps=3).steps == 1
+    assert flags_config(presets=('demo',)).steps == 3
+    assert flags_config('--adv-attack', 'fgsm-rs', presets=('demo',)).steps == 1
     nfgsm = flags_config('--adv-attack', 'n-fgsm', '--adv-method', 'trades')
     assert (nfgsm.attack, nfgsm.steps, nfgsm.method) == ('n-fgsm', 1, 'trades')
 

@@ -3,7 +3,8 @@ import argparse
 
 from ..convert import INIT_MODES
 from ..hub import convert_and_export
-from ._common import add_json_flag, print_json
+from ..settings import add_settings
+from ._common import OutputSettings, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help='fail (exit 2) if any normalizer or conv would be left unconverted')
     parser.add_argument('--repo-id', default=None, metavar='ORG/NAME', help='Hub repo named in the model card')
     parser.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty --out')
-    add_json_flag(parser)
+    add_settings(parser, OutputSettings)
     parser.set_defaults(run=run)
 
 

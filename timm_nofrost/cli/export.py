@@ -2,7 +2,8 @@
 import argparse
 
 from ..hub import export_checkpoint
-from ._common import add_json_flag, print_json
+from ..settings import add_settings
+from ._common import OutputSettings, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--num-classes', type=int, default=None, metavar='N',
                         help='number of classes of the checkpoint (default: read from its classifier)')
     parser.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty --out')
-    add_json_flag(parser)
+    add_settings(parser, OutputSettings)
     parser.set_defaults(run=run)
 
 

@@ -2,7 +2,8 @@
 import argparse
 
 from ..hub import list_nofrost_models
-from ._common import add_json_flag, print_json
+from ..settings import add_settings
+from ._common import OutputSettings, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help='list pretrained weights (model.tag names with a Hub id) instead of architectures')
     parser.add_argument('--filter', default='*nofrost*', metavar='PATTERN',
                         help='fnmatch pattern on model names (default: %(default)s)')
-    add_json_flag(parser)
+    add_settings(parser, OutputSettings)
     parser.set_defaults(run=run)
 
 

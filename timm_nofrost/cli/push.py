@@ -2,7 +2,8 @@
 import argparse
 
 from ..hub import push_folder
-from ._common import add_json_flag, print_json
+from ..settings import add_settings
+from ._common import OutputSettings, print_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
     parser.add_argument('--message', default='Add NoFrost weights (timm-nofrost export)', metavar='TEXT',
                         help='commit message (default: %(default)s)')
-    add_json_flag(parser)
+    add_settings(parser, OutputSettings)
     parser.set_defaults(run=run)
 
 

@@ -2,13 +2,31 @@
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import torch
-
-from ._common import add_json_flag, add_model_args, create_model_from_args, print_json
+from ..evaluate.protocol import Protocol
+from ..settings import ModelSettings, RunSettings, add_settings, build_settings, setting, settings_dict
+from ._common import OutputSettings, WeightsSettings, create_model_from_args, print_json
 
 _BENCHMARKS = ('imagenet-c', 'imagenet-r', 'imagenet-a', 'imagenet-sketch')
+
+
+@dataclass
+class ShiftSettings:
+    """Which shift benchmark, where, and how much of it."""
+    benchmark: str = setting(None, group='benchmark', choices=_BENCHMARKS, help='which shift benchmark')
+    root: str = setting(None, group='benchmark', metavar='DIR', help='local folder of the benchmark')
+    max_per_class: Optional[int] = setting(None, group='benchmark', type=int, metavar='N',
+                                           help='evaluate at most N images per class (the first N sorted files)',
+                                           default_help='all')
+    corruptions: Optional[str] = setting(None, group='benchmark', metavar='LIST',
+                                         help='ImageNet-C only: comma-separated subset of the 15 corruptions',
+                                         default_help='all')
+    severities: str = setting('1,2,3,4,5', group='benchmark', metavar='LIST',
+                              help='ImageNet-C only: severities to evaluate')
+    out: Optional[str] = setting(None, group='output', metavar='JSON', help='write the result as JSON to this file')
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,20 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'layouts: ImageNet-C ROOT/<corruption>/<severity>/<wnid>/<image> (reports mCE against AlexNet), '
                     'ImageNet-R / ImageNet-A ROOT/<wnid>/<image> (logits restricted to their 200 classes), '
                     'ImageNet-Sketch ROOT/<wnid>/<image>. Nothing is downloaded.')
-    add_model_args(parser)
-    parser.add_argument('--benchmark', required=True, choices=_BENCHMARKS, help='which shift benchmark')
-    parser.add_argument('--root', required=True, metavar='DIR', help='local folder of the benchmark')
-    parser.add_argument('--batch-size', type=int, default=64, help='images per batch (default: %(default)s)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='torch device (default: %(default)s)')
-    parser.add_argument('--max-per-class', type=int, default=None, metavar='N',
-                        help='evaluate at most N images per class (the first N sorted files)')
-    parser.add_argument('--corruptions', default=None, metavar='LIST',
-                        help='ImageNet-C only: comma-separated subset of the 15 corruptions (default: all)')
-    parser.add_argument('--severities', default='1,2,3,4,5', metavar='LIST',
-                        help='ImageNet-C only: severities to evaluate (default: %(default)s)')
-    parser.add_argument('--out', default=None, metavar='JSON', help='write the result as JSON to this file')
-    add_json_flag(parser)
+    add_settings(parser, ModelSettings, WeightsSettings, ShiftSettings, RunSettings, OutputSettings,
+                 required=('model', 'benchmark', 'root'), exclude=('amp', 'progress'))
+    add_settings(parser, Protocol, exclude=[n for n in Protocol.__dataclass_fields__ if n != 'batch_size'])
     parser.set_defaults(run=run)
 
 
@@ -43,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         severities = [int(s) for s in args.severities.split(',') if s.strip()]
     except ValueError:
         raise ValueError(f'Invalid --severities {args.severities!r}: expected integers 1-5 like 1,2,3.') from None
+    run_cfg = build_settings(RunSettings, settings_dict(args, RunSettings))
     result = evaluate_shift(
-        model, args.benchmark, args.root, batch_size=args.batch_size, device=args.device,
+        model, args.benchmark, args.root, batch_size=args.batch_size, device=run_cfg.torch_device(),
         max_per_class=args.max_per_class, corruptions=corruptions, severities=severities,
         progress=sys.stderr.isatty())
     payload = result.to_dict()

@@ -2,23 +2,18 @@
 import argparse
 from typing import List, Tuple
 
-from ._common import CliError, OneLineErrorParser, add_adversarial_args, adversarial_config
+from ..settings import add_settings, build_settings, settings_dict
+from ..training.config import AdversarialConfig
+from ..training.presets import chain, help_presets, resolve
+from ..training.timm_train import RobustValidationConfig
+from ._common import CliError, OneLineErrorParser
 
 _ADV_PREFIX = '--adv-'
 
 
 def _add_adv_arguments(parser: argparse.ArgumentParser) -> None:
     """The launcher's own flags (shared by the subcommand and the parser of flags written after the script)."""
-    add_adversarial_args(parser)
-    group = parser.add_argument_group('robust validation (after each of timm\'s validations)')
-    group.add_argument('--adv-val-attacks', default='pgd-10', metavar='LIST',
-                       help='comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce '
-                            '(clean adds the subset\'s clean accuracy); each adds eval_robust_top1_<attack> to '
-                            'summary.csv, plus robust_top1_worst-case with several attacks (default: %(default)s)')
-    group.add_argument('--adv-val-examples', type=int, default=500, metavar='N',
-                       help='attack N validation images spread evenly over the set, the same ones every epoch '
-                            '(collected while timm validates: no extra pass over the data); 0 turns robust '
-                            'validation off (default: %(default)s)')
+    add_settings(parser, AdversarialConfig, RobustValidationConfig, presets={'recipe': help_presets()['recipe']})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,11 +68,11 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.timm_train import RobustValidationConfig, TimmTrainLauncher, load_train_script
+    from ..training.timm_train import TimmTrainLauncher, load_train_script
     own, train_args = split_arguments(list(args.rest))
     _own_flags(args, own)
-    adv_cfg = adversarial_config(args)
-    robust_val = RobustValidationConfig(attacks=args.adv_val_attacks, examples=args.adv_val_examples)
+    adv_cfg = build_settings(AdversarialConfig, resolve(settings_dict(args, AdversarialConfig), chain('')))
+    robust_val = build_settings(RobustValidationConfig, settings_dict(args, RobustValidationConfig))
     launcher = TimmTrainLauncher(load_train_script(args.script), adv_cfg, robust_val)
     launcher.run(train_args)
     return 0

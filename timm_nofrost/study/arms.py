@@ -10,41 +10,40 @@ users compare them with (Madry, TRADES, MART, FGSM-RS and N-FGSM fast AT, each o
 their own with ``--arm NAME:key=value,...`` or a JSON / YAML file mapping names to keys.
 """
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from ..training.config import AdversarialConfig
+from ..settings import setting
+from ..training.presets import PAPER_ARMS
 
-__all__ = ['Arm', 'ARMS', 'PAPER_ARMS', 'FAMILIES', 'ARM_KEYS', 'parse_arm_spec', 'load_arms_file', 'resolve_arms']
+__all__ = ['Arm', 'ArmSelection', 'ARMS', 'PAPER_ARMS', 'FAMILIES', 'ARM_KEYS', 'PER_ARM', 'ARM_OVERRIDES', 'parse_arm_spec', 'load_arms_file', 'resolve_arms']
 
 FAMILIES = ('nf', 'bn')
+# the AdversarialConfig fields an arm may set; the study sets the rest (eps, norm, warm-up, ...) for every arm
+PER_ARM = ('batch_mode', 'method', 'attack', 'adv_weight', 'beta')  # each arm's own: no study-wide flag
+ARM_OVERRIDES = PER_ARM + ('steps', 'step_size')  # the study's PGD steps and step size, unless the arm sets them
+_DEFAULTS = {f.name: f.default for f in fields(AdversarialConfig)}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training recipe of a study.
+    """One training recipe of a study: a name, a model family and overrides of the study's ``AdversarialConfig``.
 
     Args:
         name: Label used for folders, tables and ``--only`` (letters, digits, ``-``, ``_``, ``.``).
         family: ``'nf'`` trains the study's normalizer-free model (a BatchNorm model is converted with
             ``convert_to_normfree``); ``'bn'`` its BatchNorm twin (a normalizer-free model's timm twin at the same
             depth and width, or the BatchNorm model itself).
-        batch_mode: ``AdversarialConfig.batch_mode``: ``separate`` (shared BN, two forwards: BN-AT), ``split``
-            (one BN per half: MBN-AT), ``concat`` / ``auto``.
-        method, attack, adv_weight, beta, steps, step_size: ``AdversarialConfig`` fields; unset (None) ones take the
-            study's value (``steps``, ``step_size``) or the method's default (``adv_weight``, ``beta``).
+        overrides: ``AdversarialConfig`` fields of ``ARM_OVERRIDES`` (e.g. ``{'method': 'trades', 'beta': 3}``);
+            unset ones take the study's value (``steps``, ``step_size``) or the config's default. Read them as
+            attributes: ``arm.method``, ``arm.batch_mode``.
         description: One line for reports.
     """
     name: str
     family: str = 'nf'
-    batch_mode: str = 'auto'
-    method: str = 'nofrost'
-    attack: str = 'pgd'
-    adv_weight: Optional[float] = None
-    beta: Optional[float] = None
-    steps: Optional[int] = None
-    step_size: Optional[Union[float, str]] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
     description: str = ''
 
     def __post_init__(self) -> None:
@@ -52,10 +51,22 @@ class Arm:
             raise ValueError(f'Arm name {self.name!r} is not usable: use letters, digits, "-", "_" and ".".')
         if self.family not in FAMILIES:
             raise ValueError(f'Arm {self.name!r}: unknown family {self.family!r}; accepted: {", ".join(FAMILIES)}.')
+        # unset and default values are no override: equal arms compare equal however they were written
+        object.__setattr__(self, 'overrides', {k: v for k, v in self.overrides.items() if v != _DEFAULTS.get(k, v)
+                                               or k not in _DEFAULTS})
+        unknown = sorted(set(self.overrides) - set(ARM_OVERRIDES))
+        if unknown:
+            raise ValueError(f'Arm {self.name!r}: {", ".join(unknown)} cannot differ between arms; an arm sets '
+                             f'{", ".join(ARM_OVERRIDES)}.')
         if self.family == 'nf' and self.batch_mode in ('separate', 'split'):
             raise ValueError(f'Arm {self.name!r}: batch_mode {self.batch_mode!r} needs BatchNorm layers; use '
                              f'family=bn, or batch_mode concat / auto for the normalizer-free model.')
         self.adversarial(eps=1.0)  # AdversarialConfig's checks of method, attack and weights, naming the arm
+
+    def __getattr__(self, key: str) -> Any:
+        if key in ARM_OVERRIDES:
+            return self.overrides.get(key, _DEFAULTS[key])
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {key!r}')
 
     @property
     def standard(self) -> bool:
@@ -63,55 +74,50 @@ class Arm:
         return self.method == 'nofrost' and self.adv_weight == 0
 
     def adversarial(self, **study: Any) -> AdversarialConfig:
-        """The arm's ``AdversarialConfig`` on top of the study's settings (eps, norm, steps, step size, ...)."""
-        settings = dict(study)
-        settings.update(method=self.method, attack=self.attack, batch_mode=self.batch_mode, beta=self.beta,
-                        adv_weight=self.adv_weight)
+        """The arm's ``AdversarialConfig``: the study's settings (eps, norm, steps, step size, ...), the arm's on
+        top; standard training takes no steps, a single-step attack its own one step."""
+        settings = {**study, **{k: v for k, v in self.overrides.items() if k in PER_ARM}}
         if self.standard:
             settings.update(steps=0, step_size=None)
-        elif self.attack != 'pgd':  # single-step attacks take one step of their own size
+        elif self.attack != 'pgd':
             settings.update(steps=None, step_size=None)
-        if self.steps is not None:
-            settings['steps'] = self.steps
-        if self.step_size is not None:
-            settings['step_size'] = self.step_size
+        settings.update({k: self.overrides[k] for k in ('steps', 'step_size') if self.overrides.get(k) is not None})
         try:
             return AdversarialConfig(**settings)
         except (TypeError, ValueError) as e:
             raise ValueError(f'Arm {self.name!r}: {e}') from None
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """Flat, every arm key present (the form ``study.json`` records)."""
+        return {'name': self.name, 'family': self.family, **{k: getattr(self, k) for k in ARM_OVERRIDES},
+                'description': self.description}
 
 
-ARM_KEYS = tuple(f.name for f in fields(Arm) if f.name != 'name')
+ARM_KEYS = ('family',) + ARM_OVERRIDES + ('description',)
 
 ARMS: Dict[str, Arm] = {arm.name: arm for arm in (
-    Arm('standard', 'nf', method='nofrost', adv_weight=0.0,
-        description='standard training of the normalizer-free model (no adversarial examples)'),
-    Arm('bn-standard', 'bn', method='nofrost', adv_weight=0.0,
-        description='standard training of the BatchNorm twin'),
-    Arm('bn-at', 'bn', batch_mode='separate', method='nofrost', adv_weight=0.5,
-        description='BatchNorm twin, 0.5 clean + 0.5 adversarial loss, one BN shared by both (BN-AT)'),
-    Arm('mbn-at', 'bn', batch_mode='split', method='nofrost', adv_weight=0.5,
-        description='BatchNorm twin, 0.5 clean + 0.5 adversarial loss, separate BN for each (MBN-AT); '
-                    'evaluated with the clean BN, as timm\'s split BN in eval mode'),
-    Arm('nofrost', 'nf', method='nofrost', adv_weight=0.5,
-        description='normalizer-free model, 0.5 clean + 0.5 adversarial loss (NoFrost)'),
-    Arm('madry', 'nf', method='madry', description='normalizer-free model, adversarial loss only (Madry AT)'),
-    Arm('bn-madry', 'bn', batch_mode='separate', method='madry',
-        description='BatchNorm twin, adversarial loss only (Madry AT)'),
-    Arm('trades', 'nf', method='trades', description='normalizer-free model, TRADES (beta 6)'),
-    Arm('bn-trades', 'bn', batch_mode='separate', method='trades', description='BatchNorm twin, TRADES (beta 6)'),
-    Arm('mart', 'nf', method='mart', description='normalizer-free model, MART (beta 6)'),
-    Arm('fast-at', 'nf', method='madry', attack='fgsm-rs',
-        description='normalizer-free model, FGSM-RS fast AT (Wong et al. 2020)'),
-    Arm('bn-fast-at', 'bn', batch_mode='separate', method='madry', attack='fgsm-rs',
-        description='BatchNorm twin, FGSM-RS fast AT (Wong et al. 2020)'),
-    Arm('n-fgsm', 'nf', method='madry', attack='n-fgsm',
-        description='normalizer-free model, N-FGSM single-step AT (de Jorge et al. 2022)'),
+    Arm('standard', 'nf', dict(adv_weight=0.0),
+        'standard training of the normalizer-free model (no adversarial examples)'),
+    Arm('bn-standard', 'bn', dict(adv_weight=0.0), 'standard training of the BatchNorm twin'),
+    Arm('bn-at', 'bn', dict(batch_mode='separate', adv_weight=0.5),
+        'BatchNorm twin, 0.5 clean + 0.5 adversarial loss, one BN shared by both (BN-AT)'),
+    Arm('mbn-at', 'bn', dict(batch_mode='split', adv_weight=0.5),
+        'BatchNorm twin, 0.5 clean + 0.5 adversarial loss, separate BN for each (MBN-AT); evaluated with the clean '
+        'BN, as timm\'s split BN in eval mode'),
+    Arm('nofrost', 'nf', dict(adv_weight=0.5), 'normalizer-free model, 0.5 clean + 0.5 adversarial loss (NoFrost)'),
+    Arm('madry', 'nf', dict(method='madry'), 'normalizer-free model, adversarial loss only (Madry AT)'),
+    Arm('bn-madry', 'bn', dict(batch_mode='separate', method='madry'),
+        'BatchNorm twin, adversarial loss only (Madry AT)'),
+    Arm('trades', 'nf', dict(method='trades'), 'normalizer-free model, TRADES (beta 6)'),
+    Arm('bn-trades', 'bn', dict(batch_mode='separate', method='trades'), 'BatchNorm twin, TRADES (beta 6)'),
+    Arm('mart', 'nf', dict(method='mart'), 'normalizer-free model, MART (beta 6)'),
+    Arm('fast-at', 'nf', dict(method='madry', attack='fgsm-rs'),
+        'normalizer-free model, FGSM-RS fast AT (Wong et al. 2020)'),
+    Arm('bn-fast-at', 'bn', dict(batch_mode='separate', method='madry', attack='fgsm-rs'),
+        'BatchNorm twin, FGSM-RS fast AT (Wong et al. 2020)'),
+    Arm('n-fgsm', 'nf', dict(method='madry', attack='n-fgsm'),
+        'normalizer-free model, N-FGSM single-step AT (de Jorge et al. 2022)'),
 )}
-PAPER_ARMS = ('standard', 'bn-at', 'mbn-at', 'nofrost')
 
 
 def _value(key: str, text: str) -> Any:
@@ -134,23 +140,27 @@ def _value(key: str, text: str) -> Any:
 def _arm_from_mapping(name: str, keys: Dict[str, Any], source: str) -> Arm:
     aliases = {'lambda': 'adv_weight', 'weight': 'adv_weight', 'batch-mode': 'batch_mode', 'step-size': 'step_size',
                'adv-weight': 'adv_weight'}
-    base: Dict[str, Any] = {}
-    if 'base' in keys:  # start from a built-in arm: {"base": "trades", "beta": 3}
-        parent = keys['base']
-        if parent not in ARMS:
-            raise ValueError(f'{source}: base {parent!r} is not a built-in arm; accepted: {", ".join(ARMS)}.')
-        base = {k: v for k, v in ARMS[parent].to_dict().items() if k not in ('name', 'description')}
-    settings = dict(base)
+    parent = keys.get('base')
+    if parent is not None and parent not in ARMS:  # start from a built-in arm: {"base": "trades", "beta": 3}
+        raise ValueError(f'{source}: base {parent!r} is not a built-in arm; accepted: {", ".join(ARMS)}.')
+    family = ARMS[parent].family if parent else 'nf'
+    overrides = dict(ARMS[parent].overrides) if parent else {}
+    description = ''
     for key, value in keys.items():
+        key = aliases.get(key, key)
         if key == 'base':
             continue
-        key = aliases.get(key, key)
         if key not in ARM_KEYS:
             raise ValueError(f'{source}: unknown arm key {key!r}; accepted: base, {", ".join(ARM_KEYS)} '
                              f'(lambda for adv_weight).')
-        settings[key] = value
+        if key == 'family':
+            family = value
+        elif key == 'description':
+            description = value or ''
+        else:
+            overrides[key] = value
     try:
-        return Arm(name, **settings)
+        return Arm(name, family, overrides, description)
     except ValueError as e:
         raise ValueError(f'{source}: {e}') from None
 
@@ -213,3 +223,30 @@ def resolve_arms(names: Iterable[str], custom: Iterable[Arm] = ()) -> List[Arm]:
     if not chosen:
         raise ValueError('The study has no arms.')
     return chosen
+
+
+@dataclass
+class ArmSelection:
+    """Which arms (and runs) a study command runs: built-in names, arms defined on the command line or in a file."""
+    arms: Optional[str] = setting(None, group='study', metavar='LIST',
+                                  help='arms to run, comma-separated (see the list below)',
+                                  default_help=f"{','.join(PAPER_ARMS)}, the paper's four; with --arm or --arms-file "
+                                               f'and no --arms, the defined arms alone')
+    arm: List[str] = setting(group='study', default_factory=list, append=True, metavar='NAME:KEY=VALUE,...',
+                             help='define an arm (repeatable): keys base (a built-in arm to start from), family (nf | '
+                                  'bn), batch_mode, method, attack, lambda (adv_weight), beta, steps, step_size, '
+                                  'description; e.g. trades3:base=trades,beta=3. Defined arms run in addition to '
+                                  '--arms', default_help='none')
+    arms_file: Optional[str] = setting(None, group='study', metavar='FILE',
+                                       help='arms from a JSON or YAML file: {"NAME": {"key": value, ...}, ...}')
+    only: Optional[str] = setting(None, group='study', metavar='ARM[:SEED]',
+                                  help='run (train and evaluate) only this arm, or this arm and seed, then update the '
+                                       'report', default_help='every run')
+
+    def resolve(self) -> Optional[List[Arm]]:
+        """The arms: named ones (built-in or defined) in order, then defined ones not named; None: the preset's."""
+        custom = (load_arms_file(self.arms_file) if self.arms_file else []) + [parse_arm_spec(s) for s in self.arm]
+        if not self.arms and not custom:
+            return None
+        names = [n.strip() for n in (self.arms or '').split(',') if n.strip()]
+        return resolve_arms(names, custom)

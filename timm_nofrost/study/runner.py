@@ -15,7 +15,7 @@ attack seed; the final weights are evaluated (not the best checkpoint, which tra
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -35,21 +35,15 @@ from ..training.baseline import create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
+from ..settings import float_list, int_list, iter_settings, setting, setting_of
+from ..training.config import AdversarialConfig
+from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
-from .arms import Arm
+from .arms import ARMS, PER_ARM, Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
-__all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE',
-           'PROTOCOL_ATTACKS', 'DEMO_STUDY']
+__all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE', 'PER_RUN']
 
-PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,apgd-t,autoattack'
-# the demo study: the paper's four arms, two seeds, a schedule and protocol that finish in minutes on 2 CPU
-# cores: 16 px shapes, 2 epochs of PGD-2, 64 evaluation images, APGD-T with 25 iterations per target class, no
-# AutoAttack (its Square attack alone takes over 2 minutes per model on a CPU, whatever the number of images;
-# the report says it was not run).
-DEMO_STUDY = dict(arms=('standard', 'bn-at', 'mbn-at', 'nofrost'), seeds=(0, 1), img_size=16, epochs=2,
-                  attack_steps=2, robust_examples=64, eval_examples=64, eval_attacks='clean,pgd-20,apgd-ce,apgd-t-25',
-                  curve_attack='pgd-20')
 _STUDY_VERSION = 1
 
 
@@ -57,15 +51,26 @@ class StudyError(ValueError):
     """A study that cannot start: bad arms, a model an arm cannot build, a folder holding another study."""
 
 
+# TrainConfig settings the study decides per run or per arm: not study-wide flags
+PER_RUN = ('convert', 'compare_bn', 'final_attacks', 'out_dir', 'resume', 'overwrite', 'seed') + PER_ARM
+# settings the study records under its protocol rather than its schedule (study.json layout)
+_PROTOCOL_TRAIN_KEYS = ('split_seed', 'baseline_model')
+
+
 @dataclass
 class StudyConfig:
     """A study: arms x seeds trained with one schedule (``train``) and evaluated with one protocol.
 
+    ``None`` values are the presets' (``timm_nofrost.training.presets``: ``study``, or ``demo-study`` on the demo
+    data), resolved by the same function for the CLI and for Python.
+
     Args:
         train: The schedule every run shares (data, model, epochs, optimizer, ...). Its ``adv`` gives the study's
             eps, norm, PGD steps and step size; each arm sets method, attack, weights and batch mode on top.
-            ``seed``, ``out_dir``, ``resume`` and ``compare_bn`` are the study's to set per run.
-        arms: The arms (``timm_nofrost.study.ARMS`` or your own ``Arm``).
+            ``seed``, ``out_dir``, ``resume`` and ``compare_bn`` are the study's to set per run; its
+            ``split_seed`` (default 0) and ``baseline_model`` (the BatchNorm model of the ``bn`` arms, default:
+            the twin of ``train.model``) are the same for every run.
+        arms: The arms (``timm_nofrost.study.ARMS`` or your own ``Arm``); None: the paper's four.
         seeds: Training seeds; every arm runs with each.
         out_dir: The study folder.
         eval_examples: Validation images of the protocol, spread evenly over the validation set, the same for
@@ -74,62 +79,61 @@ class StudyConfig:
             so) when ``pyautoattack`` is not installed.
         curve_attack, curve_eps: Robust accuracy against eps: this attack at these multiples of the study's eps.
         eval_seed: Seed of the attacks' random starts, the same for every model.
-        split_seed: Seed of the held-out split of a single folder, the same for every run (default 0).
-        baseline_model: The BatchNorm model of the ``bn`` arms (default: the twin of ``train.model``).
+        eval_batch_size: Images per evaluation batch; results depend on it (random starts are drawn per batch).
         analysis: The paper's decision-margin and local-smoothness statistics per model.
     """
-    train: TrainConfig
-    arms: List[Arm]
-    seeds: List[int]
-    out_dir: str = 'output/study'
-    eval_examples: int = 500
-    eval_attacks: str = PROTOCOL_ATTACKS
-    curve_attack: str = 'apgd-ce'
-    curve_eps: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0)
-    eval_seed: int = 0
-    eval_batch_size: int = 128  # results depend on it (random starts are drawn per batch): part of the protocol
-    split_seed: int = 0
-    baseline_model: Optional[str] = None
-    analysis: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={'nested': TrainConfig, 'exclude': PER_RUN})
+    arms: Optional[List[Arm]] = None
+    seeds: Optional[List[int]] = setting(None, group='study', type=int_list, metavar='LIST',
+                                         help='training seeds, comma-separated')
+    out_dir: str = setting('output/study', group='study', flag='--out', metavar='DIR', help='study folder')
+    eval_examples: Optional[int] = setting(None, group='protocol', type=int, metavar='N',
+                                           help='validation images, spread evenly over the set')
+    eval_attacks: Optional[str] = setting(
+        None, group='protocol', metavar='LIST',
+        help="attacks at the study eps; the demo study leaves out autoattack, whose Square attack alone takes "
+             'minutes per model on a CPU; autoattack needs the pyautoattack package, the report says when it did '
+             'not run')
+    curve_attack: Optional[str] = setting(None, group='protocol', metavar='NAME',
+                                          help='attack of the accuracy-vs-eps curve')
+    curve_eps: Sequence[float] = setting((0.25, 0.5, 1.0, 1.5, 2.0), group='protocol', type=float_list,
+                                         metavar='LIST', help='eps of the curve, as multiples of --adv-eps')
+    eval_seed: int = setting(0, group='protocol', type=int, metavar='SEED',
+                             help="seed of the attacks' random starts")
+    eval_batch_size: int = setting(
+        128, group='protocol', type=int, metavar='N',
+        help="images per evaluation batch; on a CPU one batch for all --eval-examples is fastest, as AutoAttack's "
+             'Square attack and APGD-T pay a fixed cost per batch')
+    analysis: bool = setting(True, group='protocol', negate=True,
+                             help='skip the decision-margin and smoothness analysis')
 
     def identity(self) -> Dict[str, Any]:
-        """What makes two invocations the same study (arms and seeds may grow; see ``study.json``)."""
+        """What makes two invocations the same study (arms and seeds may grow; see ``study.json``): every setting
+        that can change a run's outcome, less what each run or arm sets."""
         t = self.train
-        schedule = {k: getattr(t, k) for k in (
-            'data', 'data_dir', 'val_fraction', 'model', 'pretrained', 'num_classes', 'img_size', 'epochs',
-            'batch_size', 'opt', 'lr', 'weight_decay', 'momentum', 'warmup_epochs', 'smoothing', 'scale',
-            'color_jitter', 'hflip', 'eval_attack',
-            'robust_examples', 'amp', 'channels_last')}
+        schedule = {f.name: getattr(t, f.name) for f in iter_settings(TrainConfig, PER_RUN + _PROTOCOL_TRAIN_KEYS)
+                    if setting_of(f).outcome and f.name not in _ADV_FIELDS}
         schedule['model_kwargs'] = jsonable_kwargs(t.model_kwargs)
-        adv = {k: v for k, v in t.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
-        protocol = dict(eval_examples=self.eval_examples, eval_attacks=self.eval_attacks,
-                        curve_attack=self.curve_attack, curve_eps=[float(m) for m in self.curve_eps],
-                        eval_seed=self.eval_seed, eval_batch_size=self.eval_batch_size, split_seed=self.split_seed,
-                        baseline_model=self.baseline_model,
-                        analysis=self.analysis)
+        adv = {f.name: getattr(t.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
+        protocol = {f.name: getattr(self, f.name) for f in iter_settings(StudyConfig)
+                    if f.name not in _ADV_FIELDS and f.name not in _TRAIN_FIELDS and f.name not in ('seeds', 'out_dir')}
+        protocol.update({k: getattr(t, k) for k in _PROTOCOL_TRAIN_KEYS}, curve_eps=[float(m) for m in self.curve_eps])
         return {'version': _STUDY_VERSION, 'schedule': schedule, 'adversarial': adv, 'protocol': protocol}
 
 
-# the study's adversarial settings; the rest (method, attack, weights, batch mode) is each arm's
-_STUDY_ADV_KEYS = ('eps', 'steps', 'step_size', 'norm', 'random_start', 'eps_warmup_steps', 'attack_dtype')
+_ADV_FIELDS = frozenset(f.name for f in iter_settings(AdversarialConfig))
+_TRAIN_FIELDS = frozenset(f.name for f in iter_settings(TrainConfig))
 
 
 # -- configuration and checks ----------------------------------------------------------------------------
 def _resolved(cfg: StudyConfig) -> StudyConfig:
-    """Fill the study's unset settings (the demo study's on the demo data) and resolve the schedule."""
-    t = replace(cfg.train, compare_bn=False, resume=None, convert=False)
-    demo = t.data == 'demo'
-    if demo:
-        t.img_size = t.img_size if t.img_size is not None else DEMO_STUDY['img_size']
-        t.epochs = t.epochs if t.epochs is not None else DEMO_STUDY['epochs']
-        t.robust_examples = t.robust_examples if t.robust_examples is not None else DEMO_STUDY['robust_examples']
-        if t.adv is not None and t.adv.steps is None:
-            t.adv = replace(t.adv, steps=DEMO_STUDY['attack_steps'])
-    t.robust_examples = t.robust_examples if t.robust_examples is not None else 256
-    from ..training.config import AdversarialConfig
-    if t.adv is None:
-        t.adv = AdversarialConfig(steps=DEMO_STUDY['attack_steps'] if demo else None)
-    t = resolve_config(t)
+    """Fill the study's unset settings from the presets (the demo study's on the demo data), resolve the schedule
+    and check the protocol."""
+    presets = chain(cfg.train.data, study=True)
+    t = resolve_config(replace(cfg.train, compare_bn=False, resume=None, convert=False), presets=presets)
+    own = resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ('train', 'arms')}, presets)
+    cfg = replace(cfg, **own)
+    arms = cfg.arms if cfg.arms is not None else [ARMS[name] for name in resolve({'arms': None}, presets)['arms']]
     # the same folder, whatever the working directory it is named from: one study, and runs that resume anywhere
     spec = resolve_source(t.data, t.data_dir)
     if spec.kind in ('folder', 'image-folder'):
@@ -154,12 +158,12 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     curve = sorted({float(m) for m in cfg.curve_eps})
     if not curve or curve[0] <= 0:
         raise StudyError(f'curve_eps must be positive multiples of eps, got {list(cfg.curve_eps)}.')
-    return replace(cfg, train=t, curve_eps=tuple(curve), arms=list(cfg.arms), seeds=list(cfg.seeds))
+    return replace(cfg, train=t, curve_eps=tuple(curve), arms=list(arms), seeds=list(cfg.seeds))
 
 
 def _arm_train_config(cfg: StudyConfig, arm: Arm, seed: int) -> TrainConfig:
-    study_adv = {k: v for k, v in cfg.train.adv.to_dict().items() if k in _STUDY_ADV_KEYS}
-    return replace(cfg.train, adv=arm.adversarial(**study_adv), seed=seed, split_seed=cfg.split_seed,
+    study_adv = {f.name: getattr(cfg.train.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
+    return replace(cfg.train, adv=arm.adversarial(**study_adv), seed=seed,
                    out_dir=str(run_dir(Path(cfg.out_dir), arm.name, seed)), final_attacks='clean')
 
 
@@ -183,7 +187,7 @@ class _Models:
         if self.study_has_bn:
             return t.model
         from ..training.baseline import bn_twin_name
-        return self.cfg.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
+        return self.cfg.train.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
         """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
@@ -197,7 +201,7 @@ class _Models:
                 return None, cfg
             if self.study_has_bn:
                 return None, cfg
-            model, name = create_bn_twin(t.model, self.num_classes, t.model_kwargs, self.cfg.baseline_model)
+            model, name = create_bn_twin(t.model, self.num_classes, t.model_kwargs, self.cfg.train.baseline_model)
         except (ValueError, RuntimeError, TypeError) as e:
             raise StudyError(f'Arm {arm.name!r} cannot build its {arm.family} model from {t.model!r}: '
                              f'{str(e).splitlines()[0]}') from None
@@ -316,7 +320,7 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
                          f'evaluates. Launch one per run, then `timm-nofrost study report`.')
     t = cfg.train
     source = build_datasets(t.data, t.data_dir, img_size=t.img_size or DEMO_IMG_SIZE, val_fraction=t.val_fraction,
-                            seed=cfg.split_seed)
+                            seed=t.split_seed)
     num_classes = t.num_classes or source.num_classes
     if not num_classes:
         raise StudyError(f'Could not tell the number of classes of {t.data!r}; pass --num-classes.')

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Union
 from ..attacks.base import NORMS, parse_eps
 from ..attacks.pgd import default_step_size, nofrost_step_size
 from ..pixels import amp_dtype
+from ..settings import setting
 
 __all__ = ['ATTACK_DTYPES', 'BATCH_MODES', 'METHODS', 'TRAIN_ATTACKS', 'SINGLE_STEP_ATTACKS', 'AdversarialConfig']
 
@@ -74,18 +75,57 @@ class AdversarialConfig:
         beta: Weight of the trades/mart robust term; None: 6.0 for those (refused for nofrost/madry).
         attack: Training attack, one of ``TRAIN_ATTACKS``: ``'pgd'`` (default), ``'fgsm-rs'``, ``'n-fgsm'``.
     """
-    eps: Union[float, str] = 8 / 255
-    steps: Optional[int] = None
-    step_size: Optional[Union[float, str]] = None
-    norm: str = 'Linf'
-    random_start: bool = True
-    adv_weight: Optional[float] = None
-    eps_warmup_steps: int = 0
-    batch_mode: str = 'auto'
-    attack_dtype: Optional[str] = None
-    method: str = 'nofrost'
-    beta: Optional[float] = None
-    attack: str = 'pgd'
+    eps: Union[float, str] = setting(
+        '8/255', group='adversarial', flag='--adv-eps', metavar='EPS',
+        help='threat-model radius in pixel units [0, 1], a number or a fraction')
+    steps: Optional[int] = setting(
+        None, group='adversarial', flag='--adv-steps', type=int, metavar='N',
+        help='attack steps per training batch, for pgd; fgsm-rs and n-fgsm take 1 and no more')
+    step_size: Optional[Union[float, str]] = setting(
+        None, group='adversarial', flag='--adv-step-size', metavar='SIZE',
+        help='attack step size, a number or a fraction',
+        default_help="nofrost/madry the authors' min(1.25*eps, eps+4/255)/steps, 1/255 for PGD-10 at 8/255; "
+                     'trades/mart 2.5*eps/steps, 2/255 for PGD-10; fgsm-rs 1.25*eps; n-fgsm eps')
+    norm: str = setting('Linf', group='adversarial', flag='--adv-norm', choices=NORMS, help='threat model')
+    random_start: bool = setting(
+        True, group='adversarial', flag='--adv-no-random-start', negate=True,
+        help='start PGD from the clean image instead of a random point (refused with trades and the single-step '
+             'attacks, which need the noise)')
+    adv_weight: Optional[float] = setting(
+        None, group='adversarial', flag='--adv-weight', type=float, metavar='LAMBDA',
+        help='lambda in (1-lambda)*loss(clean) + lambda*loss(adv), with --adv-method nofrost; 1 is Madry AT, 0 '
+             'standard training (with --adv-steps 0); refused with trades and mart, which take --adv-beta',
+        default_help='0.5; madry: 1')
+    eps_warmup_steps: int = setting(
+        0, group='adversarial', flag='--adv-eps-warmup-steps', type=int, metavar='N',
+        help='ramp eps linearly from 0 over this many training batches (0: no warm-up)')
+    batch_mode: str = setting(
+        'auto', group='adversarial', flag='--adv-batch-mode', choices=BATCH_MODES,
+        help='how clean and adversarial halves go through the model: concat (one forward, normalizer-free '
+             'models), separate (two forwards, shared BN: BN-AT), split (split BN: MBN-AT); auto picks concat for '
+             'models without BatchNorm')
+    attack_dtype: Optional[str] = setting(
+        None, group='adversarial', flag='--adv-attack-dtype', choices=ATTACK_DTYPES,
+        help='run only the attack under autocast in this dtype, the training step keeps its precision (faster on '
+             'hardware with bf16)', default_help='follow the training autocast')
+    method: str = setting(
+        'nofrost', group='adversarial', flag='--adv-method', metavar='METHOD',
+        help="training loss, one of: nofrost: (1-lambda)*loss(clean) + lambda*loss(adv), the paper's recipe; "
+             'madry: loss(adv) only (Madry et al. 2018); trades: loss(clean) + beta*KL(p(clean) || p(adv)), '
+             'trading clean accuracy for smoothness, with an attack that maximises the KL (Zhang et al. 2019); '
+             'mart: boosted CE(adv) + beta*KL weighted by 1 - p_y(clean), stressing misclassified examples '
+             '(Wang et al. 2020)')
+    beta: Optional[float] = setting(
+        None, group='adversarial', flag='--adv-beta', type=float, metavar='BETA',
+        help="weight of the robust (KL) term of trades and mart; refused with nofrost and madry, which take "
+             '--adv-weight', default_help="6, both papers' value")
+    attack: str = setting(
+        'pgd', group='adversarial', flag='--adv-attack', metavar='ATTACK',
+        help='training attack, one of: pgd: --adv-steps projected gradient steps (steps+1 forward-backward passes '
+             'per training step); fgsm-rs: one step of 1.25*eps from a uniform random start, projected (Wong et '
+             'al. 2020; 2 passes, can overfit catastrophically); n-fgsm: one step of eps from uniform noise in the '
+             '2*eps ball, not projected back (de Jorge et al. 2022; 2 passes, Linf only, no catastrophic '
+             'overfitting reported)')
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -32,11 +32,12 @@ from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
 from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs
 from .train_config import (
-    CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
-    check_out_dir, preset_for, resolve_config)
+    CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
+    check_out_dir, resolve_config)
+from .presets import ADAMW_LR, preset_value
 from .trainer import AdversarialTrainer
 
-__all__ = ['TrainConfig', 'TrainingDiverged', 'train', 'resolve_config', 'preset_for', 'final_table', 'DEMO_MODEL',
+__all__ = ['TrainConfig', 'TrainingDiverged', 'train', 'resolve_config', 'final_table', 'DEMO_MODEL',
            'DEMO_MODEL_KWARGS']
 
 
@@ -95,11 +96,10 @@ def _data_config(cfg: TrainConfig, model: nn.Module) -> Dict[str, Any]:
 
 def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], info: _Dist, device: torch.device):
     from timm.data import create_loader
-    demo = cfg.data == 'demo'
+    jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
     train_loader = create_loader(
         source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
-        use_prefetcher=False, scale=cfg.scale or ((0.6, 1.0) if demo else None),
-        color_jitter=cfg.color_jitter if cfg.color_jitter is not None else (0.0 if demo else 0.4), hflip=cfg.hflip,
+        use_prefetcher=False, scale=cfg.scale or preset_value('scale', cfg.data), color_jitter=jitter, hflip=cfg.hflip,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False, device=device,
         pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
@@ -198,7 +198,7 @@ class _Run:
         self.task = AdversarialTrainer(model, criterion_kwargs=dict(smoothing=cfg.smoothing), adv_cfg=cfg.adv,
                                        **self.normalization, device=device, verbose=False)
         global_batch = cfg.batch_size * info.world_size
-        self.lr = cfg.lr if cfg.lr is not None else (0.1 * global_batch / 256 if cfg.opt == 'sgd' else DEMO['lr'])
+        self.lr = cfg.lr if cfg.lr is not None else (0.1 * global_batch / 256 if cfg.opt == 'sgd' else ADAMW_LR)
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), cfg.opt, lr=self.lr,

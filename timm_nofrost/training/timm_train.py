@@ -36,6 +36,7 @@ from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
 from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
 from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
+from ..settings import setting
 from .config import AdversarialConfig
 from .data import spread_indices
 from .trainer import AdversarialTrainer
@@ -63,8 +64,16 @@ class RobustValidationConfig:
         examples: Attack this many validation images, spread evenly over the set (indices ``floor(i * size / n)``);
             0 turns robust validation off.
     """
-    attacks: Union[str, Sequence[str]] = ('pgd-10',)
-    examples: int = 500
+    attacks: Union[str, Sequence[str]] = setting(
+        'pgd-10', group='robust-validation', flag='--adv-val-attacks',
+        metavar='LIST', help="comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce (clean "
+                             "adds the subset's clean accuracy); each adds eval_robust_top1_<attack> to summary.csv, "
+                             'plus robust_top1_worst-case with several attacks')
+    examples: int = setting(
+        500, group='robust-validation', flag='--adv-val-examples', type=int,
+        metavar='N', help='attack N validation images spread evenly over the set, the same ones every epoch '
+                          '(collected while timm validates: no extra pass over the data); 0 turns robust validation '
+                          'off')
     specs: List[Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Settings of a ``timm-nofrost train`` run: the authors' recipe, a CPU-sized demo preset, and the checks that
 run before any training starts."""
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -11,21 +11,14 @@ import torch.nn as nn
 from ..attacks.spec import parse_attack
 from ..files import check_writable_dir
 from ..pixels import amp_dtype
-from ..data.sources import DEMO_IMG_SIZE
+from ..settings import DataSettings, ModelSettings, RunSettings, setting
 from .config import AdversarialConfig
+from .presets import ADAMW_LR, DEMO_MODEL, DEMO_MODEL_KWARGS, chain, resolve
 
-__all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'preset_for', 'check_out_dir', 'check_model_name',
-           'DEMO_MODEL', 'DEMO_MODEL_KWARGS', 'RECIPE', 'DEMO', 'OPTIMIZERS', 'CHECKPOINT_LAST', 'CHECKPOINT_BEST',
-           'SUMMARY']
+__all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'apply_presets', 'check_out_dir', 'check_model_name',
+           'DEMO_MODEL', 'DEMO_MODEL_KWARGS', 'OPTIMIZERS', 'CHECKPOINT_LAST', 'CHECKPOINT_BEST', 'SUMMARY']
 
 
-DEMO_MODEL = 'nf_resnet18_cifar_nofrost'
-DEMO_MODEL_KWARGS: Dict[str, Any] = {'channels': (16, 32, 64, 128), 'stem_chs': 16, 'drop_rate': 0.0,
-                                     'drop_path_rate': 0.0}
-# defaults when the user leaves a setting unset: the authors' recipe (SGD, lr 0.1 per 256 images), and a demo
-# preset sized for a CPU (a narrow model, AdamW, which gets a zero-initialised NF net going within an epoch)
-RECIPE = dict(model='nf_resnet50_nofrost', epochs=90, batch_size=256, img_size=224, attack_steps=10, opt='sgd')
-DEMO = dict(model=DEMO_MODEL, epochs=4, batch_size=64, img_size=DEMO_IMG_SIZE, attack_steps=3, opt='adamw', lr=3e-3)
 OPTIMIZERS = ('sgd', 'adamw')
 
 CHECKPOINT_LAST = 'checkpoint-last.pth'
@@ -38,47 +31,51 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Settings of one training run; ``None`` means the recipe's value (or the demo preset's on demo data)."""
-    data: str = 'demo'
-    data_dir: Optional[str] = None
-    val_fraction: float = 0.1
-    split_seed: Optional[int] = None  # seed of the held-out split of a single folder; None: ``seed``
-    model: Optional[str] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    convert: bool = False
-    num_classes: Optional[int] = None
-    img_size: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    opt: Optional[str] = None  # 'sgd' (Nesterov) or 'adamw'
-    lr: Optional[float] = None  # None: SGD 0.1 per 256 images of global batch, AdamW 3e-3
-    weight_decay: float = 5e-5
-    momentum: float = 0.9
-    warmup_epochs: int = 0
-    smoothing: float = 0.1
-    # training augmentation (timm's create_transform): RandomResizedCrop scale range, colour jitter, flip
-    # probability; None: timm's ImageNet defaults (0.08-1, 0.4), on the demo data 0.6-1 and no jitter
-    scale: Optional[Tuple[float, float]] = None
-    color_jitter: Optional[float] = None
-    hflip: float = 0.5
-    adv: Optional[AdversarialConfig] = None  # None: the recipe (PGD-10), PGD-3 on the demo data
-    eval_attack: str = 'pgd-10'
-    final_attacks: str = 'clean,pgd-20,apgd-ce'
-    robust_examples: int = 256
-    compare_bn: bool = False
-    baseline_model: Optional[str] = None
-    out_dir: str = 'output/nofrost'
-    resume: Optional[str] = None  # a checkpoint path, or 'auto' for OUT_DIR/checkpoint-last.pth
-    overwrite: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    workers: int = 0
-    device: Optional[str] = None
-    amp: Optional[str] = None  # None, 'bf16' or 'fp16'
-    channels_last: bool = False
-    progress: bool = True
+class TrainConfig(RunSettings, ModelSettings, DataSettings):
+    """Settings of one training run; ``None`` means the preset's value (``timm_nofrost.training.presets``: the
+    authors' recipe, or the demo preset on the demo data). Each field carries its flag and help (``setting``)."""
+    epochs: Optional[int] = setting(None, group='optimisation', type=int, metavar='N', help='epochs')
+    batch_size: Optional[int] = setting(None, group='optimisation', short='-b', type=int, metavar='N',
+                                        help='images per process and step')
+    opt: Optional[str] = setting(None, group='optimisation', choices=OPTIMIZERS,
+                                 help='optimizer: sgd (Nesterov) or adamw')
+    lr: Optional[float] = setting(None, group='optimisation', type=float, metavar='LR', help='learning rate',
+                                  default_help=f'SGD 0.1 x global batch / 256, AdamW {ADAMW_LR:g}')
+    weight_decay: float = setting(5e-5, group='optimisation', type=float, metavar='WD', help='weight decay')
+    momentum: float = setting(0.9, group='optimisation', type=float, metavar='M', help='SGD (Nesterov) momentum')
+    warmup_epochs: int = setting(0, group='optimisation', type=int, metavar='N', help='linear lr warm-up epochs')
+    smoothing: float = setting(0.1, group='optimisation', type=float, metavar='S', help='label smoothing')
+    scale: Optional[Tuple[float, float]] = setting(
+        None, group='augmentation', type=float, nargs=2, metavar=('MIN', 'MAX'),
+        help='RandomResizedCrop area range; small images such as 28 px Fashion-MNIST want a narrower range, e.g. '
+             '0.6 1.0')
+    color_jitter: Optional[float] = setting(None, group='augmentation', type=float, metavar='F',
+                                            help='colour jitter strength')
+    hflip: float = setting(0.5, group='augmentation', type=float, metavar='P', help='horizontal flip probability')
+    adv: Optional[AdversarialConfig] = field(default=None, metadata={'nested': AdversarialConfig})
+    eval_attack: str = setting('pgd-10', group='evaluation', metavar='NAME',
+                               help='attack for the per-epoch robust accuracy')
+    final_attacks: str = setting('clean,pgd-20,apgd-ce', group='evaluation', metavar='LIST',
+                                 help='attacks of the final table')
+    robust_examples: Optional[int] = setting(
+        None, group='evaluation', type=int, metavar='N',
+        help='validation images attacked every epoch, spread evenly over the set, the same every epoch')
+    compare_bn: bool = setting(False, group='evaluation',
+                               help="also train the model's BatchNorm twin the same way (BN-AT) and compare in the "
+                                    'final table')
+    baseline_model: Optional[str] = setting(None, group='evaluation', metavar='NAME',
+                                            help='the BatchNorm model of BN-AT (--compare-bn, the bn arms of a study)',
+                                            default_help='the twin of --model, e.g. resnet50')
+    out_dir: str = setting('output/nofrost', group='run', flag='--out', metavar='DIR',
+                           help='output folder: checkpoints, summary.jsonl, results.json')
+    resume: Optional[str] = setting(None, group='run', nargs='?', const='auto', metavar='CHECKPOINT',
+                                    help='continue a run: from CHECKPOINT, or from OUT/checkpoint-last.pth when no '
+                                         'path is given')
+    overwrite: bool = setting(False, group='run', help='start over in an OUT that holds a previous run')
+    seed: int = setting(0, group='run', type=int, metavar='SEED', help='random seed')
+    deterministic: bool = setting(False, group='run', outcome=False, help='deterministic algorithms: a resumed run ends with the '
+                                                           'same weights as an uninterrupted one')
+    channels_last: bool = setting(False, group='run', help='channels_last memory format')
 
     @property
     def data_split_seed(self) -> int:
@@ -91,31 +88,31 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
 
-def preset_for(data: str) -> Dict[str, Any]:
-    """The defaults for unset settings: the demo preset on the demo data, else the authors' recipe."""
-    return DEMO if data == 'demo' else RECIPE
+def apply_presets(cfg: TrainConfig, presets: Tuple[str, ...]) -> TrainConfig:
+    """Fill ``cfg``'s unset settings from ``presets`` (``timm_nofrost.training.presets.resolve``), in place;
+    an unset ``adv`` becomes the presets' ``AdversarialConfig``."""
+    values = resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != 'adv'}, presets)
+    for name, value in values.items():
+        setattr(cfg, name, value)
+    if cfg.adv is None:
+        cfg.adv = AdversarialConfig(steps=resolve({'steps': None}, presets)['steps'])
+    elif not isinstance(cfg.adv, AdversarialConfig):
+        raise TypeError(f'adv must be an AdversarialConfig, got {type(cfg.adv).__name__}.')
+    return cfg
 
 
-def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> TrainConfig:
-    """Fill unset values (recipe, or demo preset on the demo data) and validate everything before training.
+def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None,
+                   presets: Optional[Tuple[str, ...]] = None) -> TrainConfig:
+    """Fill unset values (``presets``, default: the recipe, or the demo preset on the demo data) and validate
+    everything before training.
 
     With a ready ``model``, ``cfg.model`` is only its label (default: the class name).
     """
-    preset = preset_for(cfg.data)
     if model is not None:
         cfg.model = cfg.model or type(model).__name__
-    cfg.model = cfg.model or preset['model']
-    if cfg.model == DEMO_MODEL and cfg.data == 'demo' and not cfg.model_kwargs:
-        cfg.model_kwargs = dict(DEMO_MODEL_KWARGS)
-    cfg.epochs = cfg.epochs if cfg.epochs is not None else preset['epochs']
-    cfg.batch_size = cfg.batch_size if cfg.batch_size is not None else preset['batch_size']
-    cfg.opt = cfg.opt or preset['opt']
+    apply_presets(cfg, presets or chain(cfg.data))
     if cfg.opt not in OPTIMIZERS:
         raise ValueError(f'Unknown optimizer {cfg.opt!r}; accepted: {", ".join(OPTIMIZERS)}.')
-    if cfg.adv is None:
-        cfg.adv = AdversarialConfig(steps=preset['attack_steps'])
-    elif not isinstance(cfg.adv, AdversarialConfig):
-        raise TypeError(f'adv must be an AdversarialConfig, got {type(cfg.adv).__name__}.')
     if cfg.split_seed is not None and (isinstance(cfg.split_seed, bool) or not isinstance(cfg.split_seed, int)):
         raise ValueError(f'split_seed must be an integer, got {cfg.split_seed!r}.')
     for name in ('epochs', 'batch_size', 'robust_examples', 'img_size', 'num_classes'):
@@ -137,7 +134,7 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Train
         raise ValueError(f'hflip must be a probability in [0, 1], got {cfg.hflip!r}.')
     if not 0 <= cfg.smoothing < 1:
         raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}.')
-    amp_dtype(cfg.amp)  # None, 'bf16' or 'fp16' (or torch's names); else a ValueError listing them
+    cfg.amp = None if amp_dtype(cfg.amp) is None else cfg.amp  # 'none' and None are both off; else a ValueError
     if parse_attack(cfg.eval_attack).kind == 'clean':
         raise ValueError(f'eval_attack must be an attack, not {cfg.eval_attack!r} (e.g. pgd-10, apgd-ce).')
     for name in cfg.final_attacks.split(','):

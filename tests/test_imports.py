@@ -12,7 +12,7 @@ PACKAGE = 'timm_nofrost'
 
 # a package may import only packages of a lower rank (the root __init__ re-exports everything and is exempt)
 RANK = {
-    'version': 0, 'files': 0, 'pixels': 1, 'layers': 1, 'checkpoint': 1, 'model_card': 1, 'data': 2, 'convert': 3, 'models': 4,
+    'version': 0, 'files': 0, 'settings': 0, 'pixels': 1, 'layers': 1, 'checkpoint': 1, 'model_card': 1, 'data': 2, 'convert': 3, 'models': 4,
     'signal_propagation': 4, 'hub': 5, 'attacks': 5, 'evaluate': 6, 'training': 7, 'study': 8, 'cli': 9,
     '__main__': 10,
 }

@@ -32,7 +32,10 @@ def study_args(data_root: Path, out: Path, *extra: str, arms='nofrost,bn-at', se
 
 
 def run_cli(argv, capsys):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's one-line usage errors (OneLineErrorParser), exit status 2
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -198,7 +201,7 @@ def test_only_runs_one_arm_and_seed(data_root, tmp_path, capsys, monkeypatch):
     (['--arm', 'x:family=nf,batch_mode=split'], "batch_mode 'split' needs BatchNorm layers"),
     (['--arm', 'x:method=trades,lambda=0.5'], 'adv_weight (lambda) 0.5 does not apply to method='),
     (['--arms', 'nofrost,bogus'], "Unknown arm 'bogus'; built in: standard"),
-    (['--seeds', '0,one'], "--seeds must be comma-separated integers, got '0,one'"),
+    (['--seeds', '0,one'], "argument --seeds: expected comma-separated integers, got '0,one'"),
     (['--only', 'trades'], "--only 'trades': arm 'trades' is not in this study"),
     (['--only', 'nofrost:7'], '--only \'nofrost:7\': seed 7 is not among the seeds [0, 1]'),
     (['--eval-attacks', 'clean,pgd-x'], "Unknown attack 'pgd-x'"),
@@ -247,7 +250,7 @@ def test_a_folder_holding_another_study_or_something_else(finished_study, data_r
 
 def test_arm_specs_and_files(tmp_path):
     arm = parse_arm_spec('trades3:base=trades,beta=3')
-    assert arm == Arm('trades3', 'nf', method='trades', beta=3.0)
+    assert arm == Arm('trades3', 'nf', {'method': 'trades', 'beta': 3.0})
     assert parse_arm_spec('bnf:family=bn,batch-mode=separate,method=madry,attack=fgsm-rs').attack == 'fgsm-rs'
     assert parse_arm_spec('light:lambda=0.25').adv_weight == 0.25
     yaml_file = tmp_path / 'arms.yaml'

@@ -64,7 +64,7 @@ def run_command(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         raise CliError(f'{e} (the other runs are unaffected; run the study again to resume)', exit_code=3) from None
     if result:
-        _print(result, args.out, args.json)
+        _print(result, args.out_dir, args.json)
     return 0
 
 

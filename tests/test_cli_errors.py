@@ -99,9 +99,9 @@ CASES = [
     (['timm-train', '{text}', '--adv-val-examples', 'many'], "'many'"),
     # malformed JSON
     (['eval', '--model', 'nf_resnet18_cifar_nofrost', '--model-kwargs', '{"channels": [8,', '--data', 'demo'],
-     '--model-kwargs is not valid JSON'),
-    (['train', '--model-kwargs', '[1, 2]'], '--model-kwargs must be a JSON object'),
-    (['study', '--model-kwargs', '{oops}'], '--model-kwargs is not valid JSON'),
+     'argument --model-kwargs: not valid JSON'),
+    (['train', '--model-kwargs', '[1, 2]'], 'argument --model-kwargs: must be a JSON object'),
+    (['study', '--model-kwargs', '{oops}'], 'argument --model-kwargs: not valid JSON'),
     # an unknown flag
     (['models', '--colour'], 'unrecognized arguments: --colour'),
 ]

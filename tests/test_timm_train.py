@@ -26,7 +26,8 @@ from timm_nofrost.cli._common import CliError
 from timm_nofrost.training import AdversarialConfig, AdversarialTrainer
 from timm_nofrost.training.timm_train import (
     LaunchedAdversarialTrainer, RobustValidationConfig, SubsetCollector, _autocast_dtype, load_train_script,
-    run_timm_train, spread_indices)
+    run_timm_train)
+from timm_nofrost.data.sources import spread_indices
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 # one OpenMP thread per subprocess: on a busy 2-core machine spinning threads slow tiny models tenfold

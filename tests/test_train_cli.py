@@ -265,7 +265,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
 
 def test_robust_subset_spans_the_classes_of_a_sorted_image_folder(data_dir):
     from timm.data import create_transform
-    from timm_nofrost.training.data import build_datasets, spread_indices
+    from timm_nofrost.data.sources import build_datasets, spread_indices
     from timm_nofrost.training.epoch_eval import robust_report
     val = build_datasets(str(data_dir), img_size=16).val  # ImageFolder order: sorted by class, 3 images each
     assert [val[i][1] for i in range(5)] == [0, 0, 0, 1, 1]  # the first 5 would cover two classes

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 __all__ = [
-    'DataSource', 'SourceSpec', 'resolve_source', 'build_datasets', 'build_eval_dataset', 'check_image_folder',
+    'DataSource', 'SourceSpec', 'resolve_source', 'build_datasets', 'build_eval_dataset', 'open_split', 'check_image_folder',
     'spread_indices', 'holdout_split', 'source_data_config', 'pixel_eval_transform', 'image_names',
     'image_fingerprint', 'IMG_EXTENSIONS', 'DEMO_IMG_SIZE', 'TIMM_PREFIXES', 'SOURCE_KINDS',
 ]
@@ -182,54 +182,38 @@ def _num_classes(dataset: Dataset) -> Optional[int]:
 
 def build_datasets(data: str, data_dir: Optional[str] = None, img_size: int = DEMO_IMG_SIZE,
                    val_fraction: float = 0.1, seed: int = 0) -> DataSource:
-    """Training and validation datasets of ``data`` (see the module docstring), without transforms.
+    """Training and validation datasets of ``data`` (see the module docstring), without transforms: the
+    ``'train'`` and ``'validation'`` splits of ``open_split``.
 
     An ImageFolder with ``train/`` and ``val/`` (or ``validation/``...) subfolders uses them; a single folder of
     class folders holds out a fixed, seeded ``val_fraction`` (``holdout_split(n, val_fraction, seed)``).
     """
     _check_fraction(val_fraction)
     spec = resolve_source(data, data_dir)
-    if spec.kind == 'demo':
-        from .demo import NoFrostShapes
-        train, val = NoFrostShapes('train', img_size=img_size), NoFrostShapes('val', img_size=img_size)
-        return DataSource(train, val, len(train.classes), f'demo shapes ({len(train)} train / {len(val)} val images, '
-                                                          f'{len(train.classes)} classes, {img_size}px)', spec.kind)
     if spec.kind == 'image-folder':
-        root = Path(spec.root)
-        train_dir, val_dir = _split_dirs(root)
-        if train_dir is None:
-            raise ValueError(f'{root} has {val_dir.name}/ but no training folder ({", ".join(_TRAIN_DIRS)}).')
-        classes = check_image_folder(train_dir)
-        if val_dir is None:
-            raise ValueError(f'{root} has {train_dir.name}/ but no validation folder ({", ".join(_VAL_DIRS)}).')
-        check_image_folder(val_dir)
-        train, val = _folder_dataset(train_dir, classes), _folder_dataset(val_dir, classes)
-        return DataSource(train, val, len(classes), f'ImageFolder {root} ({len(train)} train / {len(val)} val)',
-                          spec.kind)
-    if spec.kind == 'folder':
-        root = Path(spec.root)
-        classes = check_image_folder(root)
-        full = _folder_dataset(root, classes)
-        if len(full) < 2:
-            raise ValueError(f'Data directory {root} has {len(full)} image(s); need at least 2 (train and val).')
-        train_idx, val_idx = holdout_split(len(full), val_fraction, seed)
-        # two dataset objects: the training and validation transforms differ
-        train, val = _TransformSubset(full, train_idx), _TransformSubset(_folder_dataset(root, classes), val_idx)
-        return DataSource(train, val, len(classes), f'ImageFolder {root} ({len(train)} train / {len(val)} held-out '
-                                                    f'val, {val_fraction:.0%} seeded split)', spec.kind)
-    train = _open_timm(spec, 'train', is_training=True)
-    val = _open_timm(spec, 'validation')
+        train_dir, val_dir = _split_dirs(Path(spec.root))
+        if train_dir is None or val_dir is None:
+            missing, names = ('training', _TRAIN_DIRS) if train_dir is None else ('validation', _VAL_DIRS)
+            raise ValueError(f'{spec.root} has {(val_dir or train_dir).name}/ but no {missing} folder '
+                             f'({", ".join(names)}).')
+    fraction = val_fraction if spec.kind == 'folder' else None
+    train = open_split(spec, 'train', img_size=img_size, val_fraction=fraction, seed=seed, training=True)
+    val = open_split(spec, 'validation', img_size=img_size, val_fraction=fraction, seed=seed)
     if len(train) == 0:
-        raise ValueError(f'Dataset {spec.name!r} under {spec.root!r} is empty.')
-    return DataSource(train, val, _num_classes(train), f'{spec.name} ({len(train)} train / {len(val)} val)',
-                      spec.kind)
+        raise ValueError(f'Dataset {data!r} has no training images.')
+    held_out = f'{len(val)} held-out val, {val_fraction:.0%} seeded split' if fraction else f'{len(val)} val'
+    label = {'demo': f'demo shapes ({img_size}px', 'timm': f'{spec.name} (',
+             'image-folder': f'ImageFolder {spec.root} (', 'folder': f'ImageFolder {spec.root} ('}[spec.kind]
+    num_classes = len(train.classes) if spec.kind == 'demo' else _num_classes(train)
+    return DataSource(train, val, num_classes, f'{label}{", " if spec.kind == "demo" else ""}{len(train)} train / '
+                                               f'{held_out}, {num_classes} classes)', spec.kind)
 
 
 def build_eval_dataset(data: str, split: str = 'validation', data_dir: Optional[str] = None,
                        img_size: Optional[int] = None, val_fraction: Optional[float] = None,
                        seed: int = 0) -> Dataset:
     """The evaluation set of ``data``, without transform: the ``split`` side of the source ``build_datasets``
-    trains and validates on.
+    trains and validates on (``open_split``).
 
     ``split='validation'`` (the default) is exactly ``build_datasets(...).val`` when given the same
     ``data_dir``, ``img_size``, ``val_fraction`` and ``seed``. A single folder of class folders without
@@ -243,8 +227,15 @@ def build_eval_dataset(data: str, split: str = 'validation', data_dir: Optional[
         raise ValueError(f'val_fraction applies to a single folder of class folders; {data!r} is '
                          f'{"a train / val ImageFolder" if spec.kind == "image-folder" else "not one"}: its '
                          f'validation split is used as it is.')
+    return open_split(spec, split, img_size=img_size, val_fraction=val_fraction, seed=seed)
+
+
+def open_split(spec: SourceSpec, split: str, img_size: Optional[int] = None, val_fraction: Optional[float] = None,
+               seed: int = 0, training: bool = False) -> Dataset:
+    """The one reader of a split of a data source, without transform; ``training`` opens a timm dataset for
+    training (its own shuffling / augmentation hooks)."""
     if spec.kind == 'timm':
-        return _open_timm(spec, split)
+        return _open_timm(spec, split, **({'is_training': True} if training else {}))
     if spec.kind == 'demo':
         from .demo import NoFrostShapes
         return NoFrostShapes('train' if _split_side(split) == 'train' else 'val', img_size=img_size or DEMO_IMG_SIZE)
@@ -261,7 +252,7 @@ def build_eval_dataset(data: str, split: str = 'validation', data_dir: Optional[
             classes = check_image_folder(train_dir)  # labels as in training
         return _folder_dataset(folder, classes)
     classes = check_image_folder(root)
-    full = _folder_dataset(root, classes)
+    full = _folder_dataset(root, classes)  # a new dataset object per split: their transforms differ
     if val_fraction is None:
         return full
     if len(full) < 2:

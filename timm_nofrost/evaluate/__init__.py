@@ -1,7 +1,7 @@
 """Honest robustness evaluation: attacks by name, sanity checks, distribution shifts, reports and plots."""
 from .analysis import decision_margin, local_smoothness, margin_and_smoothness
 from .engine import EvalProgress, RobustCounter
-from .data import image_fingerprint, load_dataset, pixel_transform, read_id_list, select_subset
+from .data import load_dataset, pixel_transform, read_id_list, select_subset
 from .report import WORST_CASE, RobustReport, format_eps
 from .robust import evaluate
 from .sanity import SanityFlag

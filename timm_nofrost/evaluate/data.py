@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from ..data.sources import build_eval_dataset, image_fingerprint, pixel_eval_transform, source_data_config
+from ..data.sources import build_eval_dataset, image_names, pixel_eval_transform, source_data_config
 
-__all__ = ['pixel_transform', 'load_dataset', 'select_subset', 'read_id_list', 'SubsetInfo', 'image_fingerprint']
+__all__ = ['pixel_transform', 'load_dataset', 'select_subset', 'read_id_list', 'SubsetInfo']
 
 
 def pixel_transform(model: nn.Module, data: str = '', img_size: Optional[int] = None) -> Callable:
@@ -57,17 +57,6 @@ def load_dataset(
     return dataset
 
 
-@torch.no_grad()
-def _names(dataset: Dataset) -> Optional[List[str]]:
-    reader = getattr(dataset, 'reader', None)
-    if reader is not None and hasattr(reader, '_filename'):
-        return [str(reader._filename(i, basename=False, absolute=False)) for i in range(len(dataset))]
-    samples = getattr(dataset, 'samples', None)
-    if samples is not None:
-        return [str(s[0]) for s in samples]
-    return None
-
-
 def read_id_list(path: Union[str, Path]) -> List[str]:
     """One id per line: a dataset index, or an image path relative to the dataset root (RobustBench style)."""
     path = Path(path)
@@ -94,7 +83,7 @@ def select_subset(
     first ``n_examples`` of a seeded permutation, or everything."""
     total = len(dataset)
     if ids is not None:
-        names = _names(dataset)
+        names = image_names(dataset)
         if all(i.isdigit() for i in ids):
             indices = [int(i) for i in ids]
             bad = [i for i in indices if i >= total]

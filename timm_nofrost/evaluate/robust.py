@@ -11,7 +11,8 @@ from ..attacks import NORMS, parse_attack, parse_eps
 from ..pixels import PixelModel, unwrap_model
 from ..pixels import amp_dtype as resolve_amp_dtype
 from .engine import EvalProgress, RobustCounter
-from .data import image_fingerprint, load_dataset, read_id_list, select_subset
+from ..data.sources import image_fingerprint
+from .data import load_dataset, read_id_list, select_subset
 from .report import RobustReport
 from .sanity import check_monotone_in_eps, check_zero_gradients, run_attack_checks
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from ..pixels import PixelModel, amp_dtype, to_float_pixels, unwrap_model
-from .data import spread_indices
+from ..data.sources import spread_indices
 from .train_config import TrainConfig
 
 __all__ = ['clean_accuracy', 'robust_report', 'report_accuracy']

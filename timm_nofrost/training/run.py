@@ -27,7 +27,7 @@ from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
 from .config import AdversarialConfig
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
-from .data import DataSource, build_datasets
+from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
 from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs

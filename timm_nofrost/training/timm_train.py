@@ -38,12 +38,12 @@ from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
 from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
 from ..settings import setting
 from .config import AdversarialConfig
-from .data import spread_indices
+from ..data.sources import spread_indices
 from .trainer import AdversarialTrainer
 
 __all__ = [
     'LaunchedAdversarialTrainer', 'REQUIRED_GLOBALS', 'RobustValidationConfig', 'SubsetCollector',
-    'TimmTrainLauncher', 'load_train_script', 'robust_correct', 'run_timm_train', 'spread_indices',
+    'TimmTrainLauncher', 'load_train_script', 'robust_correct', 'run_timm_train',
 ]
 
 _logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ frozen parameters and input-only gradients (``attack_mode``), on images in [0, 1
 from .threat import NORMS, ThreatModel, parse_eps
 from .base import Attack, AttackResult, PixelModel, attack_mode, check_inputs, unwrap_model
 from .losses import LOSSES, cross_entropy, dlr, margin, targeted_dlr
-from .pgd import FGSM, PGD, default_step_fraction, default_step_size, nofrost_step_size
+from .pgd import FGSM, PGD, default_step_size, nofrost_step_size
 from .apgd import APGD, APGDTargeted, apgd_checkpoints
 from .autoattack import AutoAttack, autoattack_available
 from .spec import ATTACK_NAMES, AttackSpec, build_attack, parse_attack

@@ -8,16 +8,11 @@ from .base import Attack, BestIterate, check_positive_int, project, random_delta
 from .losses import get_loss
 from .threat import ThreatModel
 
-__all__ = ['PGD', 'FGSM', 'default_step_fraction', 'default_step_size', 'nofrost_step_size']
-
-
-def default_step_fraction(steps: int) -> float:
-    """``2.5 / steps`` of eps per step (Madry et al.): enough travel to reach any point of the ball from any start."""
-    return 2.5 / steps
+__all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
 
 
 def default_step_size(eps: float, steps: int, norm: str = 'Linf') -> float:
-    """``default_step_fraction`` as a length: ``2.5 * eps / steps``."""
+    """``2.5 * eps / steps`` (Madry et al.): enough travel to reach any point of the ball from any start."""
     return 2.5 * eps / steps
 
 
@@ -36,8 +31,8 @@ class PGD(Attack):
     Each example keeps its strongest iterate across steps and restarts: a misclassification if one was
     found (the target class, if targeted), else the highest loss.
 
-    The step is held as a fraction of eps (``step_fraction``; default ``default_step_fraction(steps)``, or
-    ``step_size / eps``), so it scales with per-example radii and warmed-up threat models.
+    The step is held as a fraction of eps (``step_fraction``, or ``step_size`` / eps, default
+    ``default_step_size`` / eps), so it scales with per-example radii and warmed-up threat models.
     """
     name = 'pgd'
 
@@ -59,9 +54,11 @@ class PGD(Attack):
         check_positive_int('restarts', restarts)
         if step_size is not None and step_fraction is not None:
             raise ValueError(f'Give step_size ({step_size!r}) or step_fraction ({step_fraction!r}), not both.')
-        if step_size is not None:
-            step_fraction = self.threat.fraction(ThreatModel.parse_radius(step_size, 'step_size'))
-        self.step_fraction = default_step_fraction(steps) if step_fraction is None else float(step_fraction)
+        if step_fraction is None:
+            step = default_step_size(self.eps, steps) if step_size is None else \
+                ThreatModel.parse_radius(step_size, 'step_size')
+            step_fraction = self.threat.fraction(step)
+        self.step_fraction = float(step_fraction)
         if not self.step_fraction > 0 and self.eps > 0:
             raise ValueError(f'step_size must be > 0, got {step_size if step_size is not None else step_fraction!r}.')
         self.steps = steps
@@ -172,6 +169,6 @@ class FGSM(PGD):
     def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, random_start: bool = False,
                  step_size: Optional[Union[float, str]] = None, **kwargs):
         kwargs.pop('steps', None)
-        if step_size is None:
-            kwargs.setdefault('step_fraction', 1.25 if random_start else 1.0)
         super().__init__(model, eps=eps, steps=1, random_start=random_start, step_size=step_size, **kwargs)
+        if step_size is None and kwargs.get('step_fraction') is None:
+            self.step_fraction = self.threat.fraction(1.25 * self.eps) if random_start else 1.0

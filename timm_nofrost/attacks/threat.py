@@ -53,13 +53,16 @@ class ThreatModel:
 
     @staticmethod
     def parse_radius(value: Union[float, int, str], name: str = 'eps') -> float:
-        """A length in pixel units (a radius, a step size): a number or a fraction like ``'8/255'``, finite and
-        >= 0. ``name`` is what error messages call it."""
+        """A length in pixel units (a radius, a step size): a number or a fraction like ``'8/255'`` or
+        ``'0.5/255'``, finite and >= 0. ``name`` is what error messages call it."""
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f'Invalid {name} {value!r}: expected a number or a fraction like 8/255.')
         try:
-            text = value.strip() if isinstance(value, str) else value
-            length = float(Fraction(text)) if isinstance(text, str) and '/' in text else float(text)
+            if isinstance(value, str) and '/' in value:
+                numerator, denominator = value.split('/')  # more than one '/': a ValueError
+                length = float(Fraction(numerator) / Fraction(denominator))
+            else:
+                length = float(value)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f'Invalid {name} {value!r}: expected a number or a fraction like 8/255.') from None
         if not math.isfinite(length) or length < 0:

@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Union
 
-from ..attacks.pgd import default_step_fraction, nofrost_step_size
+from ..attacks.pgd import default_step_size, nofrost_step_size
 from ..attacks.threat import ThreatModel
 from ..pixels import amp_dtype
 
@@ -169,31 +169,29 @@ class AdversarialConfig:
         return ThreatModel(self.eps, self.norm)
 
     @property
-    def step_fraction(self) -> float:
-        """The attack step as a fraction of eps (it scales with the warmed-up eps): ``step_size / eps``, or the
-        method's / attack's default (see ``step_size``)."""
-        if self.step_size is not None:
-            return self.threat.fraction(self.step_size)
-        if self.attack in SINGLE_STEP_ATTACKS:
-            return 1.25 if self.attack == 'fgsm-rs' else 1.0
-        if self.method in BETA_METHODS:
-            return default_step_fraction(max(self.steps, 1))
-        return self.threat.fraction(nofrost_step_size(self.eps, max(self.steps, 1)))
-
-    @property
     def attack_step_size(self) -> float:
-        """The attack step at the full eps."""
-        return float(self.step_size) if self.step_size is not None else self.step_fraction * self.eps
+        """The attack step at the full eps: ``step_size`` or the method's / attack's default (see ``step_size``)."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        if self.attack in SINGLE_STEP_ATTACKS:
+            return 1.25 * self.eps if self.attack == 'fgsm-rs' else self.eps
+        rule = default_step_size if self.method in BETA_METHODS else nofrost_step_size
+        return rule(self.eps, max(self.steps, 1))
 
     @property
-    def radius_fraction(self) -> float:
-        """The radius the attack projects onto, in eps: 1, or for N-FGSM noise plus step (no projection back)."""
-        return NFGSM_NOISE + self.step_fraction if self.attack == 'n-fgsm' else 1.0
+    def step_fraction(self) -> float:
+        """The attack step as a fraction of eps: what the attack holds, so it scales with the warmed-up eps."""
+        return self.threat.fraction(self.attack_step_size)
 
     @property
     def attack_radius(self) -> float:
-        """The radius the attack projects onto at the full eps."""
-        return self.radius_fraction * self.eps
+        """The radius the attack projects onto: eps, or for N-FGSM noise plus step (no projection back)."""
+        return NFGSM_NOISE * self.eps + self.attack_step_size if self.attack == 'n-fgsm' else self.eps
+
+    @property
+    def radius_fraction(self) -> float:
+        """``attack_radius`` as a fraction of eps (N-FGSM: 3 with the default step; else 1)."""
+        return self.threat.fraction(self.attack_radius) if self.attack == 'n-fgsm' else 1.0
 
     @property
     def uses_clean_forward(self) -> bool:

@@ -167,7 +167,12 @@ class Attack:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f'Attacks need a torch.nn.Module, got {type(model).__name__}.')
-        self.threat = ThreatModel.resolve(threat, eps, norm)
+        if threat is None:  # the older keywords: the one place they become a threat model
+            threat = ThreatModel(8 / 255 if eps is None else eps, 'Linf' if norm is None else norm)
+        elif not isinstance(threat, ThreatModel) or eps is not None or norm is not None:
+            raise ValueError(f'Give threat a ThreatModel, or eps / norm, not both; got threat={threat!r}, eps={eps!r}, '
+                             f'norm={norm!r}.')
+        self.threat = threat
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f'amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}.')
         # mean/std: given, or the model's timm pretrained_cfg, or a ValueError saying how (never a silent default)
@@ -178,13 +183,8 @@ class Attack:
         self.cache_standardized_weights = cache_standardized_weights
         self.active_set = bool(active_set)
 
-    @property
-    def eps(self) -> float:
-        return self.threat.eps
-
-    @property
-    def norm(self) -> str:
-        return self.threat.norm
+    eps = property(lambda self: self.threat.eps, doc='The radius of the threat model.')
+    norm = property(lambda self: self.threat.norm, doc="The threat model's norm.")
 
     # -- to implement -------------------------------------------------------------------------------------
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],

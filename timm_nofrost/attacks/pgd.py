@@ -29,10 +29,8 @@ class PGD(Attack):
     """L-inf / L2 PGD: random start, restarts, untargeted or targeted, CE / margin / DLR loss.
 
     Each example keeps its strongest iterate across steps and restarts: a misclassification if one was
-    found (the target class, if targeted), else the highest loss.
-
-    The step is held as a fraction of eps (``step_fraction``, or ``step_size`` / eps, default
-    ``default_step_size`` / eps), so it scales with per-example radii and warmed-up threat models.
+    found (the target class, if targeted), else the highest loss. The step is a fraction of eps (``step_fraction``,
+    or ``step_size`` / eps; default ``default_step_size``): it scales with per-example radii and scaled threat models.
     """
     name = 'pgd'
 
@@ -67,10 +65,7 @@ class PGD(Attack):
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
 
-    @property
-    def step_size(self) -> float:
-        """The step at the attack's own eps."""
-        return self.step_fraction * self.eps
+    step_size = property(lambda self: self.step_fraction * self.eps, doc="The step at the attack's own eps.")
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], active: torch.Tensor) -> Tuple:
         best = BestIterate(x)

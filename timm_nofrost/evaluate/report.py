@@ -37,12 +37,8 @@ class RobustReport:
     cascade: bool = False
 
     @property
-    def threats(self) -> List[ThreatModel]:
-        return [ThreatModel(e, self.norm) for e in self.eps]
-
-    @property
     def eps_labels(self) -> List[str]:
-        return [t.label for t in self.threats]
+        return [ThreatModel(e, self.norm).label for e in self.eps]
 
     @property
     def flags_failed(self) -> List[Dict[str, Any]]:

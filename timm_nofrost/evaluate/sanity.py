@@ -63,8 +63,7 @@ def run_attack_checks(
         seed: int = 0,
         amp_dtype: Optional[torch.dtype] = None,
 ) -> List[SanityFlag]:
-    """Checks that need extra attacks in ``threat``, run on correctly classified examples ``x, y`` (already on
-    device).
+    """Checks that need extra attacks in ``threat``, on correctly classified examples ``x, y`` (already on device).
 
     ``model`` is a ``PixelModel`` (or a model with a timm ``pretrained_cfg``: wrapped once here).
     """

@@ -458,7 +458,7 @@ def test_real_train_py(tmp_path):
     assert len(rows) == 1
     assert 0 <= float(rows[0]['eval_robust_top1_pgd-10']) <= 100
     assert math.isfinite(float(rows[0]['train_loss']))
-    assert 'AdversarialTrainer: trades, Linf eps 0.031373, PGD-2' in proc.stdout + proc.stderr
+    assert 'AdversarialTrainer: trades, Linf eps 8/255, PGD-2' in proc.stdout + proc.stderr
     assert 'Robust (EMA): pgd-10:' in proc.stdout + proc.stderr
     args_yaml = (output / 'run' / 'args.yaml').read_text()
     assert 'nofrost:' in args_yaml and 'method: trades' in args_yaml and 'beta: 6.0' in args_yaml

@@ -12,6 +12,7 @@ from .layers import fuse_weight_standardization, make_fusable
 from .models import HF_HUB_ORG, NOFROST_RECIPE_DEFAULTS, NoFrostCfg, NormFreeBasicBlock, NormFreeBasicResNet
 from .convert import BlockReport, ConversionReport, NormFreeConversionError, convert_to_normfree, normfree_blocks
 from .signal_propagation import BlockSignal, signal_propagation
+from .attacks import ThreatModel
 from .hub import convert_and_export, export_checkpoint, list_nofrost_models, push_folder
 from .training import AdversarialConfig, AdversarialTrainer
 from .training.train_config import TrainConfig
@@ -45,6 +46,7 @@ __all__ = [
     'normfree_blocks',
     'BlockSignal',
     'signal_propagation',
+    'ThreatModel',
     'export_checkpoint',
     'list_nofrost_models',
     'push_folder',

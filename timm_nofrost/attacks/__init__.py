@@ -2,9 +2,10 @@
 
 One attack loop serves evaluation and adversarial training: every attack runs the model in eval mode with
 frozen parameters and input-only gradients (``attack_mode``), on images in [0, 1] normalised inside
-``PixelModel``.
+``PixelModel``, in a ``ThreatModel`` (radius and norm).
 """
-from .base import NORMS, Attack, AttackResult, PixelModel, attack_mode, check_inputs, parse_eps, unwrap_model
+from .threat import NORMS, ThreatModel, parse_eps
+from .base import Attack, AttackResult, PixelModel, attack_mode, check_inputs, unwrap_model
 from .losses import LOSSES, cross_entropy, dlr, margin, targeted_dlr
 from .pgd import FGSM, PGD, default_step_size, nofrost_step_size
 from .apgd import APGD, APGDTargeted, apgd_checkpoints

@@ -35,9 +35,9 @@ class APGD(Attack):
     def __init__(
             self,
             model: nn.Module,
-            eps: Union[float, str] = 8 / 255,
+            eps: Optional[Union[float, str]] = None,
             steps: int = 100,
-            norm: str = 'Linf',
+            norm: Optional[str] = None,
             loss: str = 'ce',
             restarts: int = 1,
             rho: float = 0.75,
@@ -144,7 +144,7 @@ class APGDTargeted(APGD):
     """APGD-T: APGD on the targeted DLR loss, once per target among the top wrong classes."""
     name = 'apgd-t'
 
-    def __init__(self, model: nn.Module, eps: Union[float, str] = 8 / 255, steps: int = 100,
+    def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, steps: int = 100,
                  n_target_classes: int = 9, **kwargs):
         kwargs.pop('loss', None)
         super().__init__(model, eps=eps, steps=steps, loss='dlr', **kwargs)

@@ -61,14 +61,14 @@ class AutoAttack(Attack):
     """AutoAttack from the official implementation; ``version='standard'``: APGD-CE, APGD-T, FAB-T, Square.
 
     Args:
-        model, eps, norm, mean, std, seed: As for every ``Attack``.
+        model, eps, norm, threat, mean, std, seed: As for every ``Attack``.
         version: ``'standard'`` (the reported one), ``'plus'`` or ``'rand'`` (randomised defences).
         batch_size: Images per official batch; defaults to the whole input.
         verbose: Let the official code report its progress.
     """
     name = 'autoattack'
 
-    def __init__(self, model: nn.Module, eps: Union[float, str] = 8 / 255, norm: str = 'Linf',
+    def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, norm: Optional[str] = None,
                  version: str = 'standard', batch_size: Optional[int] = None, verbose: bool = False, **kwargs):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
         official = _official_class()
@@ -79,7 +79,7 @@ class AutoAttack(Attack):
         self.version = version
         self.batch_size = batch_size
         self.verbose = verbose
-        options = dict(norm=norm, eps=self.eps, version=version, seed=self.seed, device='cpu')
+        options = dict(norm=self.norm, eps=self.eps, version=version, seed=self.seed, device='cpu')
         if _accepts(official.__init__, 'verbose'):  # GitHub package
             options['verbose'] = verbose
         self._official = official(self.model, **options)

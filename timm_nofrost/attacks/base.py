@@ -7,9 +7,7 @@ each weight-standardised kernel once instead of at every step (the weights do no
 Everything is restored afterwards.
 """
 import contextlib
-import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,35 +16,9 @@ import torch.nn.functional as F
 
 from ..layers import WS_CONV_TYPES, standardized_weight
 from ..pixels import PixelModel, unwrap_model  # re-exported: PixelModel lives in timm_nofrost.pixels
+from .threat import ThreatModel
 
-__all__ = [
-    'NORMS', 'PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'parse_eps', 'check_inputs', 'unwrap_model',
-]
-
-NORMS = ('Linf', 'L2')
-
-
-def parse_eps(value: Union[str, float, int]) -> float:
-    """Parse an epsilon: a number (``0.03137``) or a fraction (``'8/255'``), finite and >= 0.
-
-    Raises:
-        ValueError: malformed text, or a negative / non-finite value.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f'Invalid eps {value!r}: expected a number or a fraction like 8/255.')
-    if isinstance(value, (int, float)):
-        eps = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            eps = float(Fraction(text)) if '/' in text else float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f'Invalid eps {value!r}: expected a number or a fraction like 8/255.') from None
-    else:
-        raise ValueError(f'Invalid eps {value!r}: expected a number or a fraction like 8/255.')
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f'Invalid eps {value!r}: must be a finite number >= 0.')
-    return eps
+__all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'unwrap_model']
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -166,8 +138,8 @@ class Attack:
 
     Args:
         model: Classifier taking normalised images (a timm model) or a ``PixelModel``.
-        eps: Radius of the threat model (float or ``'8/255'``).
-        norm: ``'Linf'`` or ``'L2'``.
+        eps, norm: Radius (float or ``'8/255'``; default 8/255) and norm (``'Linf'``, default, or ``'L2'``) of the
+            threat model; or give ``threat`` instead.
         mean, std: Normalisation of the model's inputs; default: its timm ``pretrained_cfg`` (a ValueError if
             it has none: pass ``mean=(0, 0, 0), std=(1, 1, 1)`` for a model that takes [0, 1] pixels).
         seed: Seeds the random starts (results are deterministic for a given seed on a given device).
@@ -176,38 +148,43 @@ class Attack:
         active_set: Stop spending forwards and backwards on an example once it is fooled (a fooled example can
             never count as robust again). Per-example outcomes are identical either way; ``False`` runs every
             step on every example (the reference the active set is tested against).
+        threat: The ``ThreatModel`` (radius and norm) to attack in.
     """
     name = 'attack'
 
     def __init__(
             self,
             model: nn.Module,
-            eps: Union[float, str] = 8 / 255,
-            norm: str = 'Linf',
+            eps: Optional[Union[float, str]] = None,
+            norm: Optional[str] = None,
             mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None,
             seed: int = 0,
             amp_dtype: Optional[torch.dtype] = None,
             cache_standardized_weights: bool = True,
             active_set: bool = True,
+            threat: Optional[ThreatModel] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f'Attacks need a torch.nn.Module, got {type(model).__name__}.')
-        if norm not in NORMS:
-            raise ValueError(f'Unknown norm {norm!r}; accepted: {", ".join(NORMS)}.')
-        self.eps = parse_eps(eps)
-        if norm == 'Linf' and self.eps > 1:
-            raise ValueError(f'Linf eps {eps!r} is above 1, the whole pixel range.')
+        if threat is None:  # the older keywords: the one place they become a threat model
+            threat = ThreatModel(8 / 255 if eps is None else eps, 'Linf' if norm is None else norm)
+        elif not isinstance(threat, ThreatModel) or eps is not None or norm is not None:
+            raise ValueError(f'Give threat a ThreatModel, or eps / norm, not both; got threat={threat!r}, eps={eps!r}, '
+                             f'norm={norm!r}.')
+        self.threat = threat
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f'amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}.')
         # mean/std: given, or the model's timm pretrained_cfg, or a ValueError saying how (never a silent default)
         pixel = PixelModel.from_model(unwrap_model(model), mean, std)
         self.model = PixelModel(unwrap_model(pixel.model), pixel.mean.flatten().tolist(), pixel.std.flatten().tolist())
-        self.norm = norm
         self.seed = seed
         self.amp_dtype = amp_dtype
         self.cache_standardized_weights = cache_standardized_weights
         self.active_set = bool(active_set)
+
+    eps = property(lambda self: self.threat.eps, doc='The radius of the threat model.')
+    norm = property(lambda self: self.threat.norm, doc="The threat model's norm.")
 
     # -- to implement -------------------------------------------------------------------------------------
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],

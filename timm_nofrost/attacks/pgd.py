@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
 from .losses import get_loss
+from .threat import ThreatModel
 
 __all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
 
@@ -28,34 +29,43 @@ class PGD(Attack):
     """L-inf / L2 PGD: random start, restarts, untargeted or targeted, CE / margin / DLR loss.
 
     Each example keeps its strongest iterate across steps and restarts: a misclassification if one was
-    found (the target class, if targeted), else the highest loss.
+    found (the target class, if targeted), else the highest loss. The step is a fraction of eps (``step_fraction``,
+    or ``step_size`` / eps; default ``default_step_size``): it scales with per-example radii and scaled threat models.
     """
     name = 'pgd'
 
     def __init__(
             self,
             model: nn.Module,
-            eps: Union[float, str] = 8 / 255,
+            eps: Optional[Union[float, str]] = None,
             steps: int = 10,
             step_size: Optional[Union[float, str]] = None,
-            norm: str = 'Linf',
+            norm: Optional[str] = None,
             random_start: bool = True,
             restarts: int = 1,
             loss: str = 'ce',
+            step_fraction: Optional[float] = None,
             **kwargs,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
         check_positive_int('steps', steps)
         check_positive_int('restarts', restarts)
-        from .base import parse_eps
-        self.step_size = parse_eps(step_size) if step_size is not None else default_step_size(self.eps, steps, norm)
-        if self.step_size <= 0 and self.eps > 0:
-            raise ValueError(f'step_size must be > 0, got {step_size!r}.')
+        if step_size is not None and step_fraction is not None:
+            raise ValueError(f'Give step_size ({step_size!r}) or step_fraction ({step_fraction!r}), not both.')
+        if step_fraction is None:
+            step = default_step_size(self.eps, steps) if step_size is None else \
+                ThreatModel.parse_radius(step_size, 'step_size')
+            step_fraction = self.threat.fraction(step)
+        self.step_fraction = float(step_fraction)
+        if not self.step_fraction > 0 and self.eps > 0:
+            raise ValueError(f'step_size must be > 0, got {step_size if step_size is not None else step_fraction!r}.')
         self.steps = steps
         self.random_start = random_start
         self.restarts = restarts
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
+
+    step_size = property(lambda self: self.step_fraction * self.eps, doc="The step at the attack's own eps.")
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], active: torch.Tensor) -> Tuple:
         best = BestIterate(x)
@@ -111,8 +121,8 @@ class PGD(Attack):
              radius: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """The one PGD loop: ``steps`` steepest-ascent steps from ``x + delta``, projected onto the ball.
 
-        The step is ``step_size / self.eps`` times each row's ``eps``; the projection is onto the ball of
-        ``radius`` (per row; default ``eps``) and [0, 1].
+        The step is ``step_fraction`` times each row's ``eps``; the projection is onto the ball of ``radius``
+        (per row; default ``eps``) and [0, 1].
 
         Evaluation (``best`` given, ``idx`` the batch rows of ``x``): every iterate, and the last one after the
         final step, is scored into ``best``; with the active set, rows leave the loop at their first fooling
@@ -121,8 +131,6 @@ class PGD(Attack):
         Returns:
             ``(final delta, zero input-gradient entries (0-dim tensor), input-gradient entries computed)``.
         """
-        # the step scales with each example's radius (per-example eps keeps the configured step / eps ratio)
-        ratio = self.step_size / self.eps if self.eps > 0 else 0.0
         zeros = torch.zeros((), device=x.device)
         computed = 0
         for _ in range(self.steps):
@@ -138,7 +146,7 @@ class PGD(Attack):
                     x, y, eps, delta, grad, idx = x[keep], y[keep], eps[keep], delta[keep], grad[keep], idx[keep]
                     target = None if target is None else target[keep]
                     radius = None if radius is None else radius[keep]
-            step = (eps * ratio).view(-1, 1, 1, 1)
+            step = (eps * self.step_fraction).view(-1, 1, 1, 1)  # scales with each example's radius
             delta = project(delta + step * steepest_step(grad, self.norm), x, eps if radius is None else radius,
                             self.norm)
         if best is not None:
@@ -153,9 +161,9 @@ class FGSM(PGD):
     """Single-step attack; with ``random_start`` it is "FGSM-RS" (uniform start, step 1.25 eps)."""
     name = 'fgsm'
 
-    def __init__(self, model: nn.Module, eps: Union[float, str] = 8 / 255, random_start: bool = False,
+    def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, random_start: bool = False,
                  step_size: Optional[Union[float, str]] = None, **kwargs):
         kwargs.pop('steps', None)
         super().__init__(model, eps=eps, steps=1, random_start=random_start, step_size=step_size, **kwargs)
-        if step_size is None:
-            self.step_size = 1.25 * self.eps if random_start else self.eps
+        if step_size is None and kwargs.get('step_fraction') is None:
+            self.step_fraction = self.threat.fraction(1.25 * self.eps) if random_start else 1.0

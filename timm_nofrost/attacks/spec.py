@@ -5,7 +5,7 @@
 """
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
 
@@ -13,6 +13,7 @@ from .apgd import APGD, APGDTargeted
 from .autoattack import AutoAttack
 from .base import Attack
 from .pgd import FGSM, PGD
+from .threat import ThreatModel
 
 __all__ = ['AttackSpec', 'parse_attack', 'build_attack', 'ATTACK_NAMES']
 
@@ -64,9 +65,10 @@ def parse_attack(name: str) -> AttackSpec:
     raise ValueError(f'Unknown attack {name!r}; accepted: {", ".join(ATTACK_NAMES)}.')
 
 
-def build_attack(spec: AttackSpec, model: nn.Module, eps: float, norm: str = 'Linf', **kwargs: Any) -> Optional[Attack]:
-    """The attack object for ``spec`` (``None`` for ``clean``)."""
-    options: Dict[str, Any] = dict(eps=eps, norm=norm, **kwargs)
+def build_attack(spec: AttackSpec, model: nn.Module, eps: Optional[Union[float, str]] = None,
+                 norm: Optional[str] = None, threat: Optional[ThreatModel] = None, **kwargs: Any) -> Optional[Attack]:
+    """The attack object for ``spec`` (``None`` for ``clean``) in ``threat`` (or ``eps`` / ``norm``)."""
+    options: Dict[str, Any] = dict(eps=eps, norm=norm, threat=threat, **kwargs)
     if spec.kind == 'clean':
         return None
     if spec.kind == 'fgsm':

@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..attacks import AttackSpec, build_attack
+from ..attacks import AttackSpec, ThreatModel, build_attack
 from ..attacks.base import check_inputs
 from ..pixels import PixelModel, to_float_pixels
-from .report import WORST_CASE, format_eps
+from .report import WORST_CASE
 
 __all__ = ['RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
 
@@ -92,27 +92,25 @@ class RobustCounter:
     Args:
         model: The classifier in pixel space (a ``PixelModel``).
         specs: Parsed attacks (``parse_attack``); ``clean`` is counted anyway and skipped here.
-        eps: Radii.
-        norm: ``'Linf'`` or ``'L2'``.
+        eps: Threat models, or radii in ``norm`` (``'Linf'`` or ``'L2'``).
         cascade: Run each attack only on the survivors of the previous ones (worst case only).
         keep_per_example: Keep per-example 0/1 outcomes (for reports); off for large validations.
         attack_kwargs: Passed to every attack (``seed``, ``amp_dtype``, ``active_set``, ...).
     """
 
-    def __init__(self, model: PixelModel, specs: Sequence[AttackSpec], eps: Sequence[float], norm: str = 'Linf',
-                 cascade: bool = False, keep_per_example: bool = True, **attack_kwargs: Any):
+    def __init__(self, model: PixelModel, specs: Sequence[AttackSpec], eps: Sequence[Union[ThreatModel, float]],
+                 norm: str = 'Linf', cascade: bool = False, keep_per_example: bool = True, **attack_kwargs: Any):
         if not isinstance(model, PixelModel):
             raise TypeError(f'RobustCounter needs a PixelModel (pixels in [0, 1]), got {type(model).__name__}.')
         self.model = model
         self.specs = [s for s in specs if s.kind != 'clean']
         self.attack_names = [s.name for s in self.specs]
-        self.eps = list(eps)
-        self.norm = norm
+        self.threats = [e if isinstance(e, ThreatModel) else ThreatModel(e, norm) for e in eps]
         self.cascade = cascade
         self.keep_per_example = keep_per_example
-        self.labels = [format_eps(e, norm) for e in self.eps]
-        self.attacks = {(label, s.name): build_attack(s, model, e, norm=norm, **attack_kwargs)
-                        for e, label in zip(self.eps, self.labels) for s in self.specs}
+        self.labels = [t.label for t in self.threats]
+        self.attacks = {(t.label, s.name): build_attack(s, model, threat=t, **attack_kwargs)
+                        for t in self.threats for s in self.specs}
         self.total = 0
         self.clean_correct = 0
         self.last_pixels: Optional[torch.Tensor] = None  # the last batch as float pixels
@@ -144,7 +142,7 @@ class RobustCounter:
         self.total += x.shape[0]
         self.clean_correct += int(clean.sum())
         out: Dict[str, Any] = {'clean': clean}
-        for eps, label in zip(self.eps, self.labels):
+        for label in self.labels:
             survived = clean.clone()
             batch: Dict[str, torch.Tensor] = {}
             for spec in self.specs:

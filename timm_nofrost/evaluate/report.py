@@ -4,17 +4,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
-__all__ = ['RobustReport', 'WORST_CASE', 'format_eps']
+from ..attacks.threat import ThreatModel
+
+__all__ = ['RobustReport', 'WORST_CASE']
 
 WORST_CASE = 'worst-case'
 _STRONG = ('apgd', 'autoattack')
-
-
-def format_eps(eps: float, norm: str) -> str:
-    """``8/255`` for L-inf radii on the 1/255 grid, else the number."""
-    if norm == 'Linf' and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
-        return f'{round(eps * 255)}/255'
-    return f'{eps:g}'
 
 
 @dataclass
@@ -43,7 +38,7 @@ class RobustReport:
 
     @property
     def eps_labels(self) -> List[str]:
-        return [format_eps(e, self.norm) for e in self.eps]
+        return [ThreatModel(e, self.norm).label for e in self.eps]
 
     @property
     def flags_failed(self) -> List[Dict[str, Any]]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..attacks import NORMS, parse_attack, parse_eps
+from ..attacks import ThreatModel, parse_attack
 from ..pixels import PixelModel, unwrap_model
 from ..pixels import amp_dtype as resolve_amp_dtype
 from .engine import EvalProgress, RobustCounter
@@ -89,16 +89,12 @@ def evaluate(
     The report's ``data`` holds the evaluated images' fingerprint (``image_fingerprint``), comparable with the
     ``data`` entry of a training run's results.json.
     """
-    if norm not in NORMS:
-        raise ValueError(f'Unknown norm {norm!r}; accepted: {", ".join(NORMS)}.')
+    threats = sorted({ThreatModel(e, norm) for e in _as_list(eps)}, key=lambda t: t.eps)
+    if not threats:
+        raise ValueError('No eps given.')
     specs = [parse_attack(a) for a in _as_list(attacks)]
     if not specs:
         raise ValueError('No attacks given.')
-    eps_values = sorted({parse_eps(e) for e in _as_list(eps)})
-    if not eps_values:
-        raise ValueError('No eps given.')
-    if norm == 'Linf' and eps_values[-1] > 1:
-        raise ValueError(f'Linf eps {eps_values[-1]:g} is above 1, the whole pixel range.')
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
     amp_dtype = resolve_amp_dtype(amp_dtype)  # 'bf16' / torch.bfloat16 / None
@@ -121,9 +117,8 @@ def evaluate(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         dataset_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
 
-    counter = RobustCounter(pixel_model, specs, eps_values, norm, cascade=cascade, seed=seed, amp_dtype=amp_dtype,
+    counter = RobustCounter(pixel_model, specs, threats, cascade=cascade, seed=seed, amp_dtype=amp_dtype,
                             active_set=active_set)
-    labels = counter.labels
     sanity_x, sanity_y = [], []
     bar = EvalProgress(progress, len(loader), f'evaluating {name}')
     try:
@@ -146,18 +141,18 @@ def evaluate(
 
     flags = []
     if sanity:
-        flags.append(check_monotone_in_eps({e: accuracy[l] for e, l in zip(eps_values, labels)}, total))
+        flags.append(check_monotone_in_eps({t.eps: accuracy[t.label] for t in threats}, total))
         flags.append(check_zero_gradients({f'{a}@{l}': v for l, d in zero_fracs.items() for a, v in d.items()}))
         xs = torch.cat(sanity_x)[:sanity_examples] if sanity_x else None
         if xs is not None and xs.shape[0]:
             ys = torch.cat(sanity_y)[:sanity_examples]
             steps = next((s.steps for s in attack_specs if s.kind == 'pgd'), 10)
-            flags += run_attack_checks(pixel_model, xs, ys, eps_values[0] or eps_values[-1], norm, steps,
+            flags += run_attack_checks(pixel_model, xs, ys, threats[0] if threats[0].eps else threats[-1], steps,
                                        seed=seed, amp_dtype=amp_dtype)
 
     report = RobustReport(
-        model=name, dataset=dataset_name, norm=norm, eps=eps_values, attacks=counter.attack_names, n_examples=total,
-        subset=dict(subset_info), clean_accuracy=counter.clean_correct / total, accuracy=accuracy,
+        model=name, dataset=dataset_name, norm=norm, eps=[t.eps for t in threats], attacks=counter.attack_names,
+        n_examples=total, subset=dict(subset_info), clean_accuracy=counter.clean_correct / total, accuracy=accuracy,
         zero_grad_frac=zero_fracs, sanity=[f.to_dict() for f in flags], per_example=counter.per_example,
         cascade=cascade,
         settings=dict(seed=seed, batch_size=batch_size, device=str(device), norm=norm, cascade=cascade,
@@ -168,5 +163,5 @@ def evaluate(
     if analysis and sanity_x:
         from .analysis import margin_and_smoothness
         xs, ys = torch.cat(sanity_x)[:sanity_examples], torch.cat(sanity_y)[:sanity_examples]
-        report.analysis = margin_and_smoothness(pixel_model, xs, ys, eps_values[-1], norm, seed=seed)
+        report.analysis = margin_and_smoothness(pixel_model, xs, ys, threats[-1].eps, norm, seed=seed)
     return report

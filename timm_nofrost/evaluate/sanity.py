@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..attacks import FGSM, PGD
+from ..attacks import FGSM, PGD, ThreatModel
 from ..pixels import PixelModel
 
 __all__ = ['SanityFlag', 'check_monotone_in_eps', 'check_zero_gradients', 'run_attack_checks', 'LARGE_EPS']
@@ -58,41 +58,41 @@ def run_attack_checks(
         model: PixelModel,
         x: torch.Tensor,
         y: torch.Tensor,
-        eps: float,
-        norm: str,
+        threat: ThreatModel,
         steps: int,
         seed: int = 0,
         amp_dtype: Optional[torch.dtype] = None,
 ) -> List[SanityFlag]:
-    """Checks that need extra attacks, run on correctly classified examples ``x, y`` (already on device).
+    """Checks that need extra attacks in ``threat``, on correctly classified examples ``x, y`` (already on device).
 
     ``model`` is a ``PixelModel`` (or a model with a timm ``pretrained_cfg``: wrapped once here).
     """
     model = PixelModel.from_model(model)
     flags = []
     n = x.shape[0]
-    common = dict(norm=norm, seed=seed, amp_dtype=amp_dtype)
+    common = dict(seed=seed, amp_dtype=amp_dtype)
 
-    big = PGD(model, eps=LARGE_EPS[norm], steps=max(steps, 20), **common)(x, y)
+    large = ThreatModel(LARGE_EPS[threat.norm], threat.norm)
+    big = PGD(model, threat=large, steps=max(steps, 20), **common)(x, y)
     flags.append(SanityFlag(
-        'near 0 % at a very large eps', big.accuracy <= _tol(n), f'{big.accuracy:.1%} at eps={LARGE_EPS[norm]}',
+        'near 0 % at a very large eps', big.accuracy <= _tol(n), f'{big.accuracy:.1%} at eps={large.eps}',
         'With an unbounded budget every image can be changed into another class: a non-zero accuracy signals '
         'gradient masking or a bug.'))
 
-    fgsm = FGSM(model, eps=eps, **common)(x, y)
-    pgd = PGD(model, eps=eps, steps=steps, **common)(x, y)
+    fgsm = FGSM(model, threat=threat, **common)(x, y)
+    pgd = PGD(model, threat=threat, steps=steps, **common)(x, y)
     flags.append(SanityFlag(
         'PGD not weaker than FGSM', pgd.accuracy <= fgsm.accuracy + _tol(n),
         f'PGD-{steps} {pgd.accuracy:.1%} vs FGSM {fgsm.accuracy:.1%}',
         'An iterative attack that does worse than a single step points to masked or noisy gradients.'))
 
-    pgd2 = PGD(model, eps=eps, steps=2 * steps, **common)(x, y)
+    pgd2 = PGD(model, threat=threat, steps=2 * steps, **common)(x, y)
     flags.append(SanityFlag(
         'more steps do not raise accuracy', pgd2.accuracy <= pgd.accuracy + _tol(n),
         f'PGD-{2 * steps} {pgd2.accuracy:.1%} vs PGD-{steps} {pgd.accuracy:.1%}',
         'Doubling the steps must not help the model beyond noise; if it does, the attack has not converged.'))
 
-    again = PGD(model, eps=eps, steps=steps, **common)(x, y)
+    again = PGD(model, threat=threat, steps=steps, **common)(x, y)
     same = torch.equal(again.x_adv, pgd.x_adv)
     flags.append(SanityFlag(
         'deterministic for a seed', same, 'identical' if same else 'different adversarial examples',

@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ..evaluate.report import WORST_CASE, format_eps
+from ..attacks.threat import ThreatModel
+from ..evaluate.report import WORST_CASE
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
@@ -29,7 +30,7 @@ def _stats(values: Dict[int, float]) -> Dict[str, Any]:
 def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
     """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units."""
     protocol = ev['protocol']
-    label = format_eps(protocol['eps'][0], protocol['norm'])
+    label = ThreatModel(protocol['eps'][0], protocol['norm']).label
     accuracy = protocol['accuracy'][label]
     metrics: Dict[str, Any] = {'clean': 100.0 * protocol['clean_accuracy']}
     for attack in protocol['attacks']:
@@ -51,7 +52,7 @@ def _curve(ev: Dict[str, Any]) -> Dict[float, float]:
     attack = [a for a in curve['attacks'] if a != 'clean'][0]
     points = {0.0: 100.0 * curve['clean_accuracy']}
     for multiple, eps in zip(ev['curve_eps_multiples'], curve['eps']):
-        points[float(multiple)] = 100.0 * curve['accuracy'][format_eps(eps, curve['norm'])][attack]
+        points[float(multiple)] = 100.0 * curve['accuracy'][ThreatModel(eps, curve['norm']).label][attack]
     return points
 
 
@@ -200,12 +201,12 @@ def _cell(stats: Optional[Dict[str, Any]], fmt: str = '{:.1f}', suffix: str = ''
 
 def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
     arms = result['arms']
-    eps = format_eps(result['eps'], result['norm'])
+    threat = ThreatModel(result['eps'], result['norm'])
     protocol = result['study'].get('protocol', {})
     lines = [f'# Study: {result["model"]} on {result["data"]}', '', *[f'- {s}' for s in verdict(result)], '']
     metrics = ['clean', 'clean_drop', *result['attacks']]
     header = ['arm', 'seeds', 'clean', 'drop vs standard', *result['attacks'], 'train time (s)', 'cost vs standard']
-    lines += [f'## Accuracy (%), mean ± standard deviation over seeds; {result["norm"]} eps {eps}, '
+    lines += [f'## Accuracy (%), mean ± standard deviation over seeds; {threat}, '
               f'{result["n_images"]} validation images', '',
               '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for arm, stats in arms.items():
@@ -246,9 +247,9 @@ def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines += ['', '## Protocol', '',
               f'- Training: {schedule.get("epochs")} epochs, batch {schedule.get("batch_size")}, {schedule.get("opt")} '
               f'lr {schedule.get("lr") or "default"}, weight decay {schedule.get("weight_decay")}, label smoothing '
-              f'{schedule.get("smoothing")}; attacks at {adv.get("norm")} eps {eps}, PGD steps {adv.get("steps")}.',
+              f'{schedule.get("smoothing")}; attacks at {threat}, PGD steps {adv.get("steps")}.',
               f'- Evaluation of the final weights on the same {result["n_images"]} validation images for '
-              f'every run: {protocol.get("eval_attacks")} at eps {eps} (attack seed {protocol.get("eval_seed")}), '
+              f'every run: {protocol.get("eval_attacks")} at {threat} (attack seed {protocol.get("eval_seed")}), '
               f'sanity checks, and {protocol.get("curve_attack")} at {protocol.get("curve_eps")} x eps.',
               f'- Seeds: {", ".join(str(s) for s in result["seeds"])}.', '']
     return '\n'.join(lines)

@@ -364,7 +364,7 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
                 run_cfg.resume = 'auto'
             training_run.train(run_cfg, model=model)
         if primary:
-            _log(f'{tag}: evaluating ({cfg.eval_attacks} at eps {t.adv.eps:.4g}; curve: {cfg.curve_attack})')
+            _log(f'{tag}: evaluating ({cfg.eval_attacks} at {t.adv.threat}; curve: {cfg.curve_attack})')
             _evaluate_run(cfg, models, eval_set, arm, seed, path)
     if not (report and primary):
         return {}
@@ -415,15 +415,15 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Ar
         attacks = [a for a in attacks if parse_attack(a).name != 'autoattack']
         autoattack_note = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
     progress = 'auto' if t.progress else 'lines'
-    eps = t.adv.eps
+    threat = t.adv.threat
     name = f'{arm.name} seed {seed}'
-    report = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=attacks, eps=[eps], norm=t.adv.norm,
+    report = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=attacks, eps=[threat.eps], norm=threat.norm,
                       device=device, seed=cfg.eval_seed, amp_dtype=t.amp, sanity=True, analysis=cfg.analysis,
                       progress=progress, model_name=name, mean=mean, std=std)
     curve = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=[cfg.curve_attack],
-                     eps=[m * eps for m in cfg.curve_eps], norm=t.adv.norm, device=device, seed=cfg.eval_seed,
-                     amp_dtype=t.amp, sanity=False, progress=progress, model_name=f'{name} (eps curve)', mean=mean,
-                     std=std)
+                     eps=[threat.scaled(m).eps for m in cfg.curve_eps], norm=threat.norm, device=device,
+                     seed=cfg.eval_seed, amp_dtype=t.amp, sanity=False, progress=progress,
+                     model_name=f'{name} (eps curve)', mean=mean, std=std)
     results = json.loads((path / 'results.json').read_text())
     run = next(iter(results['runs'].values()))
     payload = {

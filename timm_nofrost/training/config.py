@@ -22,8 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Union
 
-from ..attacks.base import NORMS, parse_eps
 from ..attacks.pgd import default_step_size, nofrost_step_size
+from ..attacks.threat import ThreatModel
 from ..pixels import amp_dtype
 from ..settings import setting
 
@@ -132,12 +132,7 @@ class AdversarialConfig:
             raise ValueError(f'Unknown method {self.method!r}; accepted: {", ".join(METHODS)}.')
         if self.attack not in TRAIN_ATTACKS:
             raise ValueError(f'Unknown training attack {self.attack!r}; accepted: {", ".join(TRAIN_ATTACKS)}.')
-        self.eps = parse_eps(self.eps)
-        if self.norm not in NORMS:
-            raise ValueError(f'Unknown norm {self.norm!r}; accepted: {", ".join(NORMS)}.')
-        if self.norm == 'Linf' and self.eps > 1:
-            raise ValueError(f'Linf eps {self.eps:g} is above 1, the whole pixel range; '
-                             f'give pixels in [0, 1] units, e.g. 8/255.')
+        self.eps = ThreatModel(self.eps, self.norm).eps  # parsed and checked (norm too) by the threat model
         if self.attack == 'n-fgsm' and self.norm != 'Linf':
             raise ValueError(f"attack='n-fgsm' is defined for the Linf norm only (de Jorge et al. 2022), got "
                              f"norm={self.norm!r}; use attack='fgsm-rs' or 'pgd' with L2.")
@@ -185,7 +180,7 @@ class AdversarialConfig:
             raise ValueError(f'attack={self.attack!r} starts from random noise by definition, got random_start=False; '
                              f"for plain FGSM use attack='pgd' with steps=1.")
         if self.step_size is not None:
-            self.step_size = parse_eps(self.step_size)
+            self.step_size = ThreatModel.parse_radius(self.step_size, 'step_size')
             limit = {'pgd': 1.0, 'fgsm-rs': 2.0}.get(self.attack)
             if limit is not None and self.step_size > limit * self.eps:
                 bound = f'eps {self.eps:g}' if limit == 1 else f'{limit:g} eps = {limit * self.eps:g}'
@@ -209,24 +204,34 @@ class AdversarialConfig:
             raise ValueError(f'random_start must be True or False, got {self.random_start!r}.')
 
     @property
+    def threat(self) -> ThreatModel:
+        """The threat model: ``eps`` (parsed) in ``norm``."""
+        return ThreatModel(self.eps, self.norm)
+
+    @property
     def attack_step_size(self) -> float:
-        """The attack step actually used: ``step_size`` or the method's / attack's default (see ``step_size``)."""
+        """The attack step at the full eps: ``step_size`` or the method's / attack's default (see ``step_size``)."""
         if self.step_size is not None:
             return float(self.step_size)
-        if self.attack == 'fgsm-rs':
-            return 1.25 * self.eps
-        if self.attack == 'n-fgsm':
-            return self.eps
-        if self.method in BETA_METHODS:
-            return default_step_size(self.eps, max(self.steps, 1))
-        return nofrost_step_size(self.eps, max(self.steps, 1))
+        if self.attack in SINGLE_STEP_ATTACKS:
+            return 1.25 * self.eps if self.attack == 'fgsm-rs' else self.eps
+        rule = default_step_size if self.method in BETA_METHODS else nofrost_step_size
+        return rule(self.eps, max(self.steps, 1))
+
+    @property
+    def step_fraction(self) -> float:
+        """The attack step as a fraction of eps: what the attack holds, so it scales with the warmed-up eps."""
+        return self.threat.fraction(self.attack_step_size)
 
     @property
     def attack_radius(self) -> float:
         """The radius the attack projects onto: eps, or for N-FGSM noise plus step (no projection back)."""
-        if self.attack == 'n-fgsm':
-            return NFGSM_NOISE * self.eps + self.attack_step_size
-        return self.eps
+        return NFGSM_NOISE * self.eps + self.attack_step_size if self.attack == 'n-fgsm' else self.eps
+
+    @property
+    def radius_fraction(self) -> float:
+        """``attack_radius`` as a fraction of eps (N-FGSM: 3 with the default step; else 1)."""
+        return self.threat.fraction(self.attack_radius) if self.attack == 'n-fgsm' else 1.0
 
     @property
     def uses_clean_forward(self) -> bool:
@@ -239,13 +244,13 @@ class AdversarialConfig:
             return 'standard training (lambda 0)'
         attack = f'PGD-{self.steps}' if self.attack == 'pgd' else self.attack.upper()
         weight = f'beta {self.beta:g}' if self.method in BETA_METHODS else f'lambda {self.adv_weight:g}'
-        return f'{self.method}, {self.norm} eps {self.eps:.5g}, {attack} step {self.attack_step_size:.5g}, {weight}'
+        threat = self.threat
+        return f'{self.method}, {threat}, {attack} step {threat.format(self.attack_step_size)}, {weight}'
 
     def eps_at(self, step: int) -> float:
-        """eps after ``step`` training batches (linear warm-up)."""
-        if self.eps_warmup_steps <= 0:
-            return self.eps
-        return self.eps * min(1.0, step / self.eps_warmup_steps)
+        """eps after ``step`` training batches (linear warm-up: the threat model scaled)."""
+        warmup = min(1.0, step / self.eps_warmup_steps) if self.eps_warmup_steps > 0 else 1.0
+        return self.threat.scaled(warmup).eps
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -6,9 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
 
+from ..attacks.threat import ThreatModel
 from .train_config import CHECKPOINT_BEST, TrainConfig
 
-__all__ = ['final_table', 'atomic_json', 'eval_command', 'eps_text', 'config_to_json', 'jsonable_kwargs']
+__all__ = ['final_table', 'atomic_json', 'eval_command', 'config_to_json', 'jsonable_kwargs']
 
 
 def final_table(results: Dict[str, Any]) -> str:
@@ -31,13 +32,8 @@ def final_table(results: Dict[str, Any]) -> str:
     trained = ('standard training' if method == 'nofrost' and adv.get('adv_weight') == 0
                else f"trained with {method} on {adv.get('attack', 'pgd')} examples")
     return (f"Accuracy on {next(iter(runs.values()))['final']['n_examples']} validation images (spread evenly over the set), "
-            f"{adv['norm']} eps {eps_text(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image; "
+            f"{ThreatModel(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image; "
             f"{trained}):\n" + '\n'.join(lines + warnings))
-
-
-def eps_text(value: float, norm: str) -> str:
-    """``8/255`` for L-inf radii, a plain number for L2."""
-    return f'{value * 255:.3g}/255' if norm == 'Linf' else f'{value:.3g}'
 
 
 def atomic_json(path: Path, payload: Any) -> None:
@@ -78,5 +74,5 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     if cfg.img_size is not None:
         parts.append(f'--img-size {cfg.img_size}')
     parts += ['--attacks clean,pgd-20,apgd-ce,apgd-t',
-              f'--eps {eps_text(cfg.adv.eps, cfg.adv.norm)}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
+              f'--eps {cfg.adv.threat.label}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
     return ' '.join(parts)

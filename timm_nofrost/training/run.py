@@ -30,7 +30,7 @@ from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transfor
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
-from .results import atomic_json, config_to_json, eps_text, eval_command, final_table, jsonable_kwargs
+from .results import atomic_json, config_to_json, eval_command, final_table, jsonable_kwargs
 from .train_config import (
     CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
     check_out_dir, resolve_config)
@@ -282,10 +282,7 @@ class _Run:
         adv = self.cfg.adv
         if adv.method == 'nofrost' and adv.adv_weight == 0:
             return 'standard training (no adversarial examples)'
-        attack = f'PGD-{adv.steps}' if adv.attack == 'pgd' else adv.attack.upper()
-        weight = f'lambda {adv.adv_weight:g}' if adv.beta is None else f'beta {adv.beta:g}'
-        return (f'method {adv.method}, {adv.norm} eps {eps_text(adv.eps, adv.norm)}, {attack} step '
-                f'{eps_text(adv.attack_step_size, adv.norm)}, {weight}')
+        return f'method {adv.describe()}'
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info

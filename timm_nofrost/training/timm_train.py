@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..attacks import parse_attack
+from ..attacks import ThreatModel, parse_attack
 from ..attacks.autoattack import autoattack_available
 from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
 from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
@@ -240,8 +240,7 @@ def robust_correct(
         pixels: torch.Tensor,
         targets: torch.Tensor,
         config: RobustValidationConfig,
-        eps: float,
-        norm: str,
+        threat: ThreatModel,
         mean: Sequence[float],
         std: Sequence[float],
         batch_size: int,
@@ -259,7 +258,7 @@ def robust_correct(
     ``robust_top1_worst-case`` counts an image only if it survives every one.
     """
     net = unwrap_model(model)
-    counter = RobustCounter(PixelModel(net, mean, std), config.specs, [eps], norm, keep_per_example=False,
+    counter = RobustCounter(PixelModel(net, mean, std), config.specs, [threat], keep_per_example=False,
                             seed=seed, amp_dtype=amp_dtype)
     was_training = net.training
     net.eval()
@@ -380,8 +379,8 @@ class TimmTrainLauncher:
         else:
             pixels, targets = collector.examples()
         counts, n = robust_correct(
-            model, pixels.to(device), targets.to(device), self.robust_val, eps=self.adv_cfg.eps, norm=self.adv_cfg.norm,
-            mean=mean, std=std, batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
+            model, pixels.to(device), targets.to(device), self.robust_val, threat=self.adv_cfg.threat, mean=mean, std=std,
+            batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
             amp_dtype=_autocast_dtype(call.get('amp_autocast')), distributed=bool(getattr(args, 'distributed', False)),
             progress='lines' if rank == 0 else 'off')
         totals = [counts[k] for k in names]
@@ -391,7 +390,7 @@ class TimmTrainLauncher:
         self.robust_history.append({'metrics': dict(robust), 'examples': n, 'log_suffix': suffix})
         if rank == 0:
             shown = '  '.join(f'{k[len(METRIC_PREFIX):]}: {v:.3f}' for k, v in robust.items())
-            _logger.info(f'Robust{suffix}: {shown}  ({self.adv_cfg.norm} eps {self.adv_cfg.eps:.5g}, {n} images, '
+            _logger.info(f'Robust{suffix}: {shown}  ({self.adv_cfg.threat}, {n} images, '
                          f'{time.time() - start:.1f}s)')
         return metrics
 

@@ -173,8 +173,8 @@ class AdversarialTrainer(ClassificationTask):
         if self._attack is None or self._attack.model.model is not module:
             cfg = self.adv_cfg
             self._attack = PGD(
-                PixelModel(module, self.mean, self.std), eps=cfg.eps, steps=max(cfg.steps, 1),
-                step_size=cfg.attack_step_size, norm=cfg.norm, random_start=cfg.random_start, loss='ce')
+                PixelModel(module, self.mean, self.std), threat=cfg.threat, steps=max(cfg.steps, 1),
+                step_fraction=cfg.step_fraction, random_start=cfg.random_start, loss='ce')
         return self._attack
 
     def _attack_start(self, pixels: torch.Tensor, eps: torch.Tensor) -> Optional[torch.Tensor]:
@@ -207,8 +207,8 @@ class AdversarialTrainer(ClassificationTask):
         else:
             attack.amp_dtype = None
         eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
-        # N-FGSM projects onto its wider radius; it scales with eps (warm-up) like the step does
-        radius = None if cfg.attack_radius == cfg.eps or cfg.eps == 0 else eps_t * (cfg.attack_radius / cfg.eps)
+        # N-FGSM projects onto its wider radius; a multiple of eps, it scales with the warm-up like the step does
+        radius = None if cfg.radius_fraction == 1 else eps_t * cfg.radius_fraction
         delta = self._attack_start(pixels, eps_t)
         with attack_mode(attack.model):
             if cfg.method == 'trades':

@@ -123,6 +123,9 @@ CHANGED = {
     ('study/*', '--momentum'): (0.9, '<new>: TrainConfig.momentum had no flag'),
     ('train/*', '--split-seed'): (None, '<new>: TrainConfig.split_seed had no flag in train'),
     ('shift/*', '--convert'): (False, '<new>: the shared model settings (build and convert a BatchNorm model)'),
+    ('eval/*', '--workers'): (0, '<new>: the shared data settings (data-loading processes)'),
+    ('eval/*', '--sanity-examples'): (32, '<new>: Protocol.sanity_examples had no flag'),
+    ('eval/*', '--no-active-set'): (False, '<new>: Protocol.active_set had no flag'),
 }
 # the study's split seed and BatchNorm model are the schedule's (train's) fields now: one definition each
 MOVED_TO_TRAIN = ('split_seed', 'baseline_model')

@@ -26,24 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'worst case across attacks) and sanity-check flags; writes a JSON report. Strong attacks '
                     '(apgd-ce, apgd-t, autoattack) are one flag away: PGD alone overstates robustness.')
     add_settings(parser, ModelSettings, WeightsSettings, DataSettings, EvalSubset, Protocol, RunSettings, ReportFiles,
-                 OutputSettings, exclude=('workers',), required=('model', 'data'))
+                 OutputSettings, required=('model', 'data'))
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
+    from ..evaluate import build_eval_set, evaluate
     kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
     model = create_model_from_args(args, **kwargs)
     protocol = build_settings(Protocol, settings_dict(args, Protocol))
-    subset = build_settings(EvalSubset, settings_dict(args, EvalSubset))
+    eval_set = build_eval_set(args.data, model, seed=protocol.seed, **settings_dict(args, EvalSubset),
+                              **settings_dict(args, DataSettings, exclude=('data', 'num_classes')))
     run_cfg = build_settings(RunSettings, settings_dict(args, RunSettings))
-    report = evaluate(
-        model, args.data, attacks=protocol.attacks, eps=protocol.eps, norm=protocol.norm,
-        n_examples=subset.n_examples, subset_ids=subset.subset_ids, batch_size=protocol.batch_size,
-        device=run_cfg.torch_device(), seed=protocol.seed, amp_dtype=run_cfg.amp, sanity=protocol.sanity,
-        analysis=protocol.analysis, progress='auto' if run_cfg.progress else 'lines', cascade=protocol.cascade,
-        split=subset.split, model_name=args.model, data_dir=args.data_dir, img_size=args.img_size,
-        val_fraction=args.val_fraction, split_seed=args.split_seed or 0)
+    report = evaluate(model, eval_set, protocol, device=run_cfg.torch_device(), amp_dtype=run_cfg.amp,
+                      progress='auto' if run_cfg.progress else 'lines', model_name=args.model)
     if args.out:
         report.save_json(args.out)
     if args.markdown:

@@ -21,9 +21,10 @@ import torch
 from ..attacks import AttackSpec, ThreatModel, build_attack
 from ..attacks.base import check_inputs
 from ..pixels import PixelModel, to_float_pixels
+from .eval_set import EvalSet
 from .report import WORST_CASE
 
-__all__ = ['RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
+__all__ = ['correct_per_image', 'RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
 
 PROGRESS_INTERVAL_S = 10.0  # at most one progress line per this many seconds when bars are off
 
@@ -212,3 +213,27 @@ class RobustCounter:
         return {label: {a: s / max(self.attacked[label][a], 1) for a, s in sums.items()}
                 for label, sums in self.zero_sums.items()}
 
+
+
+@torch.inference_mode()
+def correct_per_image(model: torch.nn.Module, eval_set: EvalSet, batch_size: int, device: torch.device,
+                      expect_classes: Optional[int] = None, progress: Optional[EvalProgress] = None) -> torch.Tensor:
+    """The one clean-accuracy loop: per image of ``eval_set``, whether ``model``'s argmax (over the set's
+    ``class_subset`` when it has one) is the label. ``expect_classes``: refuse logits of another width."""
+    mask = None
+    if eval_set.class_subset is not None:
+        mask = torch.zeros(expect_classes or max(eval_set.class_subset) + 1, dtype=torch.bool, device=device)
+        mask[list(eval_set.class_subset)] = True
+    correct: List[torch.Tensor] = []
+    for x, y in eval_set.loader(batch_size):
+        logits = model(to_float_pixels(x).to(device))
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or (expect_classes and
+                                                                         logits.shape[1] != expect_classes):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f'model must return (batch, {expect_classes or "classes"}) logits, got {shape}')
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float('-inf'))
+        correct.append((logits.argmax(dim=1) == y.to(device)).cpu())
+        if progress is not None:
+            progress.batch_done()
+    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

@@ -4,9 +4,9 @@ Each field carries its ``timm-nofrost eval`` flag (``timm_nofrost.settings``); t
 final evaluation build the same objects.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
-from ..attacks import ATTACK_NAMES, NORMS
+from ..attacks import ATTACK_NAMES, NORMS, AttackSpec, ThreatModel, parse_attack
 from ..settings import setting
 
 __all__ = ['Protocol', 'EvalSubset']
@@ -15,10 +15,10 @@ __all__ = ['Protocol', 'EvalSubset']
 @dataclass
 class Protocol:
     """The attacks, threat models and checks of one evaluation, the same for every model it compares."""
-    attacks: str = setting('clean,pgd-20,apgd-ce', group='protocol', metavar='LIST',
-                           help=f'comma-separated attacks: {", ".join(ATTACK_NAMES)}')
-    eps: str = setting('8/255', group='protocol', metavar='LIST',
-                       help='comma-separated radii, numbers or fractions like 4/255')
+    attacks: Union[str, Sequence[str]] = setting('clean,pgd-20,apgd-ce', group='protocol', metavar='LIST',
+                                                 help=f'comma-separated attacks: {", ".join(ATTACK_NAMES)}')
+    eps: Union[str, float, Sequence[Union[str, float]]] = setting(
+        '8/255', group='protocol', metavar='LIST', help='comma-separated radii, numbers or fractions like 4/255')
     norm: str = setting('Linf', group='protocol', choices=NORMS, help='threat model')
     cascade: bool = setting(False, group='protocol', flag='--worst-case-only',
                             help="cascade (AutoAttack's protocol): each attack runs only on the images that survived "
@@ -29,8 +29,41 @@ class Protocol:
     seed: int = setting(0, group='protocol', type=int, metavar='SEED', help='seed for the subset and random starts')
     sanity: bool = setting(True, group='protocol', negate=True,
                            help='skip the sanity checks (not recommended)')
+    sanity_examples: int = setting(32, group='protocol', type=int, metavar='N',
+                                   help='correctly classified images the sanity checks attack')
+    active_set: bool = setting(True, group='protocol', negate=True,
+                               help='attack every image for every step, even once it is fooled (same outcomes, more '
+                                    'work; for timing comparisons)')
     analysis: bool = setting(False, group='protocol',
                              help="add decision-margin and local-smoothness statistics (the paper's analysis)")
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise ValueError('No attacks given.')
+        if not self.threats:
+            raise ValueError('No eps given.')
+        for name in ('batch_size', 'sanity_examples'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+    @property
+    def specs(self) -> List[AttackSpec]:
+        """The attacks, parsed (a ValueError names an unknown one)."""
+        return [parse_attack(a) for a in _as_list(self.attacks)]
+
+    @property
+    def threats(self) -> Tuple[ThreatModel, ...]:
+        """The threat models, smallest radius first."""
+        return tuple(sorted({ThreatModel(e, self.norm) for e in _as_list(self.eps)}, key=lambda t: t.eps))
+
+
+def _as_list(value: Union[str, float, Sequence]) -> List:
+    if isinstance(value, str):
+        return [v for v in (s.strip() for s in value.split(',')) if v]
+    if isinstance(value, (int, float)):
+        return [value]
+    return list(value)
 
 
 @dataclass

@@ -25,15 +25,13 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from ..pixels import resolve_mean_std
+from .engine import EvalProgress, correct_per_image
+from .eval_set import EvalSet
 
-try:  # tqdm is not a dependency of torch or timm: progress bars are optional
-    from tqdm import tqdm as _tqdm
-except ImportError:  # pragma: no cover - depends on the environment
-    _tqdm = None
 
 __all__ = [
     'SHIFT_BENCHMARKS',
@@ -272,43 +270,23 @@ def _scan_wnid_folders(
     return samples
 
 
-def _class_mask(wnids: Sequence[str], device: torch.device) -> torch.Tensor:
-    mask = torch.zeros(_NUM_CLASSES, dtype=torch.bool)
+def _class_indices(wnids: Sequence[str]) -> List[int]:
     index_of = _wnid_to_index()
-    mask[[index_of[w] for w in wnids]] = True
-    return mask.to(device)
+    return [index_of[w] for w in wnids]
 
 
-def _count_correct(
-        model: nn.Module,
-        samples: List[Tuple[Path, int]],
-        transform: Callable,
-        batch_size: int,
-        device: torch.device,
-        num_workers: int,
-        mask: Optional[torch.Tensor],
-        progress: bool,
-        desc: str,
-) -> int:
-    """Number of samples whose (optionally masked) argmax equals their ImageNet-1k label."""
-    loader = DataLoader(
-        _WnidFolder(samples, transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=device.type == 'cuda')
-    batches: Iterable = loader
-    if progress and _tqdm is not None:
-        batches = _tqdm(loader, desc=desc, leave=False)
-    correct = 0
-    with torch.inference_mode():
-        for images, targets in batches:
-            logits = model(images.to(device, non_blocking=True))
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != _NUM_CLASSES:
-                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f'model must return (batch, 1000) ImageNet-1k logits, got {shape}')
-            if mask is not None:
-                logits = logits.masked_fill(~mask, float('-inf'))
-            pred = logits.argmax(dim=1)
-            correct += int((pred == targets.to(pred.device)).sum().item())
-    return correct
+def _count_correct(model: nn.Module, samples: List[Tuple[Path, int]], transform: Callable, batch_size: int,
+                   device: torch.device, num_workers: int, subset: Optional[Sequence[str]], progress: bool,
+                   desc: str) -> int:
+    """Images whose (optionally class-restricted) argmax is their ImageNet-1k label: the benchmark's images as an
+    ``EvalSet`` through the evaluation's one clean-accuracy loop."""
+    eval_set = EvalSet(_WnidFolder(samples, transform), desc, 'test', {'kind': 'all', 'n': len(samples)},
+                       class_subset=_class_indices(subset) if subset is not None else None, workers=num_workers)
+    bar = EvalProgress('bar' if progress else False, -(-len(samples) // batch_size), desc)
+    try:
+        return int(correct_per_image(model, eval_set, batch_size, device, _NUM_CLASSES, bar).sum())
+    finally:
+        bar.close()
 
 
 def _normalise_benchmark(benchmark: str) -> str:
@@ -414,16 +392,15 @@ def evaluate_shift(
     was_training = model.training
     model = model.to(dev).eval()
 
-    def run(samples: List[Tuple[Path, int]], mask: Optional[torch.Tensor], desc: str) -> int:
-        return _count_correct(model, samples, transform, batch_size, dev, num_workers, mask, progress, desc)
+    def run(samples: List[Tuple[Path, int]], subset: Optional[Sequence[str]], desc: str) -> int:
+        return _count_correct(model, samples, transform, batch_size, dev, num_workers, subset, progress, desc)
 
     try:
         if name == 'imagenet-c':
             return _evaluate_imagenet_c(root, corruptions, severities, run, max_per_class)
         subset = _SUBSETS.get(name)
         samples = _scan_wnid_folders(root, _LAYOUTS[name], subset, name, max_per_class)
-        mask = _class_mask(subset, dev) if subset is not None else None
-        correct = run(samples, mask, name)
+        correct = run(samples, subset, name)
         classes = sorted({label for _, label in samples})
         details = {
             'n_correct': correct,

@@ -23,12 +23,12 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from ..attacks import parse_attack
 from ..attacks.autoattack import autoattack_available
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..data.sources import (DEMO_IMG_SIZE, build_datasets, image_fingerprint, pixel_eval_transform, resolve_source,
+from ..data.sources import (DEMO_IMG_SIZE, build_datasets, pixel_eval_transform, resolve_source,
                             source_data_config, spread_indices)
 from ..training import run as training_run  # looked up at call time: tests replace train
 from ..training.baseline import create_bn_twin
@@ -39,6 +39,7 @@ from ..settings import float_list, int_list, iter_settings, setting, setting_of
 from ..training.config import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
+from ..evaluate import EvalSet, Protocol
 from .arms import ARMS, PER_ARM, Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
@@ -348,7 +349,7 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
         refused = verdict[0]
     if refused is not None:
         raise StudyError(refused)
-    eval_set = _EvalSet(cfg, models, source)
+    eval_set = _study_eval_set(cfg, models, source)
 
     for i, (arm, seed) in enumerate(pairs):
         path = run_dir(out, arm.name, seed)
@@ -373,24 +374,19 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     return result
 
 
-class _EvalSet:
+def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     """The protocol's images: the same validation subset, in the same pixels, for every model."""
-
-    def __init__(self, cfg: StudyConfig, models: _Models, source) -> None:
-        # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
-        model = models.for_evaluation(next(a for a in cfg.arms if a.family == 'nf') if any(
-            a.family == 'nf' for a in cfg.arms) else cfg.arms[0], 0)
-        self.data_config = source_data_config(cfg.train.data, model, cfg.train.img_size)
-        val = source.val
-        val.transform = pixel_eval_transform(self.data_config)
-        self.dataset = Subset(val, spread_indices(min(cfg.eval_examples, len(val)), len(val)))
-        self.fingerprint = image_fingerprint(self.dataset)
-
-    def loader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
+    model = models.for_evaluation(next(a for a in cfg.arms if a.family == 'nf') if any(
+        a.family == 'nf' for a in cfg.arms) else cfg.arms[0], 0)
+    val = source.val
+    val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
+    indices = spread_indices(min(cfg.eval_examples, len(val)), len(val))
+    return EvalSet(Subset(val, indices), cfg.train.data, 'validation',
+                   {'kind': 'spread', 'n': len(indices), 'indices': indices})
 
 
-def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Arm, seed: int, path: Path) -> None:
+def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, path: Path) -> None:
     from ..evaluate import evaluate
     t = cfg.train
     start = time.time()
@@ -406,7 +402,7 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Ar
             from None
     # each model is attacked through the normalisation it was trained with (its own data config)
     data_config = source_data_config(t.data, model, t.img_size)
-    mean, std = tuple(data_config['mean']), tuple(data_config['std'])
+    eval_set = replace(eval_set, mean=tuple(data_config['mean']), std=tuple(data_config['std']))
     device = torch.device(t.device) if t.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attacks = [a.strip() for a in cfg.eval_attacks.split(',') if a.strip()]
     autoattack = 'autoattack' in {parse_attack(a).name for a in attacks}
@@ -417,13 +413,12 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Ar
     progress = 'auto' if t.progress else 'lines'
     threat = t.adv.threat
     name = f'{arm.name} seed {seed}'
-    report = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=attacks, eps=[threat.eps], norm=threat.norm,
-                      device=device, seed=cfg.eval_seed, amp_dtype=t.amp, sanity=True, analysis=cfg.analysis,
-                      progress=progress, model_name=name, mean=mean, std=std)
-    curve = evaluate(model, eval_set.loader(cfg.eval_batch_size), attacks=[cfg.curve_attack],
-                     eps=[threat.scaled(m).eps for m in cfg.curve_eps], norm=threat.norm, device=device,
-                     seed=cfg.eval_seed, amp_dtype=t.amp, sanity=False, progress=progress,
-                     model_name=f'{name} (eps curve)', mean=mean, std=std)
+    protocol = Protocol(attacks=attacks, eps=[threat.eps], norm=threat.norm, seed=cfg.eval_seed,
+                        batch_size=cfg.eval_batch_size, sanity=True, analysis=cfg.analysis)
+    report = evaluate(model, eval_set, protocol, device=device, amp_dtype=t.amp, progress=progress, model_name=name)
+    curve = evaluate(model, eval_set, replace(protocol, attacks=[cfg.curve_attack], sanity=False, analysis=False,
+                                              eps=[threat.scaled(m).eps for m in cfg.curve_eps]),
+                     device=device, amp_dtype=t.amp, progress=progress, model_name=f'{name} (eps curve)')
     results = json.loads((path / 'results.json').read_text())
     run = next(iter(results['runs'].values()))
     payload = {
@@ -435,6 +430,6 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: _EvalSet, arm: Ar
         'protocol': {**report.to_dict()}, 'curve': {**curve.to_dict(), 'per_example': {}},
         'curve_eps_multiples': list(cfg.curve_eps),
         'autoattack': autoattack_note or ('run' if autoattack else 'not requested'),
-        'data': eval_set.fingerprint,
+        'data': eval_set.fingerprint(),
     }
     atomic_json(path / EVAL_FILE, payload)

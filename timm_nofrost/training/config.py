@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Union
 
 from ..attacks.pgd import default_step_size, nofrost_step_size
-from ..attacks.threat import ThreatModel
+from ..attacks.threat import NORMS, ThreatModel
 from ..pixels import amp_dtype
 from ..settings import setting
 

@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost.attacks import APGD, PGD, APGDTargeted, PixelModel, parse_eps
 from timm_nofrost.data import DEMO_CLASSES, NoFrostShapes
-from timm_nofrost.training.config import AdversarialConfig
+from timm_nofrost.training.adversarial import AdversarialConfig
 from timm_nofrost.training.run import TrainConfig, train
 from timm_nofrost.training.train_config import CHECKPOINT_LAST, DEMO_MODEL, DEMO_MODEL_KWARGS
 
@@ -309,7 +309,7 @@ def build_contenders(model: torch.nn.Module, data: Dict[str, Tuple[torch.Tensor,
         n_classes = int(pixel(x_c[:1]).shape[1])
         if cascade_supported():
             from timm_nofrost.evaluate import evaluate
-            from timm_nofrost.evaluate.report import WORST_CASE
+            from timm_nofrost.evaluate.robust_report import WORST_CASE
             loader = DataLoader(TensorDataset(x_c, y_c), batch_size=bs, shuffle=False)
 
             def evaluate_cascade(**kw) -> Callable[[], torch.Tensor]:

@@ -78,7 +78,7 @@ from _timing import time_rounds  # benchmarks/_timing.py: interleaved rounds
 import timm_nofrost  # noqa: F401  registers the NoFrost models
 from timm_nofrost import AdversarialTrainer
 from timm_nofrost.attacks import nofrost_step_size
-from timm_nofrost.training.config import METHODS, TRAIN_ATTACKS, AdversarialConfig
+from timm_nofrost.training.adversarial import METHODS, TRAIN_ATTACKS, AdversarialConfig
 
 CONTENDERS = {
     'clean': 'clean step (ClassificationTask)',

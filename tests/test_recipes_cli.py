@@ -9,7 +9,7 @@ import torch
 
 from timm_nofrost.cli import main
 from timm_nofrost.settings import add_settings, build_settings, settings_dict
-from timm_nofrost.training.config import AdversarialConfig
+from timm_nofrost.training.adversarial import AdversarialConfig
 from timm_nofrost.training.presets import resolve
 from timm_nofrost.data import write_image_folder
 from timm_nofrost.training import AdversarialTrainer

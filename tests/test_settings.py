@@ -14,9 +14,9 @@ from timm_nofrost.evaluate.protocol import EvalSubset, Protocol
 from timm_nofrost.settings import (DataSettings, ModelSettings, RunSettings, add_settings, build_settings, flag_of,
                                    help_text, iter_settings, setting, setting_of, settings_dict)
 from timm_nofrost.study import ArmSelection, StudyConfig
-from timm_nofrost.training.config import AdversarialConfig
+from timm_nofrost.training.adversarial import AdversarialConfig
 from timm_nofrost.training.presets import PRESETS, chain, resolve
-from timm_nofrost.training.timm_train import RobustValidationConfig
+from timm_nofrost.training.timm_launcher import RobustValidationConfig
 from timm_nofrost.training.train_config import TrainConfig
 
 SETTINGS_CLASSES = (DataSettings, ModelSettings, RunSettings, TrainConfig, AdversarialConfig, StudyConfig,

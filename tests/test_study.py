@@ -11,7 +11,7 @@ import pytest
 from timm_nofrost.cli import main
 from timm_nofrost.data.demo import write_image_folder
 from timm_nofrost.study import ARMS, Arm, load_arms_file, parse_arm_spec, resolve_arms, verdict
-from timm_nofrost.study.report import collect_study
+from timm_nofrost.study.aggregate import collect_study
 
 
 @pytest.fixture(scope='module')

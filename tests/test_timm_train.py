@@ -24,7 +24,7 @@ from timm_nofrost.cli import main as cli_main
 from timm_nofrost.cli.timm_train import split_arguments
 from timm_nofrost.cli._common import CliError
 from timm_nofrost.training import AdversarialConfig, AdversarialTrainer
-from timm_nofrost.training.timm_train import (
+from timm_nofrost.training.timm_launcher import (
     LaunchedAdversarialTrainer, RobustValidationConfig, SubsetCollector, _autocast_dtype, load_train_script,
     run_timm_train)
 from timm_nofrost.data.sources import spread_indices
@@ -371,7 +371,7 @@ def test_malformed_flags_exit_2(fake_script, capsys, flags):
 def test_recipe_flags_reach_the_task_and_args_yaml(fake_script, tmp_path, monkeypatch):
     """--adv-method / --adv-beta / --adv-attack go through the shared flag group into the launched task, and
     args.yaml (train.py's args_text) records them."""
-    from timm_nofrost.training.timm_train import TimmTrainLauncher
+    from timm_nofrost.training.timm_launcher import TimmTrainLauncher
     launchers = []
     run = TimmTrainLauncher.run
     monkeypatch.setattr(TimmTrainLauncher, 'run', lambda self, a: (launchers.append(self), run(self, a))[1])

@@ -3,9 +3,9 @@ import argparse
 from typing import List, Tuple
 
 from ..settings import add_settings, build_settings, settings_dict
-from ..training.config import AdversarialConfig
+from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, help_presets, resolve
-from ..training.timm_train import RobustValidationConfig
+from ..training.timm_launcher import RobustValidationConfig
 from ._common import CliError, OneLineErrorParser
 
 _ADV_PREFIX = '--adv-'
@@ -68,7 +68,7 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.timm_train import TimmTrainLauncher, load_train_script
+    from ..training.timm_launcher import TimmTrainLauncher, load_train_script
     own, train_args = split_arguments(list(args.rest))
     _own_flags(args, own)
     adv_cfg = build_settings(AdversarialConfig, resolve(settings_dict(args, AdversarialConfig), chain('')))

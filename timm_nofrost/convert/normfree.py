@@ -17,7 +17,7 @@ from .layers import (
     NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
     is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
 )
-from .report import BlockReport, ConversionReport
+from .conversion_report import BlockReport, ConversionReport
 from .concrete import find_residual_concrete
 from .residual import attach_scales, find_residual, hook_sites, rescale_residual
 

@@ -3,7 +3,7 @@ from .analysis import decision_margin, local_smoothness, margin_and_smoothness
 from .engine import EvalProgress, RobustCounter
 from .eval_set import EvalSet, build_eval_set, read_id_list, select_subset
 from .protocol import EvalSubset, Protocol
-from .report import WORST_CASE, RobustReport
+from .robust_report import WORST_CASE, RobustReport
 from .robust import evaluate
 from .sanity import SanityFlag
 from .shifts import SHIFT_BENCHMARKS, ShiftResult, evaluate_shift

@@ -22,7 +22,7 @@ from ..attacks import AttackSpec, ThreatModel, build_attack
 from ..attacks.base import check_inputs
 from ..pixels import PixelModel, to_float_pixels
 from .eval_set import EvalSet
-from .report import WORST_CASE
+from .robust_report import WORST_CASE
 
 __all__ = ['correct_per_image', 'RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
 

@@ -13,7 +13,7 @@ from ..pixels import amp_dtype as resolve_amp_dtype
 from .engine import EvalProgress, RobustCounter
 from .eval_set import EvalSet, build_eval_set
 from .protocol import Protocol
-from .report import RobustReport
+from .robust_report import RobustReport
 from .sanity import SanityFlag, check_monotone_in_eps, check_zero_gradients, run_attack_checks
 
 __all__ = ['evaluate']

@@ -2,7 +2,7 @@
 protocol (PGD, APGD and AutoAttack), aggregated into a report with a verdict written from the numbers."""
 from .arms import ARM_KEYS, ARMS, FAMILIES, PAPER_ARMS, Arm, ArmSelection, load_arms_file, parse_arm_spec, resolve_arms
 from .layout import run_dir, run_state
-from .report import collect_study, study_markdown, verdict, write_report
+from .aggregate import collect_study, study_markdown, verdict, write_report
 from .runner import StudyConfig, StudyError, run_study
 
 __all__ = [

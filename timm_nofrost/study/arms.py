@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
-from ..training.config import AdversarialConfig
+from ..training.adversarial import AdversarialConfig
 from ..settings import setting
 from ..training.presets import PAPER_ARMS
 

@@ -5,7 +5,7 @@ Layout of a study folder::
     OUT/study.json                      what the study is (data, model, schedule, protocol, arms, seeds)
     OUT/runs/ARM/seed-S/                a ``timm-nofrost train`` run (checkpoints, summary.jsonl, results.json)
     OUT/runs/ARM/seed-S/eval.json       the study's evaluation of the run's final weights
-    OUT/report.md, report.json, *.png   the aggregate (``timm_nofrost.study.report``)
+    OUT/report.md, report.json, *.png   the aggregate (``timm_nofrost.study.aggregate``)
 
 A run with ``eval.json`` is finished and skipped; one with ``results.json`` is trained and only evaluated; one
 with ``checkpoint-last.pth`` resumes (``--deterministic`` makes the resumed run end with the weights of an
@@ -36,7 +36,7 @@ from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
 from ..settings import float_list, int_list, iter_settings, setting, setting_of
-from ..training.config import AdversarialConfig
+from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from ..evaluate import EvalSet, Protocol
@@ -369,7 +369,7 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
             _evaluate_run(cfg, models, eval_set, arm, seed, path)
     if not (report and primary):
         return {}
-    from .report import write_report
+    from .aggregate import write_report
     result = write_report(out)
     return result
 

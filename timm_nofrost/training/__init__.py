@@ -1,6 +1,6 @@
 """Adversarial training: the NoFrost recipe as a timm training task."""
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
-from .config import BATCH_MODES, METHODS, TRAIN_ATTACKS, AdversarialConfig
+from .adversarial import BATCH_MODES, METHODS, TRAIN_ATTACKS, AdversarialConfig
 from .trainer import AdversarialTrainer, resolve_batch_mode
 
 __all__ = [

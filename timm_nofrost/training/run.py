@@ -25,7 +25,7 @@ from ..attacks.spec import parse_attack
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
-from .config import AdversarialConfig
+from .adversarial import AdversarialConfig
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report

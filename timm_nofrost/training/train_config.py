@@ -12,7 +12,7 @@ from ..attacks.spec import parse_attack
 from ..files import check_writable_dir
 from ..pixels import amp_dtype
 from ..settings import DataSettings, ModelSettings, RunSettings, setting
-from .config import AdversarialConfig
+from .adversarial import AdversarialConfig
 from .presets import ADAMW_LR, DEMO_MODEL, DEMO_MODEL_KWARGS, chain, resolve
 
 __all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'apply_presets', 'check_out_dir', 'check_model_name',

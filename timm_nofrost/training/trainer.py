@@ -4,7 +4,7 @@ Each ``forward(input, target)`` makes adversarial examples with the attacks' own
 parameters, input-only gradients, weight standardisation once per attack, on the module under any DDP /
 compile wrapper) and returns the method's loss: by default NoFrost's mixed loss
 ``(1 - lambda) * loss(clean) + lambda * loss(adv)``; Madry, TRADES or MART with ``method`` (see
-``timm_nofrost.training.config`` for the formulas), with PGD, FGSM-RS or N-FGSM examples (``attack``). A model
+``timm_nofrost.training.adversarial`` for the formulas), with PGD, FGSM-RS or N-FGSM examples (``attack``). A model
 without batch-statistics layers gets both halves in ONE forward on the concatenated batch; BatchNorm models
 get the paper's baselines (shared BN with two forwards, or split BN).
 """
@@ -20,7 +20,7 @@ from ..attacks.base import attack_mode, random_delta
 from ..pixels import PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, unwrap_model
 from ..attacks.pgd import PGD
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
-from .config import NFGSM_NOISE, AdversarialConfig
+from .adversarial import NFGSM_NOISE, AdversarialConfig
 
 __all__ = ['AdversarialTrainer', 'resolve_batch_mode']
 

@@ -37,7 +37,7 @@ from ..attacks.autoattack import autoattack_available
 from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
 from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
 from ..settings import setting
-from .config import AdversarialConfig
+from .adversarial import AdversarialConfig
 from ..data.sources import spread_indices
 from .trainer import AdversarialTrainer
 

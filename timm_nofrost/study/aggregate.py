@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..attacks.threat import ThreatModel
-from ..evaluate.report import WORST_CASE
+from ..evaluate.robust_report import WORST_CASE
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']

@@ -112,3 +112,9 @@ def test_the_walker_sees_cycles_and_lazy_imports():
     # a lazy import inside a function counts (the hub imports the converter only when exporting)
     assert 'timm_nofrost.convert' in graph['timm_nofrost.hub']
     assert 'timm_nofrost.models.converted' in graph['timm_nofrost.hub']
+
+
+def test_no_two_modules_share_a_file_name():
+    """Names that explain themselves: ``report.py`` in three packages said nothing about what each held."""
+    names = [p.name for p in ROOT.rglob('*.py') if p.name != '__init__.py']
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -198,13 +198,17 @@ def test_bad_input_fails_before_training(data_dir, tmp_path, capsys):
         (['--adv-steps', '0'], 'steps=0 makes no adversarial examples'),
         (['--epochs', '0'], 'epochs must be a positive integer'),
         (['--eval-attack', 'pgd-x'], "Unknown attack 'pgd-x'"),
-        (['--model-kwargs', '{bad'], '--model-kwargs is not valid JSON'),
+        (['--model-kwargs', '{bad'], 'argument --model-kwargs: not valid JSON'),
         (['--resume', str(tmp_path / 'nope.pth')], 'Nothing to resume'),
     ]
     for extra, message in cases:
         out = tmp_path / 'out'
         start = time.time()
-        assert main(tiny_args(data_dir, out, *extra)) == 2, extra
+        try:
+            code = main(tiny_args(data_dir, out, *extra))
+        except SystemExit as e:  # argparse's one-line usage error
+            code = e.code
+        assert code == 2, extra
         err = capsys.readouterr().err
         assert message in err, (extra, err)
         assert 'Traceback' not in err and time.time() - start < 20

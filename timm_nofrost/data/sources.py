@@ -176,6 +176,8 @@ def _open_timm(spec: SourceSpec, split: str, **kwargs: Any) -> Dataset:
 
 
 def _num_classes(dataset: Dataset) -> Optional[int]:
+    if isinstance(dataset, Subset):
+        return _num_classes(dataset.dataset)
     classes = getattr(dataset, 'classes', None) or getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
     return len(classes) if classes else None
 
@@ -204,7 +206,7 @@ def build_datasets(data: str, data_dir: Optional[str] = None, img_size: int = DE
     held_out = f'{len(val)} held-out val, {val_fraction:.0%} seeded split' if fraction else f'{len(val)} val'
     label = {'demo': f'demo shapes ({img_size}px', 'timm': f'{spec.name} (',
              'image-folder': f'ImageFolder {spec.root} (', 'folder': f'ImageFolder {spec.root} ('}[spec.kind]
-    num_classes = len(train.classes) if spec.kind == 'demo' else _num_classes(train)
+    num_classes = _num_classes(train)
     return DataSource(train, val, num_classes, f'{label}{", " if spec.kind == "demo" else ""}{len(train)} train / '
                                                f'{held_out}, {num_classes} classes)', spec.kind)
 

@@ -20,7 +20,7 @@ def clean_accuracy(model: nn.Module, val, device: torch.device, batch_size: int,
     model's timm ``pretrained_cfg``; the train command passes its data config's)."""
     pixel = PixelModel.from_model(unwrap_model(model), mean, std).to(device).eval()
     correct = correct_per_image(pixel, EvalSet(val, 'validation', workers=workers), batch_size, device)
-    return 100.0 * correct.float().mean().item() if correct.numel() else 0.0
+    return 100.0 * int(correct.sum()) / max(correct.numel(), 1)
 
 
 def robust_report(model: nn.Module, val, cfg: TrainConfig, device: torch.device, attacks: str, sanity: bool,

@@ -24,7 +24,7 @@ THREAT_MODULE = ROOT / 'attacks' / 'threat.py'
     ('0.03', 'Linf', 0.03), (1, 'Linf', 1.0), (0, 'Linf', 0.0), (2, 'L2', 2.0), ('1e-2', 'L2', 0.01),
 ])
 def test_parse(value, norm, eps):
-    threat = ThreatModel.parse(value, norm)
+    threat = ThreatModel(value, norm)
     assert threat == ThreatModel(eps, norm) and threat.eps == eps and isinstance(threat.eps, float)
     assert threat.norm == norm
 
@@ -43,7 +43,7 @@ def test_parse(value, norm, eps):
 ])
 def test_invalid(value, norm, match):
     with pytest.raises(ValueError, match=match):
-        ThreatModel.parse(value, norm)
+        ThreatModel(value, norm)
 
 
 def test_l2_radii_may_exceed_one_and_step_sizes_name_themselves():

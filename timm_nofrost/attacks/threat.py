@@ -25,10 +25,6 @@ class ThreatModel:
                              f'e.g. 8/255.')
         object.__setattr__(self, 'eps', eps)
 
-    @classmethod
-    def parse(cls, eps: Union[float, str], norm: str = 'Linf') -> 'ThreatModel':
-        return cls(eps, norm)
-
     @staticmethod
     def parse_radius(value: Union[float, str], name: str = 'eps') -> float:
         """A length in pixels (radius, step size): a number or a fraction (``'8/255'``, ``'0.5/255'``), finite, >= 0."""

@@ -63,6 +63,4 @@ class ThreatModel:
         return f'{self.norm} eps {self.label}'
 
 
-def parse_eps(value: Union[float, str]) -> float:
-    """A radius (``0.03137`` or ``'8/255'``); see ``ThreatModel.parse_radius``."""
-    return ThreatModel.parse_radius(value)
+parse_eps = ThreatModel.parse_radius  # the older name: a radius (``0.03137`` or ``'8/255'``) as a float

@@ -223,18 +223,24 @@ def test_shift_cli(tmp_path, capsys):
     import timm
     from timm_nofrost import export_checkpoint
     small = dict(channels=(8, 16, 32, 64), stem_chs=8)
+    model = timm.create_model('nf_resnet18_nofrost', **small)
+    with torch.no_grad():  # a known answer: the logits are the bias, every image is called ImageNet class 10
+        model.get_classifier().weight.zero_()
+        model.get_classifier().bias.copy_(torch.nn.functional.one_hot(torch.tensor(10), 1000).float())
     ckpt = tmp_path / 'w.pth'
-    torch.save(timm.create_model('nf_resnet18_nofrost', **small).state_dict(), ckpt)
+    torch.save(model.state_dict(), ckpt)
     export_checkpoint(ckpt, tmp_path / 'exp', model_name='nf_resnet18_nofrost', model_kwargs=small)
     root = tmp_path / 'sketch'
-    for wnid in ('n01440764', 'n01443537'):
+    # class 0 (1 image) and class 10 (3 images): the second folder in sorted order, ImageNet-1k index 10
+    for wnid, n in (('n01440764', 1), ('n01530575', 3)):
         (root / wnid).mkdir(parents=True)
-        for i in range(2):
+        for i in range(n):
             Image.new('RGB', (40, 40), color=(60 * i, 90, 120)).save(root / wnid / f'{i}.JPEG')
     assert main(['shift', '--model', f'local-dir:{tmp_path / "exp"}', '--pretrained', '--benchmark',
                  'imagenet-sketch', '--root', str(root), '--json']) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result['benchmark'] == 'imagenet-sketch' and result['n_examples'] == 4 and 0 <= result['top1'] <= 100
+    # the exported weights were loaded and the folders scored by their ImageNet-1k index: 3 of the 4 images
+    assert result['benchmark'] == 'imagenet-sketch' and result['n_examples'] == 4 and result['top1'] == 75.0
     assert main(['shift', '--model', 'nf_resnet18_nofrost', '--benchmark', 'imagenet-r',
                  '--root', str(tmp_path / 'nope')]) == 2
     assert 'nope' in capsys.readouterr().err

@@ -275,16 +275,57 @@ def test_pixels_sits_below_everything():
             assert all(not a.name.startswith('timm_nofrost') for a in node.names)
 
 
-def test_train_a_ready_model_without_pretrained_cfg(tmp_path: Path):
+def test_train_a_ready_model_without_pretrained_cfg(tmp_path: Path, monkeypatch):
     """``train(cfg, model=...)`` (e.g. a torchvision ResNet): training and its evaluation use the data config's
-    mean/std, so the model needs no pretrained_cfg."""
+    mean/std, so the model needs no pretrained_cfg.
+
+    For a model without one the data config holds timm's defaults (ImageNet's). Every ``PixelModel`` the run
+    builds (the training attack, the clean accuracy, the evaluation) normalises with them, and the run is, to the
+    last bit, the run of the same model carrying them in a ``pretrained_cfg``; other mean/std change the run."""
+    import traceback
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm_nofrost.data import write_image_folder
     from timm_nofrost.training.run import TrainConfig, train
     write_image_folder(tmp_path / 'data' / 'train', 'train', num_samples=20, img_size=16)
     write_image_folder(tmp_path / 'data' / 'val', 'val', num_samples=10, img_size=16)
-    model = plain(TinyCNN(num_classes=5))
-    cfg = TrainConfig(data=str(tmp_path / 'data'), img_size=16, batch_size=10, epochs=1, robust_examples=4,
-                      eval_attack='pgd-2', final_attacks='clean,pgd-2', adv=AdversarialConfig(steps=1),
-                      out_dir=str(tmp_path / 'run'), progress=False)
-    final = train(cfg, model=model)['runs']['nofrost']['final']
-    assert 0 <= final['accuracy']['pgd-2'] <= final['accuracy']['clean'] <= 100
+    torch.manual_seed(0)
+    init = plain(TinyCNN(num_classes=5))
+
+    def float32(values) -> tuple:  # what a PixelModel keeps (attacks re-wrap one from its float32 buffers)
+        return tuple(torch.tensor(values, dtype=torch.float32).tolist())
+
+    built = []  # (mean, std, the functions it was built under) of every PixelModel
+    pixel_model_init = PixelModel.__init__
+
+    def spy(self, model, mean, std):
+        pixel_model_init(self, model, mean, std)
+        callers = {frame.name for frame in traceback.extract_stack()}
+        built.append((float32(mean), float32(std), callers))
+
+    monkeypatch.setattr(PixelModel, '__init__', spy)
+
+    def run(name: str, pretrained_cfg=None):
+        model = copy.deepcopy(init)
+        if pretrained_cfg is not None:
+            model.pretrained_cfg = pretrained_cfg
+        built.clear()
+        cfg = TrainConfig(data=str(tmp_path / 'data'), img_size=16, batch_size=10, epochs=1, robust_examples=4,
+                          eval_attack='pgd-2', final_attacks='clean,pgd-2', adv=AdversarialConfig(steps=1),
+                          out_dir=str(tmp_path / name), progress=False)
+        result = train(cfg, model=model)['runs']['nofrost']
+        epochs = [{k: v for k, v in epoch.items() if k != 'train_time_s'} for epoch in result['epochs']]
+        return model.state_dict(), epochs, result['final'], list(built)
+
+    weights, epochs, final, stats = run('plain')
+    assert {(mean, std) for mean, std, _ in stats} == {(float32(IMAGENET_DEFAULT_MEAN), float32(IMAGENET_DEFAULT_STD))}
+    for phase in ('train_epoch', 'clean_accuracy', 'evaluate'):  # the training attack, clean accuracy, evaluation
+        assert any(phase in callers for _, _, callers in stats), f'no PixelModel was built under {phase}()'
+    # the same model, its normalisation given explicitly: the same run, weights and numbers alike
+    same = run('configured', {'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD})
+    assert same[1:3] == (epochs, final)
+    assert all(torch.equal(weights[k], same[0][k]) for k in weights)
+    # other mean/std (read from the pretrained_cfg into the data config) reach every PixelModel and change the run
+    other = run('other', {'mean': MEAN, 'std': STD})
+    assert {(mean, std) for mean, std, _ in other[3]} == {(float32(MEAN), float32(STD))}
+    assert other[1][0]['train_loss'] != epochs[0]['train_loss']
+    assert not all(torch.equal(weights[k], other[0][k]) for k in weights)

@@ -11,10 +11,11 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.task import ClassificationTask
@@ -119,6 +120,8 @@ def main():
         with open(args.record, 'w') as f:
             json.dump({'task': type(task).__name__, 'metrics': metrics, 'losses': losses, 'sys_path': sys.path,
                        'models': timm.list_models('*nofrost*')}, f)
+        torch.save({'state_dict': task.get_eval_model().state_dict(), 'pixels': pixels, 'labels': labels},
+                   args.record + '.pt')
 '''
 
 
@@ -140,6 +143,36 @@ def run_fake(script: Path, *train_args: str, adv=None, val=None):
 
 
 SUBSET = [0, 1, 3, 5, 6, 8]  # 6 of the 10 images, spread evenly: floor(i * 10 / 6)
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread, as in the OMP_NUM_THREADS=1 subprocesses: their numbers recomputed here bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def top1_by_hand(model, pixels: torch.Tensor, labels: torch.Tensor, steps: int, eps: float = 8 / 255,
+                 batches=None) -> tuple:
+    """Clean and robust top-1 (%) of ``model`` (normalising with its pretrained_cfg) on ``pixels``, under PGD-``steps``
+    at ``eps`` with the launcher's seed (0), counted by hand: robust = clean-correct and still correct.
+    ``batches``: the rows attacked together (each row's random start depends on its place in the batch)."""
+    batches = batches or [list(range(len(labels)))]
+    clean_count = robust_count = 0
+    with one_thread():
+        for rows in batches:
+            x, y = pixels[rows], labels[rows]
+            with torch.no_grad():
+                mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+                clean = model((x - mean) / std).argmax(1) == y
+            clean_count += int(clean.sum())
+            robust_count += int((PGD(model, eps=eps, steps=steps, seed=0)(x, y).correct & clean).sum())
+    n = sum(len(rows) for rows in batches)
+    return 100.0 * clean_count / n, 100.0 * robust_count / n
 
 
 def independent_robust(model, results: dict, attack_cls=PGD, **kwargs) -> torch.Tensor:
@@ -399,14 +432,21 @@ def test_cli_in_a_fresh_process(fake_script, tmp_path):
     """The command end to end: flags before and after SCRIPT, train.py's arguments after --, models registered."""
     record = tmp_path / 'record.json'
     proc = subprocess.run(
-        [sys.executable, '-m', 'timm_nofrost', 'timm-train', '--adv-steps', '1', str(fake_script),
-         '--adv-val-attacks', 'pgd-2', '--adv-val-examples', '4', '--', '--steps', '1', '--record', str(record)],
+        [sys.executable, '-m', 'timm_nofrost', 'timm-train', '--adv-steps', '1', '--adv-eps', '0.005', str(fake_script),
+         '--adv-val-attacks', 'clean,pgd-2', '--adv-val-examples', '6', '--', '--steps', '1', '--record', str(record)],
         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(record.read_text())
     assert out['task'] == 'LaunchedAdversarialTrainer'
     assert 'nf_resnet18_cifar_nofrost' in out['models']
-    assert 0 <= out['metrics']['robust_top1_pgd-2'] <= 100
+    # the flags reached robust validation: clean and PGD-2 at eps 0.005 (a radius where PGD-2 flips some but not all
+    # of the clean-correct images) on the 6 images spread over the 10, attacked in the loader's batches of 4
+    saved = torch.load(f'{record}.pt')
+    model = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=3, channels=(8, 16, 32, 64), stem_chs=8)
+    model.load_state_dict(saved['state_dict'])
+    clean, pgd = top1_by_hand(model.eval(), saved['pixels'][SUBSET], saved['labels'][SUBSET], steps=2, eps=0.005,
+                              batches=[[0, 1, 2, 3], [4, 5]])
+    assert (out['metrics']['robust_top1_clean'], out['metrics']['robust_top1_pgd-2']) == pytest.approx((clean, pgd))
     assert math.isfinite(out['losses'][0])
     assert str(fake_script.parent) not in out['sys_path']
 
@@ -445,6 +485,24 @@ def read_summary(output: Path) -> list:
         return list(csv.DictReader(f))
 
 
+def recomputed_robust_top1(data: Path, output: Path, ema: bool = False, world_size: int = 1) -> float:
+    """robust_top1_pgd-10 of the last checkpoint, recomputed without the launcher: timm's own dataset and eval
+    transform give the validation images, the 8 of them spread over the 24 are attacked with PGD-10
+    at 8/255, each rank's share (timm's ordered sampler: positions rank, rank + W, ...) as one batch."""
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+    state = torch.load(output / 'run' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    model = timm.create_model('nf_resnet18_cifar_nofrost', num_classes=3, channels=(8, 16, 32, 64), stem_chs=8)
+    model.load_state_dict(state['state_dict_ema' if ema else 'state_dict'])
+    config = resolve_data_config({'input_size': (3, 32, 32)}, model=model)
+    dataset = ImageDataset(str(data / 'validation'), transform=create_transform(**config, normalize=False))
+    assert len(dataset) == 24
+    subset = [i * 24 // 8 for i in range(8)]
+    pixels = torch.stack([dataset[i][0] for i in range(24)]).float() / 255  # timm's un-normalised transform: uint8
+    labels = torch.tensor([dataset[i][1] for i in range(24)])
+    batches = [[i for i in subset if i % world_size == rank] for rank in range(world_size)]
+    return top1_by_hand(model.eval(), pixels, labels, steps=10, batches=batches)[1]
+
+
 @needs_script
 def test_real_train_py(tmp_path):
     data = make_image_folder(tmp_path / 'data')
@@ -456,7 +514,8 @@ def test_real_train_py(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_summary(output)
     assert len(rows) == 1
-    assert 0 <= float(rows[0]['eval_robust_top1_pgd-10']) <= 100
+    # with --model-ema train.py's summary holds the EMA model's validation
+    assert float(rows[0]['eval_robust_top1_pgd-10']) == pytest.approx(recomputed_robust_top1(data, output, ema=True))
     assert math.isfinite(float(rows[0]['train_loss']))
     assert 'AdversarialTrainer: trades, Linf eps 8/255, PGD-2' in proc.stdout + proc.stderr
     assert 'Robust (EMA): pgd-10:' in proc.stdout + proc.stderr
@@ -477,5 +536,6 @@ def test_real_train_py_two_processes(tmp_path):
         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_summary(output)
-    assert 0 <= float(rows[0]['eval_robust_top1_pgd-10']) <= 100
+    expected = recomputed_robust_top1(data, output, world_size=2)
+    assert float(rows[0]['eval_robust_top1_pgd-10']) == pytest.approx(expected)
     assert 'Robust: pgd-10:' in proc.stdout + proc.stderr and '8 images' in proc.stdout + proc.stderr

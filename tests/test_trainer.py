@@ -171,7 +171,12 @@ def test_soft_targets_from_mixup_attack_like_hard_labels():
     inputs, soft = mixup(normalize(x), y)
     task = trainer(nf_model(), criterion_kwargs=dict(soft_targets=True))
     out = task(inputs, soft)
-    assert soft.shape == (6, 4) and math.isfinite(out['loss'].item())
+    assert soft.shape == (6, 4)
+    # the loss is the soft-target cross-entropy, written out, of the clean and the adversarial outputs, mixed by lambda
+    soft_ce = lambda logits: -(soft * logits.log_softmax(dim=1)).sum(dim=1).mean()  # noqa: E731
+    weight = task.adv_cfg.adv_weight
+    expected = (1 - weight) * soft_ce(out['output']) + weight * soft_ce(out['output_adv'])
+    assert 0 < weight < 1 and out['loss'].item() == pytest.approx(expected.item(), rel=1e-6)
     out['loss'].backward()
 
 

@@ -95,8 +95,8 @@ def build_eval_set(
     if isinstance(data, EvalSet):
         return data
     if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, Dataset):
+        data = data.dataset  # any map-style dataset, a plain list of (image, label) pairs included
+    if not isinstance(data, (str, Path)):
         dataset, name = data, source or 'dataset'
     else:
         name = str(data)

@@ -59,13 +59,8 @@ class CheckpointError(ValueError):
 
 
 def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                changed = True
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split('.', 1)[1]  # every wrapper prefix is one dotted component
     return key
 
 
@@ -86,11 +81,8 @@ def clean_state_dict(checkpoint: Mapping[str, Any], name: str = 'checkpoint') ->
         if isinstance(nested, Mapping) and nested:
             checkpoint = nested
             break
-    state_dict = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            continue  # optimizer state, epoch counters and other metadata are not weights
-        state_dict[_strip_prefixes(str(key))] = value
+    # optimizer state, epoch counters and other metadata are not weights
+    state_dict = {_strip_prefixes(str(k)): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not state_dict:
         raise CheckpointError(
             f'{name} holds no tensors: expected a state_dict, or a dict with one under one of {_NESTED_KEYS}.')
@@ -262,14 +254,8 @@ def describe_key_mismatch(
         shown = ', '.join(keys[:_MAX_LISTED_KEYS])
         more = f', ... (+{len(keys) - _MAX_LISTED_KEYS} more)' if len(keys) > _MAX_LISTED_KEYS else ''
         return f'{len(keys)} {label} ({shown}{more})'
-    parts = []
-    if missing:
-        parts.append(_fmt('missing keys', missing))
-    if unexpected:
-        parts.append(_fmt('unexpected keys', unexpected))
-    if mismatched:
-        parts.append(_fmt('shape mismatches', mismatched))
-    return '; '.join(parts)
+    return '; '.join(_fmt(label, keys) for label, keys in (
+        ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)) if keys)
 
 
 def _prefix_match(key: str, names: Sequence[str]) -> bool:
@@ -277,9 +263,7 @@ def _prefix_match(key: str, names: Sequence[str]) -> bool:
 
 
 def _as_names(value: Optional[Union[str, Sequence[str]]]) -> List[str]:
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
+    return [] if not value else [value] if isinstance(value, str) else list(value)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -83,11 +83,6 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: Optional[int] = 
                          f'[{y.min().item()}, {y.max().item()}].')
 
 
-def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = t.flatten(1)
-    return flat.abs().amax(dim=1) if norm == 'Linf' else flat.norm(p=2, dim=1)
-
-
 def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
     """Project ``delta`` onto the eps-ball and keep ``x + delta`` in [0, 1]."""
     eps = eps.view(-1, 1, 1, 1)

@@ -180,24 +180,15 @@ class RobustCounter:
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
-        keys = [(label, name) for label in self.labels for name in self.correct[label]]
-        akeys = [(label, name) for label in self.labels for name in self.attacked[label]]
-        values = [self.total, self.clean_correct] + [self.correct[l][n] for l, n in keys] + \
-                 [self.attacked[l][n] for l, n in akeys] + [self.zero_sums[l][n] for l, n in akeys]
+        tables = ((self.correct, int), (self.attacked, int), (self.zero_sums, float))
+        slots = [(table, label, name, cast) for table, cast in tables for label in self.labels for name in table[label]]
+        values = [self.total, self.clean_correct] + [table[label][name] for table, label, name, _ in slots]
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         v = t.tolist()
         self.total, self.clean_correct = int(v[0]), int(v[1])
-        i = 2
-        for label, name in keys:
-            self.correct[label][name] = int(v[i])
-            i += 1
-        for label, name in akeys:
-            self.attacked[label][name] = int(v[i])
-            i += 1
-        for label, name in akeys:
-            self.zero_sums[label][name] = v[i]
-            i += 1
+        for (table, label, name, cast), value in zip(slots, v[2:]):
+            table[label][name] = cast(value)
         self.per_example = {}  # per-example outcomes stay on their rank
 
     # -- results -------------------------------------------------------------------------------------------
@@ -212,7 +203,6 @@ class RobustCounter:
         """Fraction of exactly-zero input-gradient entries per attack, over the examples it attacked."""
         return {label: {a: s / max(self.attacked[label][a], 1) for a, s in sums.items()}
                 for label, sums in self.zero_sums.items()}
-
 
 
 @torch.inference_mode()

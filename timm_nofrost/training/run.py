@@ -89,11 +89,6 @@ def build_model(cfg: TrainConfig, num_classes: int, model: Optional[nn.Module] =
     return model
 
 
-def _data_config(cfg: TrainConfig, model: nn.Module) -> Dict[str, Any]:
-    """The data config of the run: the one ``timm-nofrost eval`` rebuilds from ``--data`` and ``--img-size``."""
-    return source_data_config(cfg.data, model, cfg.img_size)
-
-
 def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], info: _Dist, device: torch.device):
     from timm.data import create_loader
     jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
@@ -191,7 +186,8 @@ class _Run:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.data_config = _data_config(cfg, model)
+        # the data config of the run: the one ``timm-nofrost eval`` rebuilds from ``--data`` and ``--img-size``
+        self.data_config = source_data_config(cfg.data, model, cfg.img_size)
         # the training loader's normalisation, also the evaluation's: a ready model may have no pretrained_cfg
         self.normalization = dict(mean=tuple(self.data_config['mean']), std=tuple(self.data_config['std']))
         self.loader = _loaders(cfg, source, self.data_config, info, device)
@@ -319,8 +315,7 @@ class _Run:
             if bar is not self.loader:
                 bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
         self.scheduler.step(epoch + 1)
-        metrics = {f'train_{k}': v / max(steps, 1) for k, v in sums.items()}
-        metrics = {k: (100 * v if 'acc' in k else v) for k, v in metrics.items()}
+        metrics = {f'train_{k}': (100 if 'acc' in k else 1) * (v / max(steps, 1)) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, lr=self.optimizer.param_groups[0]['lr'], train_time_s=time.time() - start)
         if info.primary:
             metrics.update(self.evaluate_epoch())

@@ -274,15 +274,10 @@ def robust_correct(
         net.train(was_training)
     if distributed:
         counter.reduce(pixels.device)
-    by_attack = counter.correct[counter.labels[0]]
-    counts = {}
-    for name in config.metric_names():
-        key = name[len(METRIC_PREFIX):]
-        counts[name] = counter.clean_correct if key == 'clean' else by_attack[key]
-    return counts, counter.total
+    by_attack = {**counter.correct[counter.labels[0]], 'clean': counter.clean_correct}
+    return {name: by_attack[name[len(METRIC_PREFIX):]] for name in config.metric_names()}, counter.total
 
 
-# -- the launcher ---------------------------------------------------------------------------------------------
 class LaunchedAdversarialTrainer(AdversarialTrainer):
     """The :class:`AdversarialTrainer` train.py gets (a separate name, so logs say where it came from)."""
 
@@ -372,7 +367,6 @@ class TimmTrainLauncher:
             return metrics
         start = time.time()
         device = torch.device(call.get('device') or getattr(args, 'device', 'cpu'))
-        names = self.robust_val.metric_names()
         if collector.unsupported:
             _logger.warning(f'Robust validation skipped: the eval loader yields {collector.unsupported}.')
             pixels, targets = torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)  # counts 0, joins the sum
@@ -383,8 +377,7 @@ class TimmTrainLauncher:
             batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
             amp_dtype=_autocast_dtype(call.get('amp_autocast')), distributed=bool(getattr(args, 'distributed', False)),
             progress='lines' if rank == 0 else 'off')
-        totals = [counts[k] for k in names]
-        robust = {k: (100.0 * v / n if n else float('nan')) for k, v in zip(names, totals)}
+        robust = {k: (100.0 * counts[k] / n if n else float('nan')) for k in self.robust_val.metric_names()}
         metrics.update(robust)
         suffix = call.get('log_suffix', '') or ''
         self.robust_history.append({'metrics': dict(robust), 'examples': n, 'log_suffix': suffix})

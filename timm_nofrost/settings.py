@@ -11,8 +11,8 @@ Shared groups, used by every subcommand that has them: ``DataSettings``, ``Model
 """
 import argparse
 import json
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ['Setting', 'setting', 'setting_of', 'flag_of', 'iter_settings', 'add_settings', 'settings_dict',
            'build_settings', 'json_object', 'int_list', 'float_list', 'AMP_CHOICES', 'GROUP_TITLES', 'DataSettings', 'ModelSettings',
@@ -170,20 +170,17 @@ def build_settings(cls: Any, values: Mapping[str, Any], **fixed: Any) -> Any:
     return cls(**kwargs)
 
 
-def int_list(text: str) -> List[int]:
-    """An argparse type: comma-separated integers (``--seeds 0,1,2``)."""
-    try:
-        return [int(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
+def _list_of(kind: Callable[[str], Any], what: str) -> Callable[[str], List[Any]]:
+    """An argparse type: comma-separated ``kind`` values (``--seeds 0,1,2``, ``--curve-eps 0.5,1,2``)."""
+    def parse(text: str) -> List[Any]:
+        try:
+            return [kind(v) for v in text.split(',') if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected comma-separated {what}, got {text!r}') from None
+    return parse
 
 
-def float_list(text: str) -> List[float]:
-    """An argparse type: comma-separated numbers (``--curve-eps 0.5,1,2``)."""
-    try:
-        return [float(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}') from None
+int_list, float_list = _list_of(int, 'integers'), _list_of(float, 'numbers')
 
 
 def json_object(text: str) -> Dict[str, Any]:

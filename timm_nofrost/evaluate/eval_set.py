@@ -48,11 +48,6 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @property
-    def name(self) -> str:
-        """The source and split, as reports name the data."""
-        return f'{self.source} ({self.split})'
-
     def loader(self, batch_size: int) -> DataLoader:
         return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers)
 

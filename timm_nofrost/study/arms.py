@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from ..training.adversarial import AdversarialConfig
-from ..settings import setting
+from ..settings import setting, setting_of
 from ..training.presets import PAPER_ARMS
 
 __all__ = ['Arm', 'ArmSelection', 'ARMS', 'PAPER_ARMS', 'FAMILIES', 'ARM_KEYS', 'PER_ARM', 'ARM_OVERRIDES', 'parse_arm_spec', 'load_arms_file', 'resolve_arms']
@@ -24,7 +24,8 @@ FAMILIES = ('nf', 'bn')
 # the AdversarialConfig fields an arm may set; the study sets the rest (eps, norm, warm-up, ...) for every arm
 PER_ARM = ('batch_mode', 'method', 'attack', 'adv_weight', 'beta')  # each arm's own: no study-wide flag
 ARM_OVERRIDES = PER_ARM + ('steps', 'step_size')  # the study's PGD steps and step size, unless the arm sets them
-_DEFAULTS = {f.name: f.default for f in fields(AdversarialConfig)}
+_FIELDS = {f.name: f for f in fields(AdversarialConfig)}
+_DEFAULTS = {name: f.default for name, f in _FIELDS.items()}
 
 
 @dataclass(frozen=True)
@@ -121,20 +122,14 @@ ARMS: Dict[str, Arm] = {arm.name: arm for arm in (
 
 
 def _value(key: str, text: str) -> Any:
-    """A value of an ``--arm`` spec: numbers as numbers, ``none`` as None, anything else as text."""
+    """A value of an ``--arm`` spec, typed as its ``AdversarialConfig`` flag is (``none`` is None)."""
     if text.lower() in ('none', 'null', ''):
         return None
-    if key in ('steps',):
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f'{key}={text!r} is not an integer.') from None
-    if key in ('adv_weight', 'beta'):
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f'{key}={text!r} is not a number.') from None
-    return text
+    kind = setting_of(_FIELDS[key]).type if key in _FIELDS else None
+    try:
+        return text if kind is None else kind(text)
+    except ValueError:
+        raise ValueError(f'{key}={text!r} is not {"an integer" if kind is int else "a number"}.') from None
 
 
 def _arm_from_mapping(name: str, keys: Dict[str, Any], source: str) -> Arm:

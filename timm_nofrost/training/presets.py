@@ -68,5 +68,4 @@ def preset_value(key: str, data: str) -> Any:
 def help_presets(study: bool = False) -> Dict[str, Dict[str, Any]]:
     """The presets a command's ``--help`` names for unset defaults, labelled as the help says them."""
     names = ('recipe', 'demo', 'study', 'demo-study') if study else ('recipe', 'demo')
-    return {{'recipe': 'recipe', 'demo': 'demo', 'study': 'study', 'demo-study': 'demo study'}[n]: PRESETS[n]
-            for n in names}
+    return {n.replace('-', ' '): PRESETS[n] for n in names}

@@ -272,18 +272,14 @@ def _scan_wnid_folders(
     return samples
 
 
-def _class_indices(wnids: Sequence[str]) -> List[int]:
-    index_of = _wnid_to_index()
-    return [index_of[w] for w in wnids]
-
-
 def _count_correct(model: nn.Module, samples: List[Tuple[Path, int]], transform: Callable, batch_size: int,
                    device: torch.device, num_workers: int, subset: Optional[Sequence[str]], progress: bool,
                    desc: str) -> int:
     """Images whose (optionally class-restricted) argmax is their ImageNet-1k label: the benchmark's images as an
     ``EvalSet`` through the evaluation's one clean-accuracy loop."""
     eval_set = EvalSet(_WnidFolder(samples, transform), desc, 'test', {'kind': 'all', 'n': len(samples)},
-                       class_subset=_class_indices(subset) if subset is not None else None, workers=num_workers)
+                       class_subset=None if subset is None else [_wnid_to_index()[w] for w in subset],
+                       workers=num_workers)
     bar = EvalProgress('bar' if progress else False, -(-len(samples) // batch_size), desc)
     try:
         return int(correct_per_image(model, eval_set, batch_size, device, _NUM_CLASSES, bar).sum())

@@ -388,8 +388,7 @@ def _run_one(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, see
 def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     """The protocol's images: the same validation subset, in the same pixels, for every model."""
     # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
-    model = models.for_evaluation(next(a for a in cfg.arms if a.family == 'nf') if any(
-        a.family == 'nf' for a in cfg.arms) else cfg.arms[0], 0)
+    model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
     val = source.val
     val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
     indices = spread_indices(min(cfg.eval_examples, len(val)), len(val))

@@ -131,21 +131,48 @@ def export_checkpoint(
         raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
 
     state_dict = read_state_dict(checkpoint)  # safe read: safetensors or torch.load(weights_only=True)
-    base_cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
-    base_cfg = base_cfg.to_dict() if base_cfg is not None else {}
+    base_cfg = _export_cfg(arch, tag)
+    num_classes, in_chans = _checkpoint_shape(state_dict, base_cfg, num_classes, checkpoint)
+    input_size = tuple(base_cfg.get('input_size', (3, 224, 224)))
+    model = _model_from_checkpoint(arch, tag, input_size, num_classes, in_chans, model_kwargs, state_dict, checkpoint)
+    del state_dict
+
+    card = _card_for(
+        model, input_size, model_name=arch, tag=tag,
+        repo_id=repo_id or base_cfg.get('hf_hub_id') or f'<your-org>/{arch}',
+        description=base_cfg.get('description', ''), source_checkpoint=Path(checkpoint).name,
+        dataset='imagenet-1k' if model.num_classes == 1000 else None)
+    return write_model_folder(model, out_dir, card, overwrite=overwrite, tag=tag, in_chans=in_chans)
+
+
+def _export_cfg(arch: str, tag: Optional[str]) -> Dict[str, Any]:
+    """The pretrained config an export carries: the tag's, or without a tag the architecture's default less the
+    identity (description, notes, Hub id) of published weights an arbitrary checkpoint is not."""
+    cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return cfg if tag else {k: v for k, v in cfg.items() if k not in ('description', 'notes', 'hf_hub_id')}
+
+
+def _checkpoint_shape(state_dict: Dict[str, torch.Tensor], base_cfg: Dict[str, Any], num_classes: Optional[int],
+                      checkpoint: Union[str, Path]) -> Tuple[int, int]:
+    """(classes, input channels) of a checkpoint, read from its classifier and first conv where it has them; a
+    ``num_classes`` that disagrees with the classifier is refused."""
     ckpt_classes = _infer_shape(state_dict, base_cfg.get('classifier'), 0)
     if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
         raise ValueError(f'num_classes={num_classes} disagrees with checkpoint {checkpoint}, whose classifier '
                          f'has {ckpt_classes} outputs; omit num_classes to export the checkpoint as it is.')
     num_classes = ckpt_classes or num_classes or base_cfg.get('num_classes', 1000)
-    in_chans = _infer_shape(state_dict, base_cfg.get('first_conv'), 1) or 3
+    return num_classes, _infer_shape(state_dict, base_cfg.get('first_conv'), 1) or 3
 
-    input_size = tuple(base_cfg.get('input_size', (3, 224, 224)))
+
+def _model_from_checkpoint(arch: str, tag: Optional[str], input_size: tuple, num_classes: int, in_chans: int,
+                           model_kwargs: Optional[Dict[str, Any]], state_dict: Dict[str, torch.Tensor],
+                           checkpoint: Union[str, Path]) -> torch.nn.Module:
+    """``arch`` with the tag's pretrained config, sized to the checkpoint and holding its weights, in eval mode."""
     overlay = dict(num_classes=num_classes, input_size=(in_chans, *input_size[1:]))
     if not tag:
         # an arbitrary checkpoint is not the default tag's published weights: do not inherit its identity
         overlay.update(tag=None, description=None, notes=None, hf_hub_id=None)
-        base_cfg = {k: v for k, v in base_cfg.items() if k not in ('description', 'notes', 'hf_hub_id')}
     model = timm.create_model(
         arch, pretrained_cfg=tag, pretrained_cfg_overlay=overlay,
         num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
@@ -153,23 +180,13 @@ def export_checkpoint(
         load_checkpoint(model, state_dict)  # the package's one loader: every key and shape checked
     except CheckpointError as e:
         raise e.with_source(f"checkpoint '{checkpoint}'", checkpoint) from None
-    model.eval()
-    del state_dict
+    return model.eval()
 
-    if repo_id is None:
-        repo_id = base_cfg.get('hf_hub_id') or f'<your-org>/{arch}'
-    card = ModelCardInfo(
-        model_name=arch,
-        tag=tag,
-        repo_id=repo_id,
-        num_params=sum(p.numel() for p in model.parameters()),
-        num_classes=model.num_classes,
-        input_size=tuple(model.pretrained_cfg.get('input_size', input_size)),
-        description=base_cfg.get('description', ''),
-        source_checkpoint=Path(checkpoint).name,
-        dataset='imagenet-1k' if model.num_classes == 1000 else None,
-    )
-    return write_model_folder(model, out_dir, card, overwrite=overwrite, tag=tag, in_chans=in_chans)
+
+def _card_for(model: torch.nn.Module, default_input_size: tuple, **fields: Any) -> ModelCardInfo:
+    """The model card of ``model``: its parameter count, classes and input size, and ``fields``."""
+    return ModelCardInfo(num_params=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes,
+                         input_size=tuple(model.pretrained_cfg.get('input_size', default_input_size)), **fields)
 
 
 def write_model_folder(
@@ -338,12 +355,8 @@ def convert_and_export(
 
     weights = 'pretrained weights' if pretrained else (f'weights from {Path(checkpoint).name}' if checkpoint
                                                        else 'fresh weights')
-    card = ModelCardInfo(
-        model_name=CONVERTED_ARCH,
-        repo_id=repo_id or f'<your-org>/{model_name}_normfree',
-        num_params=sum(p.numel() for p in model.parameters()),
-        num_classes=model.num_classes,
-        input_size=tuple(model.pretrained_cfg.get('input_size', (3, 224, 224))),
+    card = _card_for(
+        model, (3, 224, 224), model_name=CONVERTED_ARCH, repo_id=repo_id or f'<your-org>/{model_name}_normfree',
         description=(f'timm `{model_name}` converted to a normalizer-free network by '
                      f'`timm_nofrost.convert_to_normfree` (alpha={alpha}, init={init}, {weights}); '
                      f'{len(report.norms_removed)} normalization layers removed, {len(report.blocks)} residual '

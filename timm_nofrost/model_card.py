@@ -4,7 +4,7 @@ The card carries what a user needs to judge the weights honestly: the paper's nu
 settings, and the independent AutoAttack re-evaluation showing that PGD alone overstates robustness.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ['ModelCardInfo', 'render_model_card', 'PAPER_RESULTS', 'INDEPENDENT_EVAL', 'CITATION']
 
@@ -67,14 +67,10 @@ def _table(header: tuple, rows: tuple) -> str:
     return '\n'.join(lines)
 
 
-def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, Any]] = None) -> str:
-    """Markdown model card with Hub YAML front matter."""
-    meta = {
-        'tags': ['image-classification', 'timm', 'timm-nofrost', 'adversarial-robustness'],
-        'library_name': 'timm',
-        'license': info.license,
-    }
-    meta.update(extra_metadata or {})
+def _front_matter(info: ModelCardInfo, extra_metadata: Optional[Dict[str, Any]]) -> str:
+    """The Hub's YAML metadata block: tags, library, license (``extra_metadata`` added or overriding), dataset."""
+    meta = {'tags': ['image-classification', 'timm', 'timm-nofrost', 'adversarial-robustness'],
+            'library_name': 'timm', 'license': info.license, **(extra_metadata or {})}
     front = ['---']
     for key, value in meta.items():
         if isinstance(value, (list, tuple)):
@@ -85,21 +81,26 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
     if info.dataset:
         front += ['datasets:', f'- {info.dataset}']
     front.append('---')
+    return '\n'.join(front)
 
-    title = f'{info.model_name}.{info.tag}' if info.tag else info.model_name
-    size = f'{info.input_size[-2]} x {info.input_size[-1]}'
+
+def _details(info: ModelCardInfo) -> List[str]:
+    """Bullet points of the 'Model details' section."""
     details = [
         f'- **Architecture:** `{info.model_name}`, {info.architecture}',
         f'- **Parameters (M):** {info.num_params / 1e6:.2f}',
         f'- **Classes:** {info.num_classes}',
-        f'- **Image size:** {size}',
+        f'- **Image size:** {info.input_size[-2]} x {info.input_size[-1]}',
         f'- **Paper:** [{PAPER_TITLE}]({PAPER_URL}) (ICML 2022)',
         f'- **Original code and checkpoints:** {AUTHORS_CODE_URL}',
     ]
     if info.source_checkpoint:
         details.append(f'- **Converted from:** `{info.source_checkpoint}` with `timm-nofrost export`')
+    return details
 
-    tagged_name = f'{info.model_name}.{info.tag}' if info.tag else None
+
+def _usage(info: ModelCardInfo) -> List[str]:
+    """Lines of the 'Usage' code block: load from the Hub (or the registered tag, or the authors' file)."""
     usage = [
         '```python',
         'import timm',
@@ -107,8 +108,9 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
         '',
         f"model = timm.create_model('hf-hub:{info.repo_id}', pretrained=True)",
     ]
-    if tagged_name:
-        usage.append(f"# same weights through the registered tag: timm.create_model('{tagged_name}', pretrained=True)")
+    if info.tag:
+        usage.append(f"# same weights through the registered tag: timm.create_model('{info.model_name}.{info.tag}', "
+                     f"pretrained=True)")
     if info.is_paper_model:
         usage += [
             f"# or the authors' original file (Google Drive links in the README of {AUTHORS_CODE_URL}):",
@@ -122,19 +124,17 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
         'transform = timm.data.create_transform(**data_config, is_training=False)',
         '```',
     ]
+    return usage
 
+
+def _robustness(info: ModelCardInfo) -> List[str]:
+    """The paper's numbers (said to be another model's unless this is the paper's checkpoint), then the caveat."""
     if info.is_paper_model:
         results_intro = 'Reported in the paper (ImageNet-1k validation, ResNet-50):'
     else:
         results_intro = ('For reference, the paper\'s ImageNet-1k ResNet-50 results (these are **not** measurements '
                          'of this checkpoint):')
-
-    sections = [
-        '\n'.join(front),
-        f'# Model card for {title}',
-        info.description or 'Normalizer-free ResNet trained with NoFrost adversarial training.',
-        '## Model details\n' + '\n'.join(details),
-        '## Usage\n' + '\n'.join(usage),
+    return [
         '## Robustness\n' + results_intro + '\n\n' + _table(('Method', 'Clean top-1 (%)', 'PGD top-1 (%)'),
                                                               PAPER_RESULTS)
         + '\n\nAttack: PGD-20, L-inf eps 8/255, step size 0.5/255, on the 224 center crop of 256 images.',
@@ -142,6 +142,19 @@ def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, An
         'An independent re-evaluation of the released NoFrost ResNet-50 at L-inf eps 8/255 found:\n\n'
         + _table(('Attack', 'Robust top-1 (%)'), INDEPENDENT_EVAL)
         + '\n\nReport robustness next to a strong attack (APGD / AutoAttack), not PGD alone.',
+    ]
+
+
+def render_model_card(info: ModelCardInfo, extra_metadata: Optional[Dict[str, Any]] = None) -> str:
+    """Markdown model card with Hub YAML front matter."""
+    title = f'{info.model_name}.{info.tag}' if info.tag else info.model_name
+    sections = [
+        _front_matter(info, extra_metadata),
+        f'# Model card for {title}',
+        info.description or 'Normalizer-free ResNet trained with NoFrost adversarial training.',
+        '## Model details\n' + '\n'.join(_details(info)),
+        '## Usage\n' + '\n'.join(_usage(info)),
+        *_robustness(info),
         '## Training recipe (authors\' code)\n' + '\n'.join(f'- {step}' for step in RECIPE),
         f'## License\n{info.license}: the authors released their code and weights under the Apache-2.0 license.',
         '## Citation\n```bibtex\n' + CITATION + '\n```',

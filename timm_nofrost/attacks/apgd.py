@@ -84,10 +84,7 @@ class APGD(Attack):
         eta = 2 * eps.clone()
 
         x_cur = x + start[idx]
-        loss, grad, logits = self.input_grad(x_cur, y, target, self.loss_fn)
-        counts[0] += int((grad == 0).sum())
-        counts[1] += grad.numel()
-        fooled = best.update(idx, x_cur, loss, logits, self.is_fooled(logits, y, target))
+        loss, grad, fooled = self._score(x_cur, y, target, idx, best, counts)
         best_loss = loss.clone()
         x_best, grad_best = x_cur.clone(), grad.clone()  # highest loss so far: restart point after a halving
         x_prev = x_cur.clone()
@@ -106,17 +103,8 @@ class APGD(Attack):
                     t[keep] for t in (x, y, eps, eta, x_cur, x_prev, grad, loss_prev, best_loss, x_best, grad_best,
                                       n_increase, eta_at_check, best_at_check, idx))
                 target = None if target is None else target[keep]
-            with torch.no_grad():
-                z = x + project(x_cur + eta.view(view) * steepest_step(grad, self.norm) - x, x, eps, self.norm)
-                a = 1.0 if k == 0 else self.momentum
-                x_next = x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev)
-                x_next = x + project(x_next - x, x, eps, self.norm)
-            x_prev = x_cur
-            x_cur = x_next
-            loss, grad, logits = self.input_grad(x_cur, y, target, self.loss_fn)
-            counts[0] += int((grad == 0).sum())
-            counts[1] += grad.numel()
-            fooled = best.update(idx, x_cur, loss, logits, self.is_fooled(logits, y, target))
+            x_prev, x_cur = x_cur, self._step(x, x_cur, x_prev, grad, eta, eps, 1.0 if k == 0 else self.momentum)
+            loss, grad, fooled = self._score(x_cur, y, target, idx, best, counts)
 
             n_increase += (loss > loss_prev).float()
             loss_prev = loss
@@ -126,10 +114,7 @@ class APGD(Attack):
             best_loss = torch.where(improved, loss, best_loss)
 
             if k + 1 in checkpoints:
-                window = k + 1 - last_check
-                cond1 = n_increase < self.rho * window
-                cond2 = (eta_at_check == eta) & (best_at_check == best_loss)
-                halve = cond1 | cond2
+                halve = self._halve(n_increase, k + 1 - last_check, eta, eta_at_check, best_loss, best_at_check)
                 eta_at_check = eta.clone()
                 best_at_check = best_loss.clone()
                 eta = torch.where(halve, eta / 2, eta)
@@ -138,6 +123,30 @@ class APGD(Attack):
                 grad = torch.where(halve.view(view), grad_best, grad)
                 n_increase.zero_()
                 last_check = k + 1
+
+    def _score(self, x_adv: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], idx: torch.Tensor,
+               best: BestIterate, counts: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss and input gradient at ``x_adv`` (batch rows ``idx``), scored into ``best``, zero gradients counted;
+        returns ``(loss, grad, fooled)``."""
+        loss, grad, logits = self.input_grad(x_adv, y, target, self.loss_fn)
+        counts[0] += int((grad == 0).sum())
+        counts[1] += grad.numel()
+        return loss, grad, best.update(idx, x_adv, loss, logits, self.is_fooled(logits, y, target))
+
+    @torch.no_grad()
+    def _step(self, x: torch.Tensor, x_cur: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor,
+              eta: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
+        """The next iterate: a steepest-ascent step of size ``eta`` projected onto the ball, mixed with the last
+        move by momentum (``a`` = 1: no momentum), projected again."""
+        z = x + project(x_cur + eta.view(-1, 1, 1, 1) * steepest_step(grad, self.norm) - x, x, eps, self.norm)
+        x_next = x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev)
+        return x + project(x_next - x, x, eps, self.norm)
+
+    def _halve(self, n_increase: torch.Tensor, window: int, eta: torch.Tensor, eta_at_check: torch.Tensor,
+               best_loss: torch.Tensor, best_at_check: torch.Tensor) -> torch.Tensor:
+        """Rows whose step size halves at a checkpoint: fewer than ``rho`` of the ``window`` steps since the last one
+        raised the loss, or neither the step size nor the best loss changed since then."""
+        return (n_increase < self.rho * window) | ((eta_at_check == eta) & (best_at_check == best_loss))
 
 
 class APGDTargeted(APGD):

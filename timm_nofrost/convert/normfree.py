@@ -7,7 +7,7 @@ tracked through the network (reset after transition blocks) and a zero-initialis
 last conv. See ``docs/converter.md`` for the maths and the trade-offs.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ from .layers import (
     is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
 )
 from .conversion_report import BlockReport, ConversionReport
-from .concrete import find_residual_concrete
-from .residual import attach_scales, find_residual, hook_sites, rescale_residual
+from .concrete import ConcreteResidual, find_residual_concrete
+from .residual import ResidualInfo, attach_scales, find_residual, hook_sites, rescale_residual
 
 __all__ = ['convert_to_normfree', 'NormFreeConversionError', 'normfree_blocks', 'INIT_MODES']
 
@@ -44,10 +44,6 @@ def _unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
             return model, wrapper
 
 
-def _contains(module: nn.Module, types: tuple) -> bool:
-    return any(isinstance(m, types) for m in module.modules())
-
-
 class _Converter:
     """One pass over the model in module order, tracking the expected variance of the residual stream."""
 
@@ -68,6 +64,16 @@ class _Converter:
         self.expected_var = 1.0
         self.last_convs: List[nn.Module] = []
         self.root: Optional[nn.Module] = None  # the model, for sample runs of blocks torch.fx cannot trace
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Convert ``model`` in place; returned, as a model that is itself a normalizer or a conv is replaced."""
+        self.root = model
+        if isinstance(model, self.norms) or convertible_conv(model):
+            holder = nn.Sequential(model)
+            self.visit(holder)
+            return holder[0]
+        self.visit(model)
+        return model
 
     def visit(self, module: nn.Module, prefix: str = '', in_block: bool = False) -> None:
         for name, child in list(module.named_children()):
@@ -116,7 +122,7 @@ class _Converter:
         self.report.kept.append((qual, f'{type(module).__name__}: attention gate, convs stay plain'))
 
     def try_block(self, parent: nn.Module, name: str, child: nn.Module, qual: str) -> bool:
-        if not _contains(child, (nn.Conv2d,)):
+        if not any(isinstance(m, nn.Conv2d) for m in child.modules()):
             return False
         try:
             info = find_residual(child)
@@ -130,10 +136,7 @@ class _Converter:
         self.visit(child, qual + '.', in_block=True)
         info = find_residual(child)
         beta = 1.0 / math.sqrt(self.expected_var)
-        report = BlockReport(
-            name=qual, source_type=type(child).__name__, transition=info.transition, alpha=self.alpha,
-            beta=beta, expected_var=self.expected_var, branch_convs=info.branch_convs,
-            last_conv=info.last_conv, shortcut=', '.join(info.shortcut_convs) or 'identity')
+        report = self.block_report(qual, child, info, beta)
         placed = None if _FORCE_REWRITE else hook_sites(info)
         if isinstance(placed, tuple):  # the user's block stays; hooks apply beta and alpha
             block = child
@@ -144,6 +147,14 @@ class _Converter:
             report.scaled_by, report.rewrite_reason = 'rewrite', placed or 'forced'
             setattr(parent, name, block)
         return self.finish_block(block, report)
+
+    def block_report(self, qual: str, block: nn.Module, found: Union[ResidualInfo, ConcreteResidual], beta: float,
+                     **fields: Any) -> BlockReport:
+        """The report of a residual block as found (traced or on a sample input), before its scaling is placed."""
+        return BlockReport(
+            name=qual, source_type=type(block).__name__, transition=found.transition, alpha=self.alpha, beta=beta,
+            expected_var=self.expected_var, branch_convs=found.branch_convs, last_conv=found.last_conv,
+            shortcut=', '.join(found.shortcut_convs) or 'identity', **fields)
 
     def finish_block(self, block: nn.Module, report: BlockReport) -> bool:
         """Record a scaled block: its report, its last conv for zero-init, the variance after it."""
@@ -183,11 +194,8 @@ class _Converter:
         attach_scales(child, beta_on, alpha_on, self.alpha, beta, found.transition)
         self.report.notes.append(f'{qual} ({type(child).__name__}): {why}; its structure was found on a sample '
                                  f'input and is scaled by hooks, its forward (control flow included) kept')
-        return self.finish_block(child, BlockReport(
-            name=qual, source_type=type(child).__name__, transition=found.transition, alpha=self.alpha, beta=beta,
-            expected_var=self.expected_var, branch_convs=found.branch_convs, last_conv=found.last_conv,
-            shortcut=', '.join(found.shortcut_convs) or 'identity', scaled_by='hooks', beta_on=beta_on,
-            alpha_on=alpha_on))
+        return self.finish_block(child, self.block_report(qual, child, found, beta, scaled_by='hooks',
+                                                          beta_on=beta_on, alpha_on=alpha_on))
 
     def sample_input(self, block: nn.Module) -> Optional[torch.Tensor]:
         """The input ``block`` receives when the (partly converted) model runs on a random image; None if the
@@ -275,6 +283,32 @@ def convert_to_normfree(
     Returns:
         The converted module; its report is ``module.normfree_report`` (a ``ConversionReport``).
     """
+    _check_arguments(model, alpha, init, norms)
+    model, wrapper = _unwrap(model)
+    act = act_layer or detect_activation(model)
+    report = ConversionReport(
+        model_type=type(model).__name__, init=init, alpha=float(alpha), activation=act or 'relu',
+        gamma=activation_gamma(act or 'relu'), unwrapped=wrapper)
+    if act is None:
+        report.notes.append('no activation modules found (functional activations?): assumed relu for the gain')
+
+    converter = _Converter(report, tuple(norms), float(alpha), report.gamma, zero_init_last)
+    model = converter.convert(model)
+    if init == 'fresh':
+        _reinit(model)
+    for conv in converter.last_convs:
+        nn.init.zeros_(conv.gain)
+
+    if strict:
+        _check_strict(report)
+    if not report.changed:
+        report.notes.append('model returned unchanged')
+    model.normfree_report = report
+    return model
+
+
+def _check_arguments(model: nn.Module, alpha: float, init: str, norms: Sequence[str]) -> None:
+    """Refuse a conversion request before anything is changed."""
     if not isinstance(model, nn.Module):
         raise TypeError(f'convert_to_normfree expects a torch.nn.Module, got {type(model).__name__}.')
     if init not in INIT_MODES:
@@ -285,43 +319,20 @@ def convert_to_normfree(
     if not isinstance(alpha, (int, float)) or not 0. < alpha <= 1.:
         raise ValueError(f'alpha must be a number in (0, 1], got {alpha!r}.')
 
-    model, wrapper = _unwrap(model)
-    act = act_layer or detect_activation(model)
-    report = ConversionReport(
-        model_type=type(model).__name__, init=init, alpha=float(alpha), activation=act or 'relu',
-        gamma=activation_gamma(act or 'relu'), unwrapped=wrapper)
-    if act is None:
-        report.notes.append('no activation modules found (functional activations?): assumed relu for the gain')
 
-    converter = _Converter(report, tuple(norms), float(alpha), report.gamma, zero_init_last)
-    converter.root = model
-    if isinstance(model, converter.norms) or convertible_conv(model):
-        holder = nn.Sequential(model)
-        converter.visit(holder)
-        model = holder[0]
-    else:
-        converter.visit(model)
-
-    if init == 'fresh':
-        _reinit(model)
-    for conv in converter.last_convs:
-        nn.init.zeros_(conv.gain)
-
-    if strict and report.unchanged:
+def _check_strict(report: ConversionReport) -> None:
+    """``strict=True``: refuse a conversion that left a layer unconverted, or a block rewritten or unscaled."""
+    if report.unchanged:
         details = '; '.join(f'{name}: {why}' for name, why in report.unchanged)
         raise NormFreeConversionError(f'strict conversion of {report.model_type} left {len(report.unchanged)} '
                                       f'layer(s) unconverted: {details}')
     rewritten = [b for b in report.blocks if b.rewritten]
-    if strict and (rewritten or report.unscaled):
+    if rewritten or report.unscaled:
         details = '; '.join([f'{b.name}: rewritten ({b.rewrite_reason})' for b in rewritten]
                             + [f'{name}: {why}' for name, why in report.unscaled])
         raise NormFreeConversionError(
             f'strict conversion of {report.model_type}: {len(rewritten)} block(s) would lose their class (forward '
             f'rewritten) and {len(report.unscaled)} block(s) with convolutions have no residual scaling: {details}')
-    if not report.changed:
-        report.notes.append('model returned unchanged')
-    model.normfree_report = report
-    return model
 
 
 def normfree_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:

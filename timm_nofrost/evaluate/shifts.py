@@ -159,6 +159,8 @@ _LAYOUTS = {
     'imagenet-sketch': 'ROOT/<wnid>/<image> (ImageNet-1k wnid folders)',
 }
 _SUBSETS = {'imagenet-r': IMAGENET_R_WNIDS, 'imagenet-a': IMAGENET_A_WNIDS}
+# counts the images of ``samples`` classified correctly, the logits restricted to a wnid subset (None: all 1000)
+_Run = Callable[[List[Tuple[Path, int]], Optional[Sequence[str]], str], int]
 
 
 @dataclass
@@ -270,18 +272,14 @@ def _scan_wnid_folders(
     return samples
 
 
-def _class_indices(wnids: Sequence[str]) -> List[int]:
-    index_of = _wnid_to_index()
-    return [index_of[w] for w in wnids]
-
-
 def _count_correct(model: nn.Module, samples: List[Tuple[Path, int]], transform: Callable, batch_size: int,
                    device: torch.device, num_workers: int, subset: Optional[Sequence[str]], progress: bool,
                    desc: str) -> int:
     """Images whose (optionally class-restricted) argmax is their ImageNet-1k label: the benchmark's images as an
     ``EvalSet`` through the evaluation's one clean-accuracy loop."""
     eval_set = EvalSet(_WnidFolder(samples, transform), desc, 'test', {'kind': 'all', 'n': len(samples)},
-                       class_subset=_class_indices(subset) if subset is not None else None, workers=num_workers)
+                       class_subset=None if subset is None else [_wnid_to_index()[w] for w in subset],
+                       workers=num_workers)
     bar = EvalProgress('bar' if progress else False, -(-len(samples) // batch_size), desc)
     try:
         return int(correct_per_image(model, eval_set, batch_size, device, _NUM_CLASSES, bar).sum())
@@ -300,7 +298,7 @@ def _evaluate_imagenet_c(
         root: Path,
         corruptions: Optional[Sequence[str]],
         severities: Sequence[int],
-        run: Callable[[List[Tuple[Path, int]], Optional[torch.Tensor], str], int],
+        run: _Run,
         max_per_class: Optional[int],
 ) -> ShiftResult:
     layout = _LAYOUTS['imagenet-c']
@@ -380,15 +378,7 @@ def evaluate_shift(
         raise ValueError(f'max_per_class must be >= 1 or None, got {max_per_class}')
     root = Path(root).expanduser()
     dev = torch.device(device)
-    if transform is None:
-        from timm.data import create_transform, resolve_data_config
-
-        mean, std = resolve_mean_std(model, mean, std)  # never timm's silent ImageNet default
-        transform = create_transform(**resolve_data_config({'mean': mean, 'std': std}, model=model))
-    elif mean is not None or std is not None:
-        raise ValueError('mean/std set the normalisation of the default transform; a transform given normalises '
-                         'itself. Pass one or the other.')
-
+    transform = _eval_transform(model, transform, mean, std)
     was_training = model.training
     model = model.to(dev).eval()
 
@@ -398,16 +388,35 @@ def evaluate_shift(
     try:
         if name == 'imagenet-c':
             return _evaluate_imagenet_c(root, corruptions, severities, run, max_per_class)
-        subset = _SUBSETS.get(name)
-        samples = _scan_wnid_folders(root, _LAYOUTS[name], subset, name, max_per_class)
-        correct = run(samples, subset, name)
-        classes = sorted({label for _, label in samples})
-        details = {
-            'n_correct': correct,
-            'n_classes': len(classes),
-            'class_subset_size': len(subset) if subset is not None else _NUM_CLASSES,
-            'logits_masked': subset is not None,
-        }
-        return ShiftResult(name, 100.0 * correct / len(samples), len(samples), details)
+        return _evaluate_wnid_benchmark(name, root, run, max_per_class)
     finally:
         model.train(was_training)
+
+
+def _eval_transform(model: nn.Module, transform: Optional[Callable], mean: Optional[Sequence[float]],
+                    std: Optional[Sequence[float]]) -> Callable:
+    """``transform``, or timm's eval transform for ``model`` normalising with ``mean`` / ``std``; both is refused."""
+    if transform is None:
+        from timm.data import create_transform, resolve_data_config
+
+        mean, std = resolve_mean_std(model, mean, std)  # never timm's silent ImageNet default
+        return create_transform(**resolve_data_config({'mean': mean, 'std': std}, model=model))
+    if mean is not None or std is not None:
+        raise ValueError('mean/std set the normalisation of the default transform; a transform given normalises '
+                         'itself. Pass one or the other.')
+    return transform
+
+
+def _evaluate_wnid_benchmark(name: str, root: Path, run: _Run, max_per_class: Optional[int]) -> ShiftResult:
+    """ImageNet-R / -A / -Sketch: top-1 over the ``root/<wnid>/`` folders, the logits restricted to the
+    benchmark's class subset where it has one."""
+    subset = _SUBSETS.get(name)
+    samples = _scan_wnid_folders(root, _LAYOUTS[name], subset, name, max_per_class)
+    correct = run(samples, subset, name)
+    details = {
+        'n_correct': correct,
+        'n_classes': len({label for _, label in samples}),
+        'class_subset_size': len(subset) if subset is not None else _NUM_CLASSES,
+        'logits_masked': subset is not None,
+    }
+    return ShiftResult(name, 100.0 * correct / len(samples), len(samples), details)

@@ -155,8 +155,23 @@ class NormFreeBasicResNet(NormFreeNet):
         self.feature_info = [stem_feat]
         self.stem_feat_idx = [n for n, _ in self.stem.named_children()].index(stem_feat['module'].split('.', 1)[1])
 
+        self.stages, self.num_features = self._build_stages(
+            cfg, stem_chs, stem_stride, output_stride, drop_path_rate,
+            attn_layer=attn_layer, attn_gain=cfg.attn_gain, act_layer=act_layer, conv_layer=conv_layer, **dd)
+        self.final_conv = nn.Identity()
+        self.final_act = act_layer(inplace=False)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.head_hidden_size = self.head.num_features
+        self._init_weights()
+
+    def _build_stages(self, cfg: NoFrostCfg, in_chs: int, stem_stride: int, output_stride: int, drop_path_rate: float,
+                      **block_kwargs: Any) -> Tuple[nn.Sequential, int]:
+        """The stages of basic blocks and their output channels; each stage's ``feature_info`` is appended.
+
+        Each block's beta is 1/sqrt of the expected variance of its input, tracked as in NF-ResNets.
+        """
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, cfg.depths, stagewise=True)
-        prev_chs = stem_chs
+        prev_chs = in_chs
         net_stride = stem_stride
         dilation = 1
         expected_var = 1.0
@@ -180,12 +195,8 @@ class NormFreeBasicResNet(NormFreeNet):
                     first_dilation=first_dilation,
                     alpha=cfg.alpha,
                     beta=expected_var ** -0.5,
-                    attn_layer=attn_layer,
-                    attn_gain=cfg.attn_gain,
-                    act_layer=act_layer,
-                    conv_layer=conv_layer,
                     drop_path_rate=drop_path_rates[stage_idx][block_idx],
-                    **dd,
+                    **block_kwargs,
                 ))
                 if block_idx == 0:
                     expected_var = 1.  # a transition block's shortcut is computed from the unit-variance input
@@ -194,14 +205,7 @@ class NormFreeBasicResNet(NormFreeNet):
                 prev_chs = out_chs
             self.feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f'stages.{stage_idx}'))
             stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-
-        self.num_features = prev_chs
-        self.final_conv = nn.Identity()
-        self.final_act = act_layer(inplace=False)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self.head_hidden_size = self.head.num_features
-        self._init_weights()
+        return nn.Sequential(*stages), prev_chs
 
     def _init_weights(self) -> None:
         for name, module in self.named_modules():

@@ -5,7 +5,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
 from ..evaluate.robust_report import WORST_CASE
@@ -16,6 +16,9 @@ __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
 REPORT_MD, REPORT_JSON = 'report.md', 'report.json'
 SCATTER_PNG, CURVE_PNG = 'clean_vs_robust.png', 'robust_vs_eps.png'
 STANDARD_ARM = 'standard'
+# arm -> seed -> a run's metrics / its eps curve (eps multiple -> accuracy)
+_PerRun = Dict[str, Dict[int, Dict[str, Any]]]
+_Curves = Dict[str, Dict[int, Dict[float, float]]]
 _ANALYSIS = (('decision_margin_mean', 'decision margin (mean)'), ('loss_increase_mean', 'loss increase in the ball'),
              ('input_grad_dual_norm_mean', 'input-gradient dual norm'))
 
@@ -65,10 +68,41 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
                                 f'--out {out}` first).')
     manifest = json.loads(manifest_path.read_text())
     arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
-    per_run: Dict[str, Dict[int, Dict[str, Any]]] = {arm: {} for arm in arms}
-    curves: Dict[str, Dict[int, Dict[float, float]]] = {arm: {} for arm in arms}
-    missing, notes, fingerprints, n_images = [], [], set(), set()
-    autoattack_notes = set()
+    per_run, curves, missing, notes, n_images = _read_runs(out, arms, seeds)
+    metric_names: List[str] = []
+    for arm in arms:
+        for m in per_run[arm].values():
+            metric_names += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and k not in metric_names]
+    summary = {arm: {name: _stats({s: m[name] for s, m in runs.items() if name in m})
+                     for name in metric_names if any(name in m for m in runs.values())}
+               for arm, runs in per_run.items() if runs}
+    _compare_to_standard(summary)
+    attacks = [m for m in metric_names if m not in ('clean', 'train_time_s', 'eval_time_s', 'sanity_failed')
+               and m not in dict(_ANALYSIS)]
+    curve_summary = {arm: {str(mult): _stats({s: c[mult] for s, c in curves[arm].items()})
+                           for mult in sorted({m for c in curves[arm].values() for m in c})}
+                     for arm in arms if curves[arm]}
+    return {
+        'study': {k: manifest[k] for k in ('schedule', 'adversarial', 'protocol') if k in manifest},
+        'arm_order': arms,  # report.json sorts its keys: the study's order of arms
+        'arm_definitions': {arm: manifest['arms'][arm] for arm in arms}, 'arm_models': manifest.get('arm_models', {}),
+        'seeds': seeds, 'attacks': attacks, 'robust_metric': 'autoattack' if 'autoattack' in attacks else WORST_CASE,
+        'arms': summary, 'runs': {arm: {str(s): m for s, m in per_run[arm].items()} for arm in arms},
+        'curves': curve_summary, 'missing': missing, 'notes': notes,
+        'eps': manifest['adversarial']['eps'], 'norm': manifest['adversarial']['norm'],
+        'n_images': max(n_images) if n_images else None,
+        'data': manifest['schedule']['data'], 'model': manifest['schedule']['model'],
+    }
+
+
+def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _Curves, List[Dict[str, Any]],
+                                                                      List[str], Set[int]]:
+    """Every run's ``eval.json``, in the study's order: the metrics and eps curve of each evaluated run by arm and
+    seed, the runs not evaluated yet, notes on what makes the runs incomparable, and the image counts evaluated."""
+    per_run: _PerRun = {arm: {} for arm in arms}
+    curves: _Curves = {arm: {} for arm in arms}
+    missing, notes, fingerprints, n_images, autoattack_notes = [], [], set(), set(), set()
     for arm in arms:
         for seed in seeds:
             path = run_dir(out, arm, seed)
@@ -87,44 +121,20 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
     if len(fingerprints) > 1:
         notes.append('The runs were NOT evaluated on the same images (different image fingerprints): their numbers '
                      'are not comparable.')
-    metric_names: List[str] = []
-    for arm in arms:
-        for m in per_run[arm].values():
-            metric_names += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and k not in metric_names]
-    summary: Dict[str, Dict[str, Any]] = {}
-    for arm in arms:
-        runs = per_run[arm]
-        if not runs:
-            continue
-        summary[arm] = {name: _stats({s: m[name] for s, m in runs.items() if name in m})
-                        for name in metric_names if any(name in m for m in runs.values())}
-    standard = summary.get(STANDARD_ARM)
-    for arm, stats in summary.items():
-        if standard is None:
-            break
-        base_clean, base_time = standard['clean']['mean'], standard['train_time_s']['mean']
-        stats['clean_drop'] = _stats({int(s): base_clean - v for s, v in stats['clean']['values'].items()})
-        stats['cost_vs_standard'] = _stats({int(s): v / base_time for s, v in stats['train_time_s']['values'].items()})
-    attacks = [m for m in metric_names if m not in ('clean', 'train_time_s', 'eval_time_s', 'sanity_failed')
-               and m not in dict(_ANALYSIS)]
-    robust_metric = 'autoattack' if 'autoattack' in attacks else WORST_CASE
-    curve_summary = {arm: {str(mult): _stats({s: c[mult] for s, c in curves[arm].items()})
-                           for mult in sorted({m for c in curves[arm].values() for m in c})}
-                     for arm in arms if curves[arm]}
     if autoattack_notes:
         notes.append(f'AutoAttack: {"; ".join(sorted(autoattack_notes))}.')
-    return {
-        'study': {k: manifest[k] for k in ('schedule', 'adversarial', 'protocol') if k in manifest},
-        'arm_order': arms,  # report.json sorts its keys: the study's order of arms
-        'arm_definitions': {arm: manifest['arms'][arm] for arm in arms}, 'arm_models': manifest.get('arm_models', {}), 'seeds': seeds,
-        'attacks': attacks, 'robust_metric': robust_metric, 'arms': summary, 'runs': {
-            arm: {str(s): m for s, m in per_run[arm].items()} for arm in arms},
-        'curves': curve_summary, 'missing': missing, 'notes': notes,
-        'eps': manifest['adversarial']['eps'], 'norm': manifest['adversarial']['norm'],
-        'n_images': max(n_images) if n_images else None,
-        'data': manifest['schedule']['data'], 'model': manifest['schedule']['model'],
-    }
+    return per_run, curves, missing, notes, n_images
+
+
+def _compare_to_standard(summary: Dict[str, Dict[str, Any]]) -> None:
+    """Add each arm's clean-accuracy drop and training-time cost against the standard arm, if there is one."""
+    standard = summary.get(STANDARD_ARM)
+    if standard is None:
+        return
+    base_clean, base_time = standard['clean']['mean'], standard['train_time_s']['mean']
+    for stats in summary.values():
+        stats['clean_drop'] = _stats({int(s): base_clean - v for s, v in stats['clean']['values'].items()})
+        stats['cost_vs_standard'] = _stats({int(s): v / base_time for s, v in stats['train_time_s']['values'].items()})
 
 
 # -- verdict ---------------------------------------------------------------------------------------------

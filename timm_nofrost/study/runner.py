@@ -329,6 +329,20 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     for arm in cfg.arms:
         models.check(arm)
     primary = int(os.environ.get('RANK', '0')) == 0
+    _claim_folder(cfg, models, primary)
+    eval_set = _study_eval_set(cfg, models, source)
+
+    for i, (arm, seed) in enumerate(pairs):
+        _run_one(cfg, models, eval_set, arm, seed, f'[study {i + 1}/{len(pairs)}] {arm.name} seed {seed}', primary)
+    if not (report and primary):
+        return {}
+    from .aggregate import write_report
+    return write_report(Path(cfg.out_dir))
+
+
+def _claim_folder(cfg: StudyConfig, models: _Models, primary: bool) -> None:
+    """The first process writes study.json, or finds the folder holds something else; every process raises that
+    ``StudyError`` (under torchrun the others receive the first one's verdict)."""
     out = Path(cfg.out_dir)
     refused = None
     if primary:
@@ -343,42 +357,38 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         # under torchrun the other ranks wait for the first one's verdict on the folder: were they to start
         # training first, the run folders they create would make the folder look like no study at all
-        training_run.init_distributed(t.device)
+        training_run.init_distributed(cfg.train.device)
         verdict = [refused]
         dist.broadcast_object_list(verdict, src=0)
         refused = verdict[0]
     if refused is not None:
         raise StudyError(refused)
-    eval_set = _study_eval_set(cfg, models, source)
 
-    for i, (arm, seed) in enumerate(pairs):
-        path = run_dir(out, arm.name, seed)
-        state, _ = run_state(path)
-        tag = f'[study {i + 1}/{len(pairs)}] {arm.name} seed {seed}'
-        if state == 'evaluated':
-            _log(f'{tag}: finished, skipped')
-            continue
-        if state in ('missing', 'training'):
-            _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
-            model, run_cfg = models.build(arm, seed)
-            if state == 'training':
-                run_cfg.resume = 'auto'
-            training_run.train(run_cfg, model=model)
-        if primary:
-            _log(f'{tag}: evaluating ({cfg.eval_attacks} at {t.adv.threat}; curve: {cfg.curve_attack})')
-            _evaluate_run(cfg, models, eval_set, arm, seed, path)
-    if not (report and primary):
-        return {}
-    from .aggregate import write_report
-    result = write_report(out)
-    return result
+
+def _run_one(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, tag: str,
+             primary: bool) -> None:
+    """One arm x seed: trained (or resumed) unless its training finished, then evaluated by the first process,
+    unless it was already."""
+    path = run_dir(Path(cfg.out_dir), arm.name, seed)
+    state, _ = run_state(path)
+    if state == 'evaluated':
+        _log(f'{tag}: finished, skipped')
+        return
+    if state in ('missing', 'training'):
+        _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
+        model, run_cfg = models.build(arm, seed)
+        if state == 'training':
+            run_cfg.resume = 'auto'
+        training_run.train(run_cfg, model=model)
+    if primary:
+        _log(f'{tag}: evaluating ({cfg.eval_attacks} at {cfg.train.adv.threat}; curve: {cfg.curve_attack})')
+        _evaluate_run(cfg, models, eval_set, arm, seed, path)
 
 
 def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     """The protocol's images: the same validation subset, in the same pixels, for every model."""
     # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
-    model = models.for_evaluation(next(a for a in cfg.arms if a.family == 'nf') if any(
-        a.family == 'nf' for a in cfg.arms) else cfg.arms[0], 0)
+    model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
     val = source.val
     val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
     indices = spread_indices(min(cfg.eval_examples, len(val)), len(val))

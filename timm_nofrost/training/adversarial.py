@@ -136,47 +136,12 @@ class AdversarialConfig:
         if self.attack == 'n-fgsm' and self.norm != 'Linf':
             raise ValueError(f"attack='n-fgsm' is defined for the Linf norm only (de Jorge et al. 2022), got "
                              f"norm={self.norm!r}; use attack='fgsm-rs' or 'pgd' with L2.")
-        single_step = self.attack in SINGLE_STEP_ATTACKS
-        if self.steps is None:
-            self.steps = 1 if single_step else 10
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f'steps must be an integer >= 0, got {self.steps!r}.')
-        if single_step and self.steps > 1:
-            raise ValueError(f'attack={self.attack!r} takes one step, got steps={self.steps}; leave steps unset, '
-                             f"or use attack='pgd' for multi-step attacks.")
+        self._check_steps()
         if self.method in BETA_METHODS:
-            if self.adv_weight is not None:
-                raise ValueError(f'adv_weight (lambda) {self.adv_weight!r} does not apply to method={self.method!r}, '
-                                 f'whose loss is weighted by beta; drop adv_weight (accepted with nofrost and madry).')
-            if self.beta is None:
-                self.beta = DEFAULT_BETA
-            if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
-                    or not math.isfinite(self.beta) or self.beta < 0:
-                raise ValueError(f'beta must be a finite number >= 0, got {self.beta!r}.')
-            self.beta = float(self.beta)
-            if self.steps == 0:
-                raise ValueError(f'steps=0 makes no adversarial examples, which method={self.method!r} needs; '
-                                 f'use steps >= 1.')
-            if self.method == 'trades' and not self.random_start:
-                raise ValueError("method='trades' needs random_start=True: the KL's input gradient is exactly zero "
-                                 "at the clean input, so an attack from it never moves.")
+            self._check_beta()
         else:
-            if self.beta is not None:
-                raise ValueError(f'beta {self.beta!r} does not apply to method={self.method!r}; beta is accepted '
-                                 f'with {" and ".join(BETA_METHODS)} (nofrost weights its loss by adv_weight).')
-            if self.adv_weight is None:
-                self.adv_weight = 1.0 if self.method == 'madry' else 0.5
-            if isinstance(self.adv_weight, bool) or not isinstance(self.adv_weight, (int, float)) \
-                    or not math.isfinite(self.adv_weight) or not 0 <= self.adv_weight <= 1:
-                raise ValueError(f'adv_weight (lambda) must be in [0, 1], got {self.adv_weight!r}.')
-            self.adv_weight = float(self.adv_weight)
-            if self.method == 'madry' and self.adv_weight != 1:
-                raise ValueError(f"method='madry' trains on adversarial examples only (adv_weight 1), got "
-                                 f"adv_weight={self.adv_weight:g}; use method='nofrost' to mix in clean examples.")
-            if self.steps == 0 and self.adv_weight > 0:
-                raise ValueError(f'steps=0 makes no adversarial examples, but adv_weight={self.adv_weight:g} > 0 '
-                                 f'weights them; use steps >= 1, or adv_weight=0 for standard training.')
-        if single_step and not self.random_start:
+            self._check_adv_weight()
+        if self.attack in SINGLE_STEP_ATTACKS and not self.random_start:
             raise ValueError(f'attack={self.attack!r} starts from random noise by definition, got random_start=False; '
                              f"for plain FGSM use attack='pgd' with steps=1.")
         if self.step_size is not None:
@@ -202,6 +167,54 @@ class AdversarialConfig:
             self.attack_dtype = None if dtype is None else str(dtype).replace('torch.', '')
         if not isinstance(self.random_start, bool):
             raise ValueError(f'random_start must be True or False, got {self.random_start!r}.')
+
+    def _check_steps(self) -> None:
+        """Default ``steps`` (1 for the single-step attacks, else 10) and check it."""
+        single_step = self.attack in SINGLE_STEP_ATTACKS
+        if self.steps is None:
+            self.steps = 1 if single_step else 10
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f'steps must be an integer >= 0, got {self.steps!r}.')
+        if single_step and self.steps > 1:
+            raise ValueError(f'attack={self.attack!r} takes one step, got steps={self.steps}; leave steps unset, '
+                             f"or use attack='pgd' for multi-step attacks.")
+
+    def _check_beta(self) -> None:
+        """trades / mart: weighted by ``beta`` (default 6), never by ``adv_weight``; both need adversarial examples,
+        and trades a random start."""
+        if self.adv_weight is not None:
+            raise ValueError(f'adv_weight (lambda) {self.adv_weight!r} does not apply to method={self.method!r}, '
+                             f'whose loss is weighted by beta; drop adv_weight (accepted with nofrost and madry).')
+        if self.beta is None:
+            self.beta = DEFAULT_BETA
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) \
+                or not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f'beta must be a finite number >= 0, got {self.beta!r}.')
+        self.beta = float(self.beta)
+        if self.steps == 0:
+            raise ValueError(f'steps=0 makes no adversarial examples, which method={self.method!r} needs; '
+                             f'use steps >= 1.')
+        if self.method == 'trades' and not self.random_start:
+            raise ValueError("method='trades' needs random_start=True: the KL's input gradient is exactly zero "
+                             "at the clean input, so an attack from it never moves.")
+
+    def _check_adv_weight(self) -> None:
+        """nofrost / madry: weighted by ``adv_weight`` (lambda; default 0.5, madry's 1), never by ``beta``."""
+        if self.beta is not None:
+            raise ValueError(f'beta {self.beta!r} does not apply to method={self.method!r}; beta is accepted '
+                             f'with {" and ".join(BETA_METHODS)} (nofrost weights its loss by adv_weight).')
+        if self.adv_weight is None:
+            self.adv_weight = 1.0 if self.method == 'madry' else 0.5
+        if isinstance(self.adv_weight, bool) or not isinstance(self.adv_weight, (int, float)) \
+                or not math.isfinite(self.adv_weight) or not 0 <= self.adv_weight <= 1:
+            raise ValueError(f'adv_weight (lambda) must be in [0, 1], got {self.adv_weight!r}.')
+        self.adv_weight = float(self.adv_weight)
+        if self.method == 'madry' and self.adv_weight != 1:
+            raise ValueError(f"method='madry' trains on adversarial examples only (adv_weight 1), got "
+                             f"adv_weight={self.adv_weight:g}; use method='nofrost' to mix in clean examples.")
+        if self.steps == 0 and self.adv_weight > 0:
+            raise ValueError(f'steps=0 makes no adversarial examples, but adv_weight={self.adv_weight:g} > 0 '
+                             f'weights them; use steps >= 1, or adv_weight=0 for standard training.')
 
     @property
     def threat(self) -> ThreatModel:

@@ -118,3 +118,12 @@ def test_no_two_modules_share_a_file_name():
     """Names that explain themselves: ``report.py`` in three packages said nothing about what each held."""
     names = [p.name for p in ROOT.rglob('*.py') if p.name != '__init__.py']
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_every_function_is_under_60_lines():
+    """Functions that do one thing each: evaluate() and everything else stays under 60 lines."""
+    import ast
+    long = [f'{p.relative_to(ROOT)}:{n.name} ({n.end_lineno - n.lineno + 1})' for p in ROOT.rglob('*.py')
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 >= 60]
+    assert long == []

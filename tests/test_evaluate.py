@@ -244,3 +244,14 @@ def test_shift_cli(tmp_path, capsys):
     assert main(['shift', '--model', 'nf_resnet18_nofrost', '--benchmark', 'imagenet-r',
                  '--root', str(tmp_path / 'nope')]) == 2
     assert 'nope' in capsys.readouterr().err
+
+
+def test_a_ready_eval_set_refuses_a_selection_it_would_ignore():
+    """``evaluate(model, eval_set, n_examples=8)`` must not evaluate all of eval_set while saying nothing."""
+    import torch
+    from torch.utils.data import TensorDataset
+    from timm_nofrost.evaluate import build_eval_set
+    eval_set = build_eval_set(TensorDataset(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)), source='x')
+    assert build_eval_set(eval_set) is eval_set
+    with pytest.raises(ValueError, match=r"\['mean', 'n_examples'\] choose the images"):
+        build_eval_set(eval_set, n_examples=2, mean=(0, 0, 0))

@@ -87,7 +87,13 @@ def build_eval_set(
     Raises:
         FileNotFoundError / ValueError: a missing folder, an unknown source, a bad ``val_fraction``, an empty set.
     """
-    if isinstance(data, EvalSet):
+    if isinstance(data, EvalSet):  # its images are chosen: a selection given with it would be silently ignored
+        given = {k: v for k, v in dict(n_examples=n_examples, subset_ids=subset_ids, data_dir=data_dir,
+                                       img_size=img_size, val_fraction=val_fraction, mean=mean, std=std).items()
+                 if v is not None}
+        if given:
+            raise ValueError(f'{sorted(given)} choose the images or their normalisation, but an EvalSet has them '
+                             f'already; build the EvalSet with them (build_eval_set) or pass the data source.')
         return data
     if isinstance(data, DataLoader):
         data = data.dataset  # any map-style dataset, a plain list of (image, label) pairs included

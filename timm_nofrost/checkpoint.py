@@ -10,6 +10,7 @@ Pickled files are only ever read with ``torch.load(weights_only=True)``: a file 
 Python objects is refused, never executed.
 """
 import contextlib
+import hashlib
 import pickletools
 import zipfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch.nn as nn
 
 __all__ = [
     'CheckpointError',
+    'CHECKSUM_KEY',
+    'content_checksum',
     'read_checkpoint',
     'read_state_dict',
     'load_checkpoint',
@@ -36,6 +39,8 @@ _NESTED_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'net')
 # prefixes added by wrappers: DistributedDataParallel / DataParallel and torch.compile
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 _MAX_LISTED_KEYS = 6
+# the key (or safetensors metadata entry) under which files this project writes carry their checksum
+CHECKSUM_KEY = 'checksum'
 
 
 class CheckpointError(ValueError):
@@ -104,11 +109,45 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         raise FileNotFoundError(f'Checkpoint file not found: {path}' + (' (a folder)' if path.is_dir() else ''))
     try:
         if _is_safetensors(path):
+            import safetensors
             import safetensors.torch
-            return safetensors.torch.load_file(str(path), device='cpu')
-        return torch.load(str(path), map_location='cpu', weights_only=True)
+            with safetensors.safe_open(str(path), 'pt') as f:
+                recorded = (f.metadata() or {}).get(CHECKSUM_KEY)
+            content = safetensors.torch.load_file(str(path), device='cpu')
+        else:
+            content = torch.load(str(path), map_location='cpu', weights_only=True)
+            recorded = content.pop(CHECKSUM_KEY, None) if isinstance(content, dict) else None
     except Exception as e:  # noqa: BLE001 - every failure to read becomes a CheckpointError naming the file
         raise _diagnose(path, e) from None
+    if recorded is not None and recorded != content_checksum(content):
+        raise CheckpointError(f"checkpoint '{path}' is corrupted: its content does not match the checksum it was "
+                              f"written with ({recorded[:19]}...).", path=path)
+    return content
+
+
+def content_checksum(content: Any) -> str:
+    """``sha256:<hex>`` of a checkpoint's content (nested dicts, lists, tensors and plain values), for the
+    checksum that files this project writes carry under ``CHECKSUM_KEY`` and that ``read_checkpoint`` verifies."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f'T{value.dtype}{tuple(value.shape)}'.encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b'')
+        elif isinstance(value, Mapping):
+            digest.update(f'D{len(value)}'.encode())
+            for key in sorted(value, key=str):
+                digest.update(f'K{key!r}'.encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f'L{len(value)}'.encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f'V{value!r}'.encode())
+    visit(content)
+    return f'sha256:{digest.hexdigest()}'
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -218,7 +257,11 @@ def unsafe_pickle_globals(path: Union[str, Path]) -> Optional[List[str]]:
     Reads opcodes only (``pickletools``), so nothing in the file runs.
     """
     path = Path(path)
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # a zip whose end records are damaged: a corrupted checkpoint, not another format
+        return []
+    if is_zip:
         try:
             from torch.serialization import get_unsafe_globals_in_checkpoint
             return list(get_unsafe_globals_in_checkpoint(str(path)))

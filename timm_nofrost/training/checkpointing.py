@@ -5,42 +5,24 @@ A checkpoint is a dict that timm's own loaders understand (``state_dict`` holds 
 optimizer, scheduler and task state and the epoch, for ``--resume``.
 """
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..checkpoint import CHECKSUM_KEY, CheckpointError, content_checksum, read_checkpoint
+from ..files import atomic_write
 
 __all__ = ['atomic_save', 'load_training_checkpoint']
 
 
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash (or SIGKILL) at any point leaves either the previous file or the new one, never a partial file.
-    """
+    """``torch.save`` of ``obj`` with its checksum (``CHECKSUM_KEY``, verified by every read), written atomically
+    (``atomic_write``): a crash at any point leaves the previous file or the new one, never a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, 'O_DIRECTORY'):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
+    obj = {**obj, CHECKSUM_KEY: content_checksum(obj)} if isinstance(obj, dict) else obj
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_training_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:

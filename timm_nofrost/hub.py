@@ -5,7 +5,6 @@ layout timm reads with ``hf-hub:`` and ``local-dir:``: ``model.safetensors``, ``
 format, and a model card. Writing goes through timm's own ``save_for_hf``. ``convert_and_export`` writes a
 model converted by ``convert_to_normfree`` the same way (``timm-nofrost convert``).
 """
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+from huggingface_hub.utils.sha import sha_fileobj
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .files import check_writable_dir
@@ -65,11 +65,8 @@ class ModelInfo:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open('rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 def _infer_shape(state_dict: Dict[str, torch.Tensor], name: Optional[str], dim: int) -> Optional[int]:
@@ -215,17 +212,9 @@ def write_model_folder(
         raise
 
     return ExportResult(
-        out_dir=str(out_dir),
-        model_name=card.model_name,
-        tag=tag,
-        repo_id=card.repo_id,
-        num_classes=model.num_classes,
-        in_chans=in_chans,
-        num_params=card.num_params,
-        files=sorted(p.name for p in out_dir.iterdir()),
-        sha256=_sha256(out_dir / 'model.safetensors'),
-        max_abs_diff=max_abs_diff,
-    )
+        out_dir=str(out_dir), model_name=card.model_name, tag=tag, repo_id=card.repo_id, num_classes=model.num_classes,
+        in_chans=in_chans, num_params=card.num_params, files=sorted(p.name for p in out_dir.iterdir()),
+        sha256=_sha256(out_dir / 'model.safetensors'), max_abs_diff=max_abs_diff)
 
 
 def _verify_export(model: torch.nn.Module, folder: Path) -> float:
@@ -276,21 +265,15 @@ def push_folder(
     from huggingface_hub import HfApi
     api = HfApi(token=token, library_name='timm-nofrost')
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        revision=revision,
-        commit_message=commit_message,
-        create_pr=create_pr,
-    )
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                               commit_message=commit_message, create_pr=create_pr)
     return str(getattr(commit, 'commit_url', commit))
 
 
 def list_nofrost_models(pattern: str = '*nofrost*', pretrained: bool = False) -> List[ModelInfo]:
     """Describe the registered NoFrost models (and their pretrained tags), parameters counted on ``meta``."""
     infos = []
-    names = timm.list_models(pattern, pretrained=pretrained)
-    for name in names:
+    for name in timm.list_models(pattern, pretrained=pretrained):
         arch, tag = split_model_name_tag(name)
         cfg = get_pretrained_cfg(name)
         with torch.device('meta'):
@@ -332,7 +315,7 @@ def convert_and_export(
     ``import timm_nofrost``. ``init`` defaults to ``'keep'`` when weights are given, else ``'fresh'``.
     """
     from .convert import convert_to_normfree
-    from .models.converted import CONVERTED_ARCH
+    from .models.converted import CONVERTED_ARCH, WEIGHT_SOURCE_KEYS
     if pretrained and checkpoint:
         raise ValueError('Pass either pretrained=True or a checkpoint, not both.')
     if model_name not in timm.list_models():
@@ -349,8 +332,7 @@ def convert_and_export(
     report = model.normfree_report
     conversion['act_layer'] = report.activation  # record what was used, not what was detected
     model._model_args = dict(base_model=model_name, conversion=conversion, num_classes=model.num_classes)
-    cfg = {k: v for k, v in model.pretrained_cfg.items()
-           if k not in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag')}
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in WEIGHT_SOURCE_KEYS}
     model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=CONVERTED_ARCH)
 
     weights = 'pretrained weights' if pretrained else (f'weights from {Path(checkpoint).name}' if checkpoint

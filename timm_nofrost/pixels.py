@@ -27,11 +27,7 @@ Stats = Union[Sequence[float], torch.Tensor]
 
 # autocast dtypes by name: the CLI spellings (bf16 / fp16) and torch's (bfloat16 / float16)
 AMP_DTYPES: Dict[str, torch.dtype] = {
-    'bf16': torch.bfloat16,
-    'bfloat16': torch.bfloat16,
-    'fp16': torch.float16,
-    'float16': torch.float16,
-}
+    'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 
 _PIXEL_HINT = ('mean=(0, 0, 0), std=(1, 1, 1) for a model that takes [0, 1] pixels, or the mean/std it was '
                'trained with (ImageNet: mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))')
@@ -39,13 +35,11 @@ _PIXEL_HINT = ('mean=(0, 0, 0), std=(1, 1, 1) for a model that takes [0, 1] pixe
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module under DDP / DataParallel / torch.compile wrappers: attacks never run through DDP hooks."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == 'OptimizedModule' and hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return unwrap_model(model.module)
+    if type(model).__name__ == 'OptimizedModule' and hasattr(model, '_orig_mod'):
+        return unwrap_model(model._orig_mod)
+    return model
 
 
 def _as_floats(name: str, value: Stats) -> Tuple[float, ...]:
@@ -68,11 +62,8 @@ def _checked(mean: Stats, std: Stats) -> Tuple[Tuple[float, ...], Tuple[float, .
     return mean_t, std_t
 
 
-def resolve_mean_std(
-        model: Optional[nn.Module],
-        mean: Optional[Stats] = None,
-        std: Optional[Stats] = None,
-) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def resolve_mean_std(model: Optional[nn.Module], mean: Optional[Stats] = None,
+                     std: Optional[Stats] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """The normalisation ``model`` expects on its inputs, as ``(mean, std)`` tuples of floats.
 
     Explicit ``mean`` / ``std`` win; what is not given comes from the timm ``pretrained_cfg`` of the model

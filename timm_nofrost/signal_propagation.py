@@ -26,11 +26,7 @@ class BlockSignal:
 
 
 @torch.no_grad()
-def signal_propagation(
-        model: nn.Module,
-        x: torch.Tensor,
-        blocks: Optional[Sequence[str]] = None,
-) -> List[BlockSignal]:
+def signal_propagation(model: nn.Module, x: torch.Tensor, blocks: Optional[Sequence[str]] = None) -> List[BlockSignal]:
     """Run ``model`` on ``x`` (in eval mode) and return per-block residual-stream statistics.
 
     Args:

@@ -54,7 +54,8 @@ def render_shapes(n: int, img_size: int = 32, seed: int = 0) -> Tuple[np.ndarray
     cy = rng.uniform(0, 1, size=(n, 1, 1)) * (img_size - 2 * r - 2) + r + 1
     noise = rng.normal(0, 0.03, size=(n, img_size, img_size, 3))
     yy, xx = np.mgrid[0:img_size, 0:img_size].astype(np.float64)
-    bg = base + (xx[None, :, :, None] / img_size - 0.5) * grad[:, 0] + (yy[None, :, :, None] / img_size - 0.5) * grad[:, 1]
+    bg = base + (xx[None, :, :, None] / img_size - 0.5) * grad[:, 0] \
+        + (yy[None, :, :, None] / img_size - 0.5) * grad[:, 1]
     mask = np.zeros((n, img_size, img_size), dtype=bool)
     for label in range(len(DEMO_CLASSES)):
         idx = labels == label
@@ -73,14 +74,8 @@ class NoFrostShapes(torch.utils.data.Dataset):
         transform, target_transform: Applied to the PIL image / the label.
     """
 
-    def __init__(
-            self,
-            split: str = 'train',
-            num_samples: Optional[int] = None,
-            img_size: int = 32,
-            transform: Optional[Callable] = None,
-            target_transform: Optional[Callable] = None,
-    ):
+    def __init__(self, split: str = 'train', num_samples: Optional[int] = None, img_size: int = 32,
+                 transform: Optional[Callable] = None, target_transform: Optional[Callable] = None):
         if split not in _SPLIT_SEEDS:
             raise ValueError(f'Unknown split {split!r}; accepted: {", ".join(_SPLIT_SEEDS)}.')
         n = _DEFAULT_SIZES[split] if num_samples is None else num_samples

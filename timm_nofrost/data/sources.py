@@ -28,9 +28,9 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 __all__ = [
-    'DataSource', 'SourceSpec', 'resolve_source', 'build_datasets', 'build_eval_dataset', 'open_split', 'check_image_folder',
-    'spread_indices', 'holdout_split', 'source_data_config', 'pixel_eval_transform', 'image_names',
-    'image_fingerprint', 'IMG_EXTENSIONS', 'DEMO_IMG_SIZE', 'TIMM_PREFIXES', 'SOURCE_KINDS',
+    'DataSource', 'SourceSpec', 'resolve_source', 'build_datasets', 'build_eval_dataset', 'open_split',
+    'check_image_folder', 'spread_indices', 'holdout_split', 'source_data_config', 'pixel_eval_transform',
+    'image_names', 'image_fingerprint', 'IMG_EXTENSIONS', 'DEMO_IMG_SIZE', 'TIMM_PREFIXES', 'SOURCE_KINDS',
 ]
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
@@ -167,12 +167,11 @@ def _split_side(split: str) -> str:
 def _open_timm(spec: SourceSpec, split: str, **kwargs: Any) -> Dataset:
     from timm.data import create_dataset
     try:
-        dataset = create_dataset(spec.name, root=spec.root, split=split, download=False, **kwargs)
+        return create_dataset(spec.name, root=spec.root, split=split, download=False, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError, AssertionError, TypeError, OSError) as e:
         hint = '' if spec.root else ' (no root given: pass --data-dir)'
         raise ValueError(f'Could not open the {split} split of dataset {spec.name!r} under {spec.root!r}{hint}: '
                          f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
-    return dataset
 
 
 def _num_classes(dataset: Dataset) -> Optional[int]:
@@ -281,12 +280,9 @@ def source_data_config(data: Any, model: nn.Module, img_size: Optional[int] = No
     The one place that decides it: ``train`` validates and ``eval`` evaluates through it, so a model trained at
     ``img_size`` is evaluated at ``img_size``. The demo data defaults to ``DEMO_IMG_SIZE`` and is not cropped.
     """
-    args: Dict[str, Any] = {}
     demo = isinstance(data, str) and data == 'demo'
-    if img_size is not None:
-        args['input_size'] = (3, img_size, img_size)
-    elif demo:
-        args['input_size'] = (3, DEMO_IMG_SIZE, DEMO_IMG_SIZE)
+    size = DEMO_IMG_SIZE if img_size is None and demo else img_size
+    args: Dict[str, Any] = {} if size is None else {'input_size': (3, size, size)}
     if demo:
         args['crop_pct'] = 1.0
     return timm.data.resolve_data_config(args, model=model)

@@ -12,6 +12,7 @@ from timm.models import (
     PretrainedCfg, build_model_with_cfg, get_arch_pretrained_cfgs, list_pretrained, resolve_pretrained_cfg)
 
 from ..checkpoint import checkpoint_filter_fn, translate_load_errors
+from ..model_card import AUTHORS_CODE_URL as AUTHORS_CODE
 
 __all__ = ['build_nofrost_model', 'describe_pretrained_source', 'explain_load_errors', 'weights_not_on_hub_note',
            'HF_HUB_ORG', 'AUTHORS_CODE']
@@ -43,8 +44,7 @@ def describe_pretrained_source(cfg: Optional[PretrainedCfg], variant: str) -> st
         return f"local directory '{cfg.file}'"
     if cfg.source == 'hf-hub' or (cfg.hf_hub_id and not cfg.file and cfg.state_dict is None):
         from huggingface_hub import constants
-        endpoint = constants.ENDPOINT
-        return f"Hugging Face Hub repo '{cfg.hf_hub_id}' (endpoint {endpoint})"
+        return f"Hugging Face Hub repo '{cfg.hf_hub_id}' (endpoint {constants.ENDPOINT})"
     if cfg.state_dict is not None:
         return 'the state_dict passed in pretrained_cfg'
     if cfg.file:
@@ -54,7 +54,6 @@ def describe_pretrained_source(cfg: Optional[PretrainedCfg], variant: str) -> st
     return f'the pretrained weights of {variant}'
 
 
-AUTHORS_CODE = 'https://github.com/amazon-research/normalizer-free-robust-training'
 # the Hub organisation the registered tags point at; its repos are created when the weights are published
 HF_HUB_ORG = 'timm-nofrost'
 

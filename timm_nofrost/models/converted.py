@@ -18,9 +18,11 @@ from ..checkpoint import checkpoint_filter_fn
 from ..convert import convert_to_normfree
 from ._pretrained import describe_pretrained_source, explain_load_errors
 
-__all__ = ['create_converted', 'CONVERTED_ARCH']
+__all__ = ['create_converted', 'CONVERTED_ARCH', 'WEIGHT_SOURCE_KEYS']
 
 CONVERTED_ARCH = 'normfree_converted'
+# pretrained-cfg keys that say where weights come from: a converted model has none of its base model's
+WEIGHT_SOURCE_KEYS = ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag')
 
 # placeholder cfg so timm's registry knows the architecture; the real one is the base model's
 default_cfgs = generate_default_cfgs({CONVERTED_ARCH: {'url': '', 'num_classes': 1000}})
@@ -49,16 +51,13 @@ def create_converted(
     model = timm.create_model(base_model, **kwargs)
     convert_to_normfree(model, **conversion)
 
-    base_cfg = dict(model.pretrained_cfg)
-    for key in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag'):
-        base_cfg.pop(key, None)
+    base_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in WEIGHT_SOURCE_KEYS}
     # no registry weights exist for a converted model: by default its cfg describes the model as built
     base_cfg['num_classes'] = getattr(model, 'num_classes', base_cfg.get('num_classes'))
     if 'input_size' in base_cfg:
         base_cfg['input_size'] = (kwargs.get('in_chans', 3), *base_cfg['input_size'][1:])
     if isinstance(pretrained_cfg, dict) or hasattr(pretrained_cfg, 'to_dict'):
-        cfg_in = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
-        base_cfg.update(cfg_in)
+        base_cfg.update(pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
     base_cfg['architecture'] = CONVERTED_ARCH
     cfg = resolve_pretrained_cfg(CONVERTED_ARCH, base_cfg, pretrained_cfg_overlay)
     model.pretrained_cfg = model.default_cfg = cfg.to_dict()

@@ -188,16 +188,9 @@ class NormFreeBasicResNet(NormFreeNet):
             blocks = []
             for block_idx in range(depth):
                 blocks.append(NormFreeBasicBlock(
-                    prev_chs,
-                    out_chs,
-                    stride=stride if block_idx == 0 else 1,
-                    dilation=dilation,
-                    first_dilation=first_dilation,
-                    alpha=cfg.alpha,
-                    beta=expected_var ** -0.5,
-                    drop_path_rate=drop_path_rates[stage_idx][block_idx],
-                    **block_kwargs,
-                ))
+                    prev_chs, out_chs, stride=stride if block_idx == 0 else 1, dilation=dilation,
+                    first_dilation=first_dilation, alpha=cfg.alpha, beta=expected_var ** -0.5,
+                    drop_path_rate=drop_path_rates[stage_idx][block_idx], **block_kwargs))
                 if block_idx == 0:
                     expected_var = 1.  # a transition block's shortcut is computed from the unit-variance input
                 expected_var += cfg.alpha ** 2
@@ -236,16 +229,8 @@ def _create_nofrost(variant: str, pretrained: bool = False, **kwargs: Any) -> nn
     """Build a NoFrost model with the authors' regularisation defaults (overridable)."""
     model_cfg = nofrost_cfgs[variant]
     model_cls = NormFreeBasicResNet if isinstance(model_cfg, NoFrostCfg) else NormFreeNet
-    for key, value in NOFROST_RECIPE_DEFAULTS.items():
-        kwargs.setdefault(key, value)
-    model = build_nofrost_model(
-        model_cls,
-        variant,
-        pretrained,
-        model_cfg=model_cfg,
-        feature_cfg=dict(flatten_sequential=True),
-        **kwargs,
-    )
+    model = build_nofrost_model(model_cls, variant, pretrained, model_cfg=model_cfg,
+                                feature_cfg=dict(flatten_sequential=True), **{**NOFROST_RECIPE_DEFAULTS, **kwargs})
     return make_fusable(model)  # adds fuse() to the convs for reparameterize_model; numerics unchanged
 
 
@@ -263,20 +248,16 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-def _hub_id(name: str) -> str:
-    return f'{HF_HUB_ORG}/{name}'
-
-
 default_cfgs = generate_default_cfgs({
     # NoFrost: the authors' best-robust-accuracy checkpoint (best_RA.pth), PGD-10 AT on ImageNet-1k
     'nf_resnet50_nofrost.at_in1k': _cfg(
-        hf_hub_id=_hub_id('nf_resnet50_nofrost.at_in1k'),
+        hf_hub_id=f'{HF_HUB_ORG}/nf_resnet50_nofrost.at_in1k',
         description='NoFrost: normalizer-free PGD-10 adversarial training (L-inf 8/255) on ImageNet-1k.',
         notes=('Paper: 74.06% clean / 23.56% PGD-20 at L-inf 8/255 (authors\' README: 22.45%).',
                'Independent re-evaluation at 8/255: APGD-CE-20 12.0%, APGD-CE-100 5.3%, AutoAttack 1.3%.')),
     # NoFrost*: adds DeepAugment and texture-debiasing augmentations (authors' CRT training script)
     'nf_resnet50_nofrost.at_deepaug_in1k': _cfg(
-        hf_hub_id=_hub_id('nf_resnet50_nofrost.at_deepaug_in1k'),
+        hf_hub_id=f'{HF_HUB_ORG}/nf_resnet50_nofrost.at_deepaug_in1k',
         description='NoFrost*: NoFrost with DeepAugment and texture-debiased augmentations on ImageNet-1k.'),
     'nf_resnet18_nofrost': _cfg(),
     'nf_resnet26_nofrost': _cfg(),

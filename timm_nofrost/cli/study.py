@@ -70,8 +70,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def report_command(args: argparse.Namespace) -> int:
     from ..study import write_report
-    result = write_report(args.dir)
-    _print(result, args.dir, args.json)
+    _print(write_report(args.dir), args.dir, args.json)
     return 0
 
 

@@ -17,8 +17,7 @@ def final_table(results: Dict[str, Any]) -> str:
     catastrophic overfitting is marked in its row and gets a warning line with what to do under the table."""
     runs = results['runs']
     attacks = next(iter(runs.values()))['final']['attacks']
-    header = '| model | ' + ' | '.join(attacks) + ' |'
-    lines = [header, '|' + '---|' * (len(attacks) + 1)]
+    lines = ['| model | ' + ' | '.join(attacks) + ' |', '|' + '---|' * (len(attacks) + 1)]
     warnings = []
     for run in runs.values():
         acc = run['final']['accuracy']
@@ -48,8 +47,7 @@ def jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
     d = asdict(cfg)
-    d['model_kwargs'] = jsonable_kwargs(d['model_kwargs'])
-    return d
+    return {**d, 'model_kwargs': jsonable_kwargs(d['model_kwargs'])}
 
 
 def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:

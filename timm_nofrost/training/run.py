@@ -11,7 +11,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +25,6 @@ from ..attacks.spec import parse_attack
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
-from .adversarial import AdversarialConfig
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
@@ -59,18 +58,15 @@ def init_distributed(device_pref: Optional[str]) -> tuple:
     """Join the torchrun process group (once) when WORLD_SIZE > 1; returns the rank info and this rank's device."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     use_cuda = torch.cuda.is_available() if device_pref is None else device_pref.startswith('cuda')
-    if world > 1:
-        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        info = _Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-        device = torch.device(f'cuda:{local_rank}') if use_cuda else torch.device('cpu')
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        info = _Dist()
-        device = torch.device(device_pref) if device_pref else torch.device('cuda' if use_cuda else 'cpu')
-    return info, device
+    if world <= 1:
+        return _Dist(), torch.device(device_pref or ('cuda' if use_cuda else 'cpu'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+    device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
 def _seed_everything(seed: int) -> None:
@@ -103,13 +99,6 @@ def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], 
     return train_loader
 
 
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit='batch', leave=False, dynamic_ncols=True, file=sys.stderr)
-
-
 def _log(info: _Dist, message: str) -> None:
     if info.primary:
         print(message, flush=True)
@@ -128,7 +117,6 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         TrainingDiverged: a non-finite loss; the last good checkpoint stays in place.
     """
     cfg = resolve_config(cfg, model)
-    custom_model = model
     out_dir = Path(cfg.out_dir)
     resume_path = None
     if cfg.resume:
@@ -145,16 +133,13 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(cfg.seed)
-    model = build_model(cfg, num_classes, model)
-    run = _Run(cfg, source, model, num_classes, info, device, out_dir, 'nofrost')
-    results = {'config': config_to_json(cfg), 'runs': {}}
-    results['runs']['nofrost'] = run.fit(resume_path)
+    run = _Run(cfg, source, build_model(cfg, num_classes, model), num_classes, info, device, out_dir, 'nofrost')
+    results = {'config': config_to_json(cfg), 'runs': {'nofrost': run.fit(resume_path)}}
     if cfg.compare_bn:
         from .baseline import create_bn_twin
         _seed_everything(cfg.seed)
         bn_model, bn_name = create_bn_twin(cfg.model, num_classes, cfg.model_kwargs, cfg.baseline_model)
-        bn_cfg = TrainConfig(**{**cfg.__dict__, 'adv': AdversarialConfig(**{**cfg.adv.to_dict(), 'batch_mode': 'separate'}),
-                                'convert': False, 'resume': None})
+        bn_cfg = replace(cfg, adv=replace(cfg.adv, batch_mode='separate'), convert=False, resume=None)
         bn_dir = out_dir / 'bn-at'
         bn_resume = bn_dir / CHECKPOINT_LAST if resume_path is not None and (bn_dir / CHECKPOINT_LAST).exists() else None
         if info.primary and bn_resume is None:
@@ -164,7 +149,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     if info.primary:
         # a ready model passed in is not a timm name the eval command could rebuild
         results['data'] = image_fingerprint(source.val)  # the images eval_command evaluates: compare with its report
-        results['eval_command'] = eval_command(cfg, out_dir, num_classes) if custom_model is None else ''
+        results['eval_command'] = eval_command(cfg, out_dir, num_classes) if model is None else ''
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
         if results['eval_command']:
@@ -182,15 +167,14 @@ class _Run:
                  device: torch.device, out_dir: Path, name: str):
         self.cfg, self.source, self.info, self.device, self.out_dir, self.name = cfg, source, info, device, out_dir, name
         self.num_classes = num_classes
-        model = model.to(device)
+        self.model = model.to(device)  # Module.to works in place and returns the module
         if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+            model.to(memory_format=torch.channels_last)
         # the data config of the run: the one ``timm-nofrost eval`` rebuilds from ``--data`` and ``--img-size``
-        self.data_config = source_data_config(cfg.data, model, cfg.img_size)
+        data_config = source_data_config(cfg.data, model, cfg.img_size)
         # the training loader's normalisation, also the evaluation's: a ready model may have no pretrained_cfg
-        self.normalization = dict(mean=tuple(self.data_config['mean']), std=tuple(self.data_config['std']))
-        self.loader = _loaders(cfg, source, self.data_config, info, device)
+        self.normalization = dict(mean=tuple(data_config['mean']), std=tuple(data_config['std']))
+        self.loader = _loaders(cfg, source, data_config, info, device)
         self.task = AdversarialTrainer(model, criterion_kwargs=dict(smoothing=cfg.smoothing), adv_cfg=cfg.adv,
                                        **self.normalization, device=device, verbose=False)
         global_batch = cfg.batch_size * info.world_size
@@ -204,7 +188,9 @@ class _Run:
         if info.world_size > 1:
             self.task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
         self.amp = amp_dtype(cfg.amp)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        # evaluation progress: bars with --progress (on a terminal), else a line at most every 10 s
+        self.eval_progress = 'auto' if cfg.progress else 'lines'
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)  # disabled: plain steps
         self.start_epoch = 0
         self.best = None
         self.history: List[Dict[str, Any]] = []
@@ -264,21 +250,18 @@ class _Run:
         cfg, info = self.cfg, self.info
         if resume is not None:
             self.restore(resume)
+        adv = cfg.adv
+        method = ('standard training (no adversarial examples)' if adv.method == 'nofrost' and adv.adv_weight == 0
+                  else f'method {adv.describe()}')
         _log(info, f'[{self.name}] {self.source.description}; model {cfg.model if self.name == "nofrost" else self.name}, '
                    f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, batch mode '
-                   f'{self.task.batch_mode}; {self._attack_summary()}; '
+                   f'{self.task.batch_mode}; {method}; '
                    f'{cfg.epochs} epochs, batch {cfg.batch_size} x {info.world_size}, {cfg.opt} lr {self.lr:.4g}')
         for epoch in range(self.start_epoch, cfg.epochs):
             self.train_epoch(epoch)
         final = self.final_evaluation()
         return {'name': self.name, 'out_dir': str(self.out_dir), 'epochs': self.history, 'final': final,
                 'catastrophic_overfitting': first_catastrophic_overfitting(self.history)}
-
-    def _attack_summary(self) -> str:
-        adv = self.cfg.adv
-        if adv.method == 'nofrost' and adv.adv_weight == 0:
-            return 'standard training (no adversarial examples)'
-        return f'method {adv.describe()}'
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info
@@ -290,8 +273,10 @@ class _Run:
         start = time.time()
         sums = dict.fromkeys(_EPOCH_SUMS, 0.0)
         steps = 0
-        bar = _progress(self.loader, len(self.loader), cfg.progress and info.primary,
-                        f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}')
+        from tqdm import tqdm
+        bar = tqdm(self.loader, total=len(self.loader), desc=f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}',
+                   unit='batch', leave=False, dynamic_ncols=True, file=sys.stderr,
+                   disable=not (cfg.progress and info.primary))
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if cfg.channels_last:
@@ -301,19 +286,14 @@ class _Run:
             loss = result['loss']
             self._check_finite(loss, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             steps += 1
             for k in (*_EPOCH_SUMS, 'loss_robust'):  # loss_robust: the beta-weighted term of trades / mart
                 if k in result:
                     sums[k] = sums.get(k, 0.0) + float(result[k].detach())
-            if bar is not self.loader:
-                bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
+            bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
         self.scheduler.step(epoch + 1)
         metrics = {f'train_{k}': (100 if 'acc' in k else 1) * (v / max(steps, 1)) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, lr=self.optimizer.param_groups[0]['lr'], train_time_s=time.time() - start)
@@ -346,17 +326,12 @@ class _Run:
                 f'[{self.name}] loss is {value.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; '
                 f'{kept}. Lower --lr, add --warmup-epochs, or check the data; resume with --resume.')
 
-    @property
-    def _eval_progress(self) -> str:
-        """Bars with --progress (on a terminal), else a line at most every 10 s: long evaluations show life."""
-        return 'auto' if self.cfg.progress else 'lines'
-
     def evaluate_epoch(self) -> Dict[str, Any]:
         cfg = self.cfg
         clean = clean_accuracy(self.model, self.source.val, self.device, min(cfg.batch_size, 256), cfg.workers,
                                **self.normalization)
         report = robust_report(self.model, self.source.val, cfg, self.device, f'clean,{cfg.eval_attack}', False,
-                               self.name, **self.normalization, progress=self._eval_progress)
+                               self.name, **self.normalization, progress=self.eval_progress)
         self.model.train()
         robust = report_accuracy(report)[parse_attack(cfg.eval_attack).name]
         return {'val_clean_top1': clean, 'val_robust_top1': robust, 'val_robust_attack': cfg.eval_attack,
@@ -378,7 +353,7 @@ class _Run:
         if not self.info.primary:
             return {}
         report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
-                               self.name, **self.normalization, progress=self._eval_progress)
+                               self.name, **self.normalization, progress=self.eval_progress)
         report.save_json(self.out_dir / 'robustness.json')
         (self.out_dir / 'robustness.md').write_text(report.to_markdown())
         acc = report_accuracy(report)

@@ -38,11 +38,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     from ..training.run import TrainingDiverged, train
-    cfg = build_config(args)
     try:
         # with --json, stdout carries only the JSON: the human-readable log goes to stderr
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            results = train(cfg)
+            results = train(build_config(args))
     except TrainingDiverged as e:
         raise CliError(str(e), exit_code=3) from None
     if args.json and int(os.environ.get('RANK', '0')) == 0:  # under torchrun, one JSON document

@@ -20,10 +20,9 @@ def final_table(results: Dict[str, Any]) -> str:
     lines = ['| model | ' + ' | '.join(attacks) + ' |', '|' + '---|' * (len(attacks) + 1)]
     warnings = []
     for run in runs.values():
-        acc = run['final']['accuracy']
         overfit = run.get('catastrophic_overfitting')
         name = f"{run['name']} (catastrophic overfitting)" if overfit else run['name']
-        lines.append(f'| {name} | ' + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
+        lines.append(f'| {name} | ' + ' | '.join(f"{run['final']['accuracy'][a]:.1f} %" for a in attacks) + ' |')
         if overfit:
             warnings.append(f"Warning: {run['name']}: {overfit['message']}")
     adv = results['config']['adv']

@@ -47,7 +47,6 @@ _EPOCH_SUMS = ('loss', 'loss_clean', 'loss_adv', 'acc_clean', 'acc_adv')  # per-
 class _Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def primary(self) -> bool:
@@ -66,7 +65,7 @@ def init_distributed(device_pref: Optional[str]) -> tuple:
     device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
     if use_cuda:
         torch.cuda.set_device(device)
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return _Dist(dist.get_rank(), dist.get_world_size()), device
 
 
 def _seed_everything(seed: int) -> None:
@@ -83,20 +82,6 @@ def build_model(cfg: TrainConfig, num_classes: int, model: Optional[nn.Module] =
         from ..convert import convert_to_normfree
         model = convert_to_normfree(model, init='keep' if cfg.pretrained else 'fresh')
     return model
-
-
-def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], info: _Dist, device: torch.device):
-    from timm.data import create_loader
-    jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
-    train_loader = create_loader(
-        source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
-        use_prefetcher=False, scale=cfg.scale or preset_value('scale', cfg.data), color_jitter=jitter, hflip=cfg.hflip,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False, device=device,
-        pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
-    # evaluation in pixel space ([0, 1]); attacks and clean accuracy normalise inside PixelModel
-    source.val.transform = pixel_eval_transform(data_config)
-    return train_loader
 
 
 def _log(info: _Dist, message: str) -> None:
@@ -165,6 +150,9 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, source: DataSource, model: nn.Module, num_classes: int, info: _Dist,
                  device: torch.device, out_dir: Path, name: str):
+        from timm.data import create_loader
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
         self.cfg, self.source, self.info, self.device, self.out_dir, self.name = cfg, source, info, device, out_dir, name
         self.num_classes = num_classes
         self.model = model.to(device)  # Module.to works in place and returns the module
@@ -174,13 +162,19 @@ class _Run:
         data_config = source_data_config(cfg.data, model, cfg.img_size)
         # the training loader's normalisation, also the evaluation's: a ready model may have no pretrained_cfg
         self.normalization = dict(mean=tuple(data_config['mean']), std=tuple(data_config['std']))
-        self.loader = _loaders(cfg, source, data_config, info, device)
+        jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
+        self.loader = create_loader(
+            source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
+            use_prefetcher=False, scale=cfg.scale or preset_value('scale', cfg.data), color_jitter=jitter,
+            hflip=cfg.hflip, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'], num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False,
+            device=device, pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
+        # evaluation in pixel space ([0, 1]); attacks and clean accuracy normalise inside PixelModel
+        source.val.transform = pixel_eval_transform(data_config)
         self.task = AdversarialTrainer(model, criterion_kwargs=dict(smoothing=cfg.smoothing), adv_cfg=cfg.adv,
                                        **self.normalization, device=device, verbose=False)
         global_batch = cfg.batch_size * info.world_size
         self.lr = cfg.lr if cfg.lr is not None else (0.1 * global_batch / 256 if cfg.opt == 'sgd' else ADAMW_LR)
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), cfg.opt, lr=self.lr,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, 'cosine', num_epochs=cfg.epochs,
@@ -305,12 +299,11 @@ class _Run:
             if verdict is not None:
                 metrics['catastrophic_overfitting_message'] = verdict['message']
             self._save(epoch, metrics)
+            warning = f'  CATASTROPHIC OVERFITTING\n[{self.name}] warning: {verdict["message"]}' if verdict else ''
             _log(info, f"[{self.name}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                        f"val clean {metrics['val_clean_top1']:.1f} %  val {cfg.eval_attack} "
                        f"{metrics['val_robust_top1']:.1f} % ({metrics['val_robust_examples']} images)  "
-                       f"{metrics['train_time_s']:.0f} s" + ('  CATASTROPHIC OVERFITTING' if verdict else ''))
-            if verdict is not None:
-                _log(info, f'[{self.name}] warning: {verdict["message"]}')
+                       f"{metrics['train_time_s']:.0f} s{warning}")
         if info.world_size > 1:
             dist.barrier()
 
@@ -333,9 +326,8 @@ class _Run:
         report = robust_report(self.model, self.source.val, cfg, self.device, f'clean,{cfg.eval_attack}', False,
                                self.name, **self.normalization, progress=self.eval_progress)
         self.model.train()
-        robust = report_accuracy(report)[parse_attack(cfg.eval_attack).name]
-        return {'val_clean_top1': clean, 'val_robust_top1': robust, 'val_robust_attack': cfg.eval_attack,
-                'val_robust_examples': report.n_examples}
+        return {'val_clean_top1': clean, 'val_robust_top1': report_accuracy(report)[parse_attack(cfg.eval_attack).name],
+                'val_robust_attack': cfg.eval_attack, 'val_robust_examples': report.n_examples}
 
     def _save(self, epoch: int, metrics: Dict[str, Any]) -> None:
         improved = self.best is None or metrics['val_robust_top1'] >= self.best

@@ -1,21 +1,17 @@
 """Run timm's own, unmodified ``train.py`` with NoFrost adversarial training and robust validation.
 
-timm's ``train.py`` ships only in a clone of the timm repository. It looks ``ClassificationTask``,
-``validate`` and ``_parse_args`` up in its module globals when ``main()`` runs, so a launcher that loads the
-script by path can replace them before calling ``main()``:
+timm's ``train.py`` (in a clone of the timm repository) looks ``ClassificationTask``, ``validate`` and
+``_parse_args`` up in its module globals when ``main()`` runs; the launcher loads it by path and replaces them:
 
-* ``_parse_args`` is wrapped to keep the parsed arguments (for the data config's mean / std), to refuse
-  distillation (its tasks are not adversarial) and to record the adversarial settings in ``args.yaml``;
-* ``ClassificationTask`` becomes a factory building an :class:`AdversarialTrainer` with those settings and the
-  data config's normalisation (timm's loaders normalise, with or without the prefetcher);
-* ``validate`` is wrapped: while timm's clean validation runs, the images of a fixed subset spread evenly over
-  the validation set are kept on the way (no second pass over the data); they are then attacked in pixel
-  space and ``robust_top1_<attack>`` is added to the returned metrics, so it lands in ``summary.csv``, in the
-  ``--result`` JSON and can drive checkpoint selection (``--eval-metric robust_top1_pgd-10``). The EMA
-  model's validation gets its own.
+* ``_parse_args``: keeps the arguments (for the data config's mean / std), refuses distillation (its tasks are
+  not adversarial) and records the adversarial settings in ``args.yaml``;
+* ``ClassificationTask``: an :class:`AdversarialTrainer` on the loaders' normalised inputs (prefetcher or not);
+* ``validate``: keeps a fixed subset, spread evenly over the set, of the images timm's clean validation loads
+  (no second pass), attacks it in pixel space and adds ``robust_top1_<attack>`` to the metrics: in
+  ``summary.csv``, the ``--result`` JSON and usable as ``--eval-metric``. The EMA model's validation gets its own.
 
-The script is loaded under a private module name, without putting its directory on ``sys.path``: a clone's
-root holds a ``timm/`` package that would shadow the installed timm.
+The script is loaded under a private module name, its directory kept off ``sys.path``: a clone's root holds a
+``timm/`` package that would shadow the installed timm.
 """
 import argparse
 import functools
@@ -121,8 +117,7 @@ def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_N
     module = importlib.util.module_from_spec(spec)
     previous = sys.modules.get(module_name)
     sys.modules[module_name] = module  # some machinery (pickling, dataclasses) looks the module up by name
-    argv = sys.argv
-    sys.argv = [str(path)] + argv[1:]  # train.py's parser takes its program name (for errors) from argv[0]
+    argv, sys.argv = sys.argv, [str(path)] + sys.argv[1:]  # train.py's parser takes its name from argv[0]
     try:
         spec.loader.exec_module(module)
     except BaseException:
@@ -144,11 +139,10 @@ def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_N
 class SubsetCollector:
     """Hands timm's eval loader to its ``validate`` unchanged, keeping the images of the robust subset on the way.
 
-    No second pass over the data: each batch timm's validation loads is checked for subset members, which are
-    kept as pixels in [0, 1] (the loader's normalisation undone with ``mean`` / ``std``; as 8-bit values when
-    the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees dataset
-    positions ``r, r + W, r + 2W, ...`` (positions past the dataset are padding), so the ranks together keep
-    each subset image exactly once.
+    Subset members of each batch are kept as pixels in [0, 1] (the loader's ``mean`` / ``std`` undone; 8-bit
+    when the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees
+    dataset positions ``r, r + W, r + 2W, ...`` (past the dataset: padding), so the ranks together keep each
+    subset image exactly once.
 
     Args:
         loader: The eval loader; its ``dataset`` length places the subset (without one: the first N images).
@@ -167,8 +161,7 @@ class SubsetCollector:
         self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
         self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
-        self.pixels: List[torch.Tensor] = []
-        self.targets: List[torch.Tensor] = []
+        self.pixels, self.targets = [], []  # the kept images (uint8 or float pixels) and their labels
         self.batch_size = 0
         self.unsupported: Optional[str] = None
         self._seen = 0
@@ -219,10 +212,9 @@ class SubsetCollector:
 
 def _autocast_dtype(amp_autocast: Callable) -> Optional[torch.dtype]:
     """The autocast dtype train.py uses (a ``partial(torch.autocast, dtype=...)``), None without AMP."""
-    if isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast:
-        dtype = amp_autocast.keywords.get('dtype')
-        return dtype if dtype in AMP_DTYPES.values() else None
-    return None
+    is_autocast = isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast
+    dtype = amp_autocast.keywords.get('dtype') if is_autocast else None
+    return dtype if dtype in AMP_DTYPES.values() else None
 
 
 def robust_correct(model: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, config: RobustValidationConfig,
@@ -372,8 +364,7 @@ class TimmTrainLauncher:
     # -- running --------------------------------------------------------------------------------------------
     def run(self, train_args: Sequence[str]) -> Any:
         """Call the script's ``main()`` with ``train_args`` as its command line; returns what main returns."""
-        argv = sys.argv
-        sys.argv = [str(getattr(self.module, '__file__', 'train.py'))] + list(train_args)
+        argv, sys.argv = sys.argv, [str(getattr(self.module, '__file__', 'train.py'))] + list(train_args)
         self.install()
         try:
             result = self.module.main()

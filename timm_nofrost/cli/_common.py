@@ -60,9 +60,8 @@ def create_model_from_args(args: Any, **kwargs: Any) -> Any:
     from ..training.train_config import check_model_name
     if args.pretrained and args.checkpoint:
         raise CliError('--pretrained and --checkpoint both load weights: give one of them.')
-    kwargs = {**(args.model_kwargs or {}), **kwargs}
     check_model_name(args.model)
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    model = timm.create_model(args.model, pretrained=args.pretrained, **{**(args.model_kwargs or {}), **kwargs})
     converted = ''
     if getattr(args, 'convert', False):  # as `train --convert` does: convert the BN model, then load the weights
         from ..convert import convert_to_normfree

@@ -28,10 +28,8 @@ def run(args: argparse.Namespace) -> int:
         print(f'no models match {args.filter!r}')
         return 0
     rows = [('model', 'params (M)', 'input', 'classes', 'hub id' if args.pretrained else 'pretrained tags')]
-    for info in infos:
-        weights = ', '.join(info.tags) if info.tags else (info.hf_hub_id or '-')
-        rows.append((info.name, f'{info.num_params / 1e6:.2f}', 'x'.join(map(str, info.input_size)),
-                     str(info.num_classes), weights))
+    rows += [(info.name, f'{info.num_params / 1e6:.2f}', 'x'.join(map(str, info.input_size)), str(info.num_classes),
+              ', '.join(info.tags) if info.tags else (info.hf_hub_id or '-')) for info in infos]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

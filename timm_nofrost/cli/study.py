@@ -57,10 +57,9 @@ def build_study_config(args: argparse.Namespace) -> StudyConfig:
 def run_command(args: argparse.Namespace) -> int:
     from ..study import run_study
     from ..training.run import TrainingDiverged
-    cfg = build_study_config(args)
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_study(cfg, only=args.only)
+            result = run_study(build_study_config(args), only=args.only)
     except TrainingDiverged as e:
         raise CliError(f'{e} (the other runs are unaffected; run the study again to resume)', exit_code=3) from None
     if result:
@@ -70,8 +69,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def report_command(args: argparse.Namespace) -> int:
     from ..study import write_report
-    result = write_report(args.dir)
-    _print(result, args.dir, args.json)
+    _print(write_report(args.dir), args.dir, args.json)
     return 0
 
 

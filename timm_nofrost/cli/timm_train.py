@@ -39,9 +39,7 @@ def split_arguments(rest: List[str]) -> Tuple[List[str], List[str]]:
     argparse keeps every token after SCRIPT (and drops a ``--`` right after it), so the flags written between
     SCRIPT and ``--`` are parsed here.
     """
-    if rest and rest[0] == '--':
-        own, train = [], rest[1:]
-    elif '--' in rest:
+    if '--' in rest:
         i = rest.index('--')
         own, train = rest[:i], rest[i + 1:]
     elif rest and rest[0].startswith(_ADV_PREFIX):  # only our flags, no train.py arguments
@@ -57,8 +55,6 @@ def split_arguments(rest: List[str]) -> Tuple[List[str], List[str]]:
 
 def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
     """Parse the ``--adv-*`` flags written after SCRIPT into ``args``."""
-    if not tokens:
-        return
     parser = OneLineErrorParser(prog='timm-nofrost timm-train', add_help=False)
     _add_adv_arguments(parser)
     _, unknown = parser.parse_known_args(tokens, namespace=args)
@@ -68,11 +64,10 @@ def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.timm_launcher import TimmTrainLauncher, load_train_script
+    from ..training.timm_launcher import run_timm_train
     own, train_args = split_arguments(list(args.rest))
     _own_flags(args, own)
     adv_cfg = build_settings(AdversarialConfig, resolve(settings_dict(args, AdversarialConfig), chain('')))
     robust_val = build_settings(RobustValidationConfig, settings_dict(args, RobustValidationConfig))
-    launcher = TimmTrainLauncher(load_train_script(args.script), adv_cfg, robust_val)
-    launcher.run(train_args)
+    run_timm_train(args.script, train_args, adv_cfg, robust_val)
     return 0

@@ -1,14 +1,13 @@
 """``timm-nofrost train``: adversarial training with the NoFrost recipe, on the embedded demo data by default."""
 import argparse
 import contextlib
-import json
 import os
 import sys
 
 from ..settings import add_settings, build_settings, settings_dict
 from ..training.presets import chain, help_presets, resolve
 from ..training.train_config import TrainConfig
-from ._common import CliError, OutputSettings
+from ._common import CliError, OutputSettings, print_json
 
 _DEMO_NOTE = ('With no --data, trains on the embedded demo set (five procedurally drawn shapes, 32px, no download) '
               'with a demo preset sized for a CPU: a narrow nf_resnet18_cifar_nofrost, AdamW lr 3e-3, 4 epochs, '
@@ -39,14 +38,12 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     from ..training.run import TrainingDiverged, train
-    cfg = build_config(args)
     try:
         # with --json, stdout carries only the JSON: the human-readable log goes to stderr
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            results = train(cfg)
+            results = train(build_config(args))
     except TrainingDiverged as e:
         raise CliError(str(e), exit_code=3) from None
     if args.json and int(os.environ.get('RANK', '0')) == 0:  # under torchrun, one JSON document
-        json.dump(results, sys.stdout, indent=2, sort_keys=True)
-        print()
+        print_json(results)
     return 0

@@ -17,14 +17,12 @@ def final_table(results: Dict[str, Any]) -> str:
     catastrophic overfitting is marked in its row and gets a warning line with what to do under the table."""
     runs = results['runs']
     attacks = next(iter(runs.values()))['final']['attacks']
-    header = '| model | ' + ' | '.join(attacks) + ' |'
-    lines = [header, '|' + '---|' * (len(attacks) + 1)]
+    lines = ['| model | ' + ' | '.join(attacks) + ' |', '|' + '---|' * (len(attacks) + 1)]
     warnings = []
     for run in runs.values():
-        acc = run['final']['accuracy']
         overfit = run.get('catastrophic_overfitting')
         name = f"{run['name']} (catastrophic overfitting)" if overfit else run['name']
-        lines.append(f'| {name} | ' + ' | '.join(f'{acc[a]:.1f} %' for a in attacks) + ' |')
+        lines.append(f'| {name} | ' + ' | '.join(f"{run['final']['accuracy'][a]:.1f} %" for a in attacks) + ' |')
         if overfit:
             warnings.append(f"Warning: {run['name']}: {overfit['message']}")
     adv = results['config']['adv']
@@ -48,8 +46,7 @@ def jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
     d = asdict(cfg)
-    d['model_kwargs'] = jsonable_kwargs(d['model_kwargs'])
-    return d
+    return {**d, 'model_kwargs': jsonable_kwargs(d['model_kwargs'])}
 
 
 def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:

@@ -11,7 +11,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +25,6 @@ from ..attacks.spec import parse_attack
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
-from .adversarial import AdversarialConfig
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
@@ -48,7 +47,6 @@ _EPOCH_SUMS = ('loss', 'loss_clean', 'loss_adv', 'acc_clean', 'acc_adv')  # per-
 class _Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def primary(self) -> bool:
@@ -59,18 +57,15 @@ def init_distributed(device_pref: Optional[str]) -> tuple:
     """Join the torchrun process group (once) when WORLD_SIZE > 1; returns the rank info and this rank's device."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     use_cuda = torch.cuda.is_available() if device_pref is None else device_pref.startswith('cuda')
-    if world > 1:
-        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        info = _Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-        device = torch.device(f'cuda:{local_rank}') if use_cuda else torch.device('cpu')
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        info = _Dist()
-        device = torch.device(device_pref) if device_pref else torch.device('cuda' if use_cuda else 'cpu')
-    return info, device
+    if world <= 1:
+        return _Dist(), torch.device(device_pref or ('cuda' if use_cuda else 'cpu'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+    device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return _Dist(dist.get_rank(), dist.get_world_size()), device
 
 
 def _seed_everything(seed: int) -> None:
@@ -87,27 +82,6 @@ def build_model(cfg: TrainConfig, num_classes: int, model: Optional[nn.Module] =
         from ..convert import convert_to_normfree
         model = convert_to_normfree(model, init='keep' if cfg.pretrained else 'fresh')
     return model
-
-
-def _loaders(cfg: TrainConfig, source: DataSource, data_config: Dict[str, Any], info: _Dist, device: torch.device):
-    from timm.data import create_loader
-    jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
-    train_loader = create_loader(
-        source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
-        use_prefetcher=False, scale=cfg.scale or preset_value('scale', cfg.data), color_jitter=jitter, hflip=cfg.hflip,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False, device=device,
-        pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
-    # evaluation in pixel space ([0, 1]); attacks and clean accuracy normalise inside PixelModel
-    source.val.transform = pixel_eval_transform(data_config)
-    return train_loader
-
-
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit='batch', leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def _log(info: _Dist, message: str) -> None:
@@ -128,7 +102,6 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         TrainingDiverged: a non-finite loss; the last good checkpoint stays in place.
     """
     cfg = resolve_config(cfg, model)
-    custom_model = model
     out_dir = Path(cfg.out_dir)
     resume_path = None
     if cfg.resume:
@@ -145,16 +118,13 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(cfg.seed)
-    model = build_model(cfg, num_classes, model)
-    run = _Run(cfg, source, model, num_classes, info, device, out_dir, 'nofrost')
-    results = {'config': config_to_json(cfg), 'runs': {}}
-    results['runs']['nofrost'] = run.fit(resume_path)
+    run = _Run(cfg, source, build_model(cfg, num_classes, model), num_classes, info, device, out_dir, 'nofrost')
+    results = {'config': config_to_json(cfg), 'runs': {'nofrost': run.fit(resume_path)}}
     if cfg.compare_bn:
         from .baseline import create_bn_twin
         _seed_everything(cfg.seed)
         bn_model, bn_name = create_bn_twin(cfg.model, num_classes, cfg.model_kwargs, cfg.baseline_model)
-        bn_cfg = TrainConfig(**{**cfg.__dict__, 'adv': AdversarialConfig(**{**cfg.adv.to_dict(), 'batch_mode': 'separate'}),
-                                'convert': False, 'resume': None})
+        bn_cfg = replace(cfg, adv=replace(cfg.adv, batch_mode='separate'), convert=False, resume=None)
         bn_dir = out_dir / 'bn-at'
         bn_resume = bn_dir / CHECKPOINT_LAST if resume_path is not None and (bn_dir / CHECKPOINT_LAST).exists() else None
         if info.primary and bn_resume is None:
@@ -164,7 +134,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     if info.primary:
         # a ready model passed in is not a timm name the eval command could rebuild
         results['data'] = image_fingerprint(source.val)  # the images eval_command evaluates: compare with its report
-        results['eval_command'] = eval_command(cfg, out_dir, num_classes) if custom_model is None else ''
+        results['eval_command'] = eval_command(cfg, out_dir, num_classes) if model is None else ''
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
         if results['eval_command']:
@@ -180,23 +150,31 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, source: DataSource, model: nn.Module, num_classes: int, info: _Dist,
                  device: torch.device, out_dir: Path, name: str):
+        from timm.data import create_loader
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
         self.cfg, self.source, self.info, self.device, self.out_dir, self.name = cfg, source, info, device, out_dir, name
         self.num_classes = num_classes
-        model = model.to(device)
+        self.model = model.to(device)  # Module.to works in place and returns the module
         if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+            model.to(memory_format=torch.channels_last)
         # the data config of the run: the one ``timm-nofrost eval`` rebuilds from ``--data`` and ``--img-size``
-        self.data_config = source_data_config(cfg.data, model, cfg.img_size)
+        data_config = source_data_config(cfg.data, model, cfg.img_size)
         # the training loader's normalisation, also the evaluation's: a ready model may have no pretrained_cfg
-        self.normalization = dict(mean=tuple(self.data_config['mean']), std=tuple(self.data_config['std']))
-        self.loader = _loaders(cfg, source, self.data_config, info, device)
+        self.normalization = dict(mean=tuple(data_config['mean']), std=tuple(data_config['std']))
+        jitter = cfg.color_jitter if cfg.color_jitter is not None else preset_value('color_jitter', cfg.data)
+        self.loader = create_loader(
+            source.train, input_size=data_config['input_size'], batch_size=cfg.batch_size, is_training=True,
+            use_prefetcher=False, scale=cfg.scale or preset_value('scale', cfg.data), color_jitter=jitter,
+            hflip=cfg.hflip, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'], num_workers=cfg.workers, distributed=info.world_size > 1, persistent_workers=False,
+            device=device, pin_memory=device.type == 'cuda', crop_pct=data_config['crop_pct'])
+        # evaluation in pixel space ([0, 1]); attacks and clean accuracy normalise inside PixelModel
+        source.val.transform = pixel_eval_transform(data_config)
         self.task = AdversarialTrainer(model, criterion_kwargs=dict(smoothing=cfg.smoothing), adv_cfg=cfg.adv,
                                        **self.normalization, device=device, verbose=False)
         global_batch = cfg.batch_size * info.world_size
         self.lr = cfg.lr if cfg.lr is not None else (0.1 * global_batch / 256 if cfg.opt == 'sgd' else ADAMW_LR)
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), cfg.opt, lr=self.lr,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, 'cosine', num_epochs=cfg.epochs,
@@ -204,7 +182,9 @@ class _Run:
         if info.world_size > 1:
             self.task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
         self.amp = amp_dtype(cfg.amp)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        # evaluation progress: bars with --progress (on a terminal), else a line at most every 10 s
+        self.eval_progress = 'auto' if cfg.progress else 'lines'
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)  # disabled: plain steps
         self.start_epoch = 0
         self.best = None
         self.history: List[Dict[str, Any]] = []
@@ -264,21 +244,18 @@ class _Run:
         cfg, info = self.cfg, self.info
         if resume is not None:
             self.restore(resume)
+        adv = cfg.adv
+        method = ('standard training (no adversarial examples)' if adv.method == 'nofrost' and adv.adv_weight == 0
+                  else f'method {adv.describe()}')
         _log(info, f'[{self.name}] {self.source.description}; model {cfg.model if self.name == "nofrost" else self.name}, '
                    f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, batch mode '
-                   f'{self.task.batch_mode}; {self._attack_summary()}; '
+                   f'{self.task.batch_mode}; {method}; '
                    f'{cfg.epochs} epochs, batch {cfg.batch_size} x {info.world_size}, {cfg.opt} lr {self.lr:.4g}')
         for epoch in range(self.start_epoch, cfg.epochs):
             self.train_epoch(epoch)
         final = self.final_evaluation()
         return {'name': self.name, 'out_dir': str(self.out_dir), 'epochs': self.history, 'final': final,
                 'catastrophic_overfitting': first_catastrophic_overfitting(self.history)}
-
-    def _attack_summary(self) -> str:
-        adv = self.cfg.adv
-        if adv.method == 'nofrost' and adv.adv_weight == 0:
-            return 'standard training (no adversarial examples)'
-        return f'method {adv.describe()}'
 
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info
@@ -290,8 +267,10 @@ class _Run:
         start = time.time()
         sums = dict.fromkeys(_EPOCH_SUMS, 0.0)
         steps = 0
-        bar = _progress(self.loader, len(self.loader), cfg.progress and info.primary,
-                        f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}')
+        from tqdm import tqdm
+        bar = tqdm(self.loader, total=len(self.loader), desc=f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}',
+                   unit='batch', leave=False, dynamic_ncols=True, file=sys.stderr,
+                   disable=not (cfg.progress and info.primary))
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if cfg.channels_last:
@@ -301,19 +280,14 @@ class _Run:
             loss = result['loss']
             self._check_finite(loss, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             steps += 1
             for k in (*_EPOCH_SUMS, 'loss_robust'):  # loss_robust: the beta-weighted term of trades / mart
                 if k in result:
                     sums[k] = sums.get(k, 0.0) + float(result[k].detach())
-            if bar is not self.loader:
-                bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
+            bar.set_postfix(loss=f'{sums["loss"] / steps:.3f}', adv_acc=f'{100 * sums["acc_adv"] / steps:.0f}%')
         self.scheduler.step(epoch + 1)
         metrics = {f'train_{k}': (100 if 'acc' in k else 1) * (v / max(steps, 1)) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, lr=self.optimizer.param_groups[0]['lr'], train_time_s=time.time() - start)
@@ -325,12 +299,11 @@ class _Run:
             if verdict is not None:
                 metrics['catastrophic_overfitting_message'] = verdict['message']
             self._save(epoch, metrics)
+            warning = f'  CATASTROPHIC OVERFITTING\n[{self.name}] warning: {verdict["message"]}' if verdict else ''
             _log(info, f"[{self.name}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                        f"val clean {metrics['val_clean_top1']:.1f} %  val {cfg.eval_attack} "
                        f"{metrics['val_robust_top1']:.1f} % ({metrics['val_robust_examples']} images)  "
-                       f"{metrics['train_time_s']:.0f} s" + ('  CATASTROPHIC OVERFITTING' if verdict else ''))
-            if verdict is not None:
-                _log(info, f'[{self.name}] warning: {verdict["message"]}')
+                       f"{metrics['train_time_s']:.0f} s{warning}")
         if info.world_size > 1:
             dist.barrier()
 
@@ -346,21 +319,15 @@ class _Run:
                 f'[{self.name}] loss is {value.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; '
                 f'{kept}. Lower --lr, add --warmup-epochs, or check the data; resume with --resume.')
 
-    @property
-    def _eval_progress(self) -> str:
-        """Bars with --progress (on a terminal), else a line at most every 10 s: long evaluations show life."""
-        return 'auto' if self.cfg.progress else 'lines'
-
     def evaluate_epoch(self) -> Dict[str, Any]:
         cfg = self.cfg
         clean = clean_accuracy(self.model, self.source.val, self.device, min(cfg.batch_size, 256), cfg.workers,
                                **self.normalization)
         report = robust_report(self.model, self.source.val, cfg, self.device, f'clean,{cfg.eval_attack}', False,
-                               self.name, **self.normalization, progress=self._eval_progress)
+                               self.name, **self.normalization, progress=self.eval_progress)
         self.model.train()
-        robust = report_accuracy(report)[parse_attack(cfg.eval_attack).name]
-        return {'val_clean_top1': clean, 'val_robust_top1': robust, 'val_robust_attack': cfg.eval_attack,
-                'val_robust_examples': report.n_examples}
+        return {'val_clean_top1': clean, 'val_robust_top1': report_accuracy(report)[parse_attack(cfg.eval_attack).name],
+                'val_robust_attack': cfg.eval_attack, 'val_robust_examples': report.n_examples}
 
     def _save(self, epoch: int, metrics: Dict[str, Any]) -> None:
         improved = self.best is None or metrics['val_robust_top1'] >= self.best
@@ -378,7 +345,7 @@ class _Run:
         if not self.info.primary:
             return {}
         report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
-                               self.name, **self.normalization, progress=self._eval_progress)
+                               self.name, **self.normalization, progress=self.eval_progress)
         report.save_json(self.out_dir / 'robustness.json')
         (self.out_dir / 'robustness.md').write_text(report.to_markdown())
         acc = report_accuracy(report)

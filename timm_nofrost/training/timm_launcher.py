@@ -1,21 +1,17 @@
 """Run timm's own, unmodified ``train.py`` with NoFrost adversarial training and robust validation.
 
-timm's ``train.py`` ships only in a clone of the timm repository. It looks ``ClassificationTask``,
-``validate`` and ``_parse_args`` up in its module globals when ``main()`` runs, so a launcher that loads the
-script by path can replace them before calling ``main()``:
+timm's ``train.py`` (in a clone of the timm repository) looks ``ClassificationTask``, ``validate`` and
+``_parse_args`` up in its module globals when ``main()`` runs; the launcher loads it by path and replaces them:
 
-* ``_parse_args`` is wrapped to keep the parsed arguments (for the data config's mean / std), to refuse
-  distillation (its tasks are not adversarial) and to record the adversarial settings in ``args.yaml``;
-* ``ClassificationTask`` becomes a factory building an :class:`AdversarialTrainer` with those settings and the
-  data config's normalisation (timm's loaders normalise, with or without the prefetcher);
-* ``validate`` is wrapped: while timm's clean validation runs, the images of a fixed subset spread evenly over
-  the validation set are kept on the way (no second pass over the data); they are then attacked in pixel
-  space and ``robust_top1_<attack>`` is added to the returned metrics, so it lands in ``summary.csv``, in the
-  ``--result`` JSON and can drive checkpoint selection (``--eval-metric robust_top1_pgd-10``). The EMA
-  model's validation gets its own.
+* ``_parse_args``: keeps the arguments (for the data config's mean / std), refuses distillation (its tasks are
+  not adversarial) and records the adversarial settings in ``args.yaml``;
+* ``ClassificationTask``: an :class:`AdversarialTrainer` on the loaders' normalised inputs (prefetcher or not);
+* ``validate``: keeps a fixed subset, spread evenly over the set, of the images timm's clean validation loads
+  (no second pass), attacks it in pixel space and adds ``robust_top1_<attack>`` to the metrics: in
+  ``summary.csv``, the ``--result`` JSON and usable as ``--eval-metric``. The EMA model's validation gets its own.
 
-The script is loaded under a private module name, without putting its directory on ``sys.path``: a clone's
-root holds a ``timm/`` package that would shadow the installed timm.
+The script is loaded under a private module name, its directory kept off ``sys.path``: a clone's root holds a
+``timm/`` package that would shadow the installed timm.
 """
 import argparse
 import functools
@@ -82,15 +78,10 @@ class RobustValidationConfig:
         if not names:
             raise ValueError('No validation attack given; name at least one, e.g. pgd-10 (or set examples=0 '
                              'to turn robust validation off).')
-        specs = []
-        for name in names:
-            spec = parse_attack(name)
-            if spec.name not in [s.name for s in specs]:
-                specs.append(spec)
-        if any(s.kind == 'autoattack' for s in specs) and not autoattack_available():
+        self.specs = list({s.name: s for s in map(parse_attack, names)}.values())  # each canonical name once
+        if any(s.kind == 'autoattack' for s in self.specs) and not autoattack_available():
             raise ValueError('autoattack needs the official AutoAttack package: pip install pyautoattack.')
-        self.specs = specs
-        self.attacks = tuple(s.name for s in specs)
+        self.attacks = tuple(s.name for s in self.specs)
         if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
             raise ValueError(f'The number of robust validation examples must be an integer >= 0, '
                              f'got {self.examples!r}.')
@@ -126,8 +117,7 @@ def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_N
     module = importlib.util.module_from_spec(spec)
     previous = sys.modules.get(module_name)
     sys.modules[module_name] = module  # some machinery (pickling, dataclasses) looks the module up by name
-    argv = sys.argv
-    sys.argv = [str(path)] + argv[1:]  # train.py's parser takes its program name (for errors) from argv[0]
+    argv, sys.argv = sys.argv, [str(path)] + sys.argv[1:]  # train.py's parser takes its name from argv[0]
     try:
         spec.loader.exec_module(module)
     except BaseException:
@@ -149,11 +139,10 @@ def load_train_script(path: Union[str, Path], module_name: str = SCRIPT_MODULE_N
 class SubsetCollector:
     """Hands timm's eval loader to its ``validate`` unchanged, keeping the images of the robust subset on the way.
 
-    No second pass over the data: each batch timm's validation loads is checked for subset members, which are
-    kept as pixels in [0, 1] (the loader's normalisation undone with ``mean`` / ``std``; as 8-bit values when
-    the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees dataset
-    positions ``r, r + W, r + 2W, ...`` (positions past the dataset are padding), so the ranks together keep
-    each subset image exactly once.
+    Subset members of each batch are kept as pixels in [0, 1] (the loader's ``mean`` / ``std`` undone; 8-bit
+    when the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees
+    dataset positions ``r, r + W, r + 2W, ...`` (past the dataset: padding), so the ranks together keep each
+    subset image exactly once.
 
     Args:
         loader: The eval loader; its ``dataset`` length places the subset (without one: the first N images).
@@ -170,11 +159,9 @@ class SubsetCollector:
         except (AttributeError, TypeError):
             size = None
         self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
-        self.dataset_size = size
         self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
-        self.pixels: List[torch.Tensor] = []
-        self.targets: List[torch.Tensor] = []
+        self.pixels, self.targets = [], []  # the kept images (uint8 or float pixels) and their labels
         self.batch_size = 0
         self.unsupported: Optional[str] = None
         self._seen = 0
@@ -191,21 +178,17 @@ class SubsetCollector:
             self._keep(batch)
             yield batch
 
-    def _positions(self, n: int) -> List[int]:
-        """Dataset positions of the next ``n`` samples this rank receives."""
-        start = self._seen
-        self._seen += n
-        return [self.rank + j * self.world_size for j in range(start, start + n)]
-
     def _keep(self, batch: Any) -> None:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)
                 and batch[0].ndim == 4):
             self.unsupported = f'batches of {type(batch).__name__} instead of (images, targets)'
             return
         input, target = batch
-        self.batch_size = max(self.batch_size, input.shape[0])
-        rows = [i for i, p in enumerate(self._positions(input.shape[0]))
-                if p in self.subset and (self.dataset_size is None or p < self.dataset_size)]
+        n = input.shape[0]
+        self.batch_size = max(self.batch_size, n)
+        # dataset positions of this rank's next n samples; padding (past the dataset) is in no subset
+        rows = [i for i in range(n) if self.rank + (self._seen + i) * self.world_size in self.subset]
+        self._seen += n
         if not rows:
             return
         index = torch.tensor(rows, device=input.device)
@@ -229,27 +212,15 @@ class SubsetCollector:
 
 def _autocast_dtype(amp_autocast: Callable) -> Optional[torch.dtype]:
     """The autocast dtype train.py uses (a ``partial(torch.autocast, dtype=...)``), None without AMP."""
-    if isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast:
-        dtype = amp_autocast.keywords.get('dtype')
-        return dtype if dtype in AMP_DTYPES.values() else None
-    return None
+    is_autocast = isinstance(amp_autocast, functools.partial) and amp_autocast.func is torch.autocast
+    dtype = amp_autocast.keywords.get('dtype') if is_autocast else None
+    return dtype if dtype in AMP_DTYPES.values() else None
 
 
-def robust_correct(
-        model: nn.Module,
-        pixels: torch.Tensor,
-        targets: torch.Tensor,
-        config: RobustValidationConfig,
-        threat: ThreatModel,
-        mean: Sequence[float],
-        std: Sequence[float],
-        batch_size: int,
-        model_dtype: Optional[torch.dtype] = None,
-        amp_dtype: Optional[torch.dtype] = None,
-        seed: int = 0,
-        distributed: bool = False,
-        progress: Union[bool, str] = 'off',
-) -> Tuple[Dict[str, int], int]:
+def robust_correct(model: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, config: RobustValidationConfig,
+                   threat: ThreatModel, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                   model_dtype: Optional[torch.dtype] = None, amp_dtype: Optional[torch.dtype] = None, seed: int = 0,
+                   distributed: bool = False, progress: Union[bool, str] = 'off') -> Tuple[Dict[str, int], int]:
     """How many of ``pixels`` (images in [0, 1]) stay correct under each attack, keyed by metric name, and how many
     images were counted; summed over the ranks when ``distributed``.
 
@@ -298,8 +269,7 @@ class TimmTrainLauncher:
         self.adv_cfg = adv_cfg or AdversarialConfig()
         self.robust_val = robust_val or RobustValidationConfig()
         self.args: Optional[argparse.Namespace] = None
-        self.mean: Optional[Tuple[float, ...]] = None
-        self.std: Optional[Tuple[float, ...]] = None
+        self.mean = self.std = None  # the loaders' normalisation, known once train.py builds its task
         self.tasks: List[AdversarialTrainer] = []
         self.robust_history: List[Dict[str, Any]] = []  # one entry per validation: metrics, images, suffix
         self._original: Dict[str, Any] = {name: getattr(module, name) for name in REQUIRED_GLOBALS}
@@ -327,17 +297,16 @@ class TimmTrainLauncher:
     def _parse_args(self, *a: Any, **kw: Any) -> Any:
         """train.py's own parsing; keeps the arguments and adds our settings to the saved ``args.yaml``."""
         parsed = self._original['_parse_args'](*a, **kw)
-        args, rest = (parsed[0], parsed[1:]) if isinstance(parsed, tuple) else (parsed, None)
+        args = parsed[0] if isinstance(parsed, tuple) else parsed
         if getattr(args, 'kd_model_name', None):
             raise ValueError('timm-train runs adversarial training through ClassificationTask; train.py\'s '
                              'distillation tasks (--kd-model-name) are not adversarial. Drop --kd-model-name.')
         self.args = args
-        if rest is None:
-            return args
-        if rest and isinstance(rest[0], str):  # args_text: the YAML written to the output folder
+        if isinstance(parsed, tuple) and len(parsed) > 1 and isinstance(parsed[1], str):  # args_text: args.yaml
             import yaml
-            rest = (rest[0] + yaml.safe_dump({'nofrost': self.settings()}, default_flow_style=False),) + rest[1:]
-        return (args,) + tuple(rest)
+            parsed = (args, parsed[1] + yaml.safe_dump({'nofrost': self.settings()}, default_flow_style=False),
+                      *parsed[2:])
+        return parsed
 
     def make_task(self, model: nn.Module, criterion: Optional[Callable] = None, device: Optional[torch.device] = None,
                   dtype: Optional[torch.dtype] = None, verbose: bool = True, **kwargs: Any) -> AdversarialTrainer:
@@ -357,9 +326,8 @@ class TimmTrainLauncher:
         bound.apply_defaults()
         call = bound.arguments
         args = call.get('args') or self.args
-        model = call['model']
         rank, world_size = getattr(args, 'rank', 0), getattr(args, 'world_size', 1)
-        mean, std = (self.mean, self.std) if self.mean is not None else self._normalization(model)
+        mean, std = (self.mean, self.std) if self.mean is not None else self._normalization(call['model'])
         collector = SubsetCollector(call['loader'], self.robust_val.examples, mean, std, rank, world_size)
         call['loader'] = collector  # timm's loop loads the subset for us: no second pass over the data
         metrics = self._original['validate'](*bound.args, **bound.kwargs)
@@ -373,8 +341,8 @@ class TimmTrainLauncher:
         else:
             pixels, targets = collector.examples()
         counts, n = robust_correct(
-            model, pixels.to(device), targets.to(device), self.robust_val, threat=self.adv_cfg.threat, mean=mean, std=std,
-            batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
+            call['model'], pixels.to(device), targets.to(device), self.robust_val, threat=self.adv_cfg.threat,
+            mean=mean, std=std, batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),
             amp_dtype=_autocast_dtype(call.get('amp_autocast')), distributed=bool(getattr(args, 'distributed', False)),
             progress='lines' if rank == 0 else 'off')
         robust = {k: (100.0 * counts[k] / n if n else float('nan')) for k in self.robust_val.metric_names()}
@@ -383,8 +351,7 @@ class TimmTrainLauncher:
         self.robust_history.append({'metrics': dict(robust), 'examples': n, 'log_suffix': suffix})
         if rank == 0:
             shown = '  '.join(f'{k[len(METRIC_PREFIX):]}: {v:.3f}' for k, v in robust.items())
-            _logger.info(f'Robust{suffix}: {shown}  ({self.adv_cfg.threat}, {n} images, '
-                         f'{time.time() - start:.1f}s)')
+            _logger.info(f'Robust{suffix}: {shown}  ({self.adv_cfg.threat}, {n} images, {time.time() - start:.1f}s)')
         return metrics
 
     def _normalization(self, model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -397,8 +364,7 @@ class TimmTrainLauncher:
     # -- running --------------------------------------------------------------------------------------------
     def run(self, train_args: Sequence[str]) -> Any:
         """Call the script's ``main()`` with ``train_args`` as its command line; returns what main returns."""
-        argv = sys.argv
-        sys.argv = [str(getattr(self.module, '__file__', 'train.py'))] + list(train_args)
+        argv, sys.argv = sys.argv, [str(getattr(self.module, '__file__', 'train.py'))] + list(train_args)
         self.install()
         try:
             result = self.module.main()
@@ -410,12 +376,8 @@ class TimmTrainLauncher:
         return result
 
 
-def run_timm_train(
-        script: Union[str, Path],
-        train_args: Sequence[str],
-        adv_cfg: Optional[AdversarialConfig] = None,
-        robust_val: Optional[RobustValidationConfig] = None,
-) -> TimmTrainLauncher:
+def run_timm_train(script: Union[str, Path], train_args: Sequence[str], adv_cfg: Optional[AdversarialConfig] = None,
+                   robust_val: Optional[RobustValidationConfig] = None) -> TimmTrainLauncher:
     """Run timm's ``train.py`` at ``script`` with ``train_args``, adversarially; returns the launcher.
 
     Example::

@@ -165,6 +165,3 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise FileExistsError(f'{out_dir} already holds a training run ({CHECKPOINT_LAST}); pass --resume to '
                               f'continue it or --overwrite to start over.')
     check_writable_dir(out_dir, 'Output directory')
-
-
-# -- distributed -----------------------------------------------------------------------------------------

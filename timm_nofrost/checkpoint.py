@@ -19,20 +19,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = [
-    'CheckpointError',
-    'CHECKSUM_KEY',
-    'content_checksum',
-    'read_checkpoint',
-    'read_state_dict',
-    'load_checkpoint',
-    'compare_state_dict',
-    'clean_state_dict',
-    'checkpoint_filter_fn',
-    'describe_key_mismatch',
-    'translate_load_errors',
-    'unsafe_pickle_globals',
-]
+__all__ = ['CheckpointError', 'CHECKSUM_KEY', 'content_checksum', 'read_checkpoint', 'read_state_dict',
+           'load_checkpoint', 'compare_state_dict', 'clean_state_dict', 'checkpoint_filter_fn', 'describe_key_mismatch',
+           'translate_load_errors', 'unsafe_pickle_globals']
 
 # keys under which training scripts nest the weights, in order of preference
 _NESTED_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'net')
@@ -81,11 +70,8 @@ def clean_state_dict(checkpoint: Mapping[str, Any], name: str = 'checkpoint') ->
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{name} does not hold a state_dict (found {type(checkpoint).__name__}).')
-    for key in _NESTED_KEYS:
-        nested = checkpoint.get(key, None)
-        if isinstance(nested, Mapping) and nested:
-            checkpoint = nested
-            break
+    nested = (checkpoint.get(key) for key in _NESTED_KEYS)
+    checkpoint = next((n for n in nested if isinstance(n, Mapping) and n), checkpoint)
     # optimizer state, epoch counters and other metadata are not weights
     state_dict = {_strip_prefixes(str(k)): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not state_dict:
@@ -176,14 +162,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Path, Mapping[str, 
     """
     is_file = isinstance(checkpoint, (str, Path))
     state_dict = read_state_dict(checkpoint) if is_file else clean_state_dict(checkpoint)
-    missing, unexpected, mismatched = compare_state_dict(state_dict, model)
-    if missing or unexpected or mismatched:
-        source = f"checkpoint '{checkpoint}'" if is_file else 'state_dict'
-        raise CheckpointError(f'{source} does not fit {_arch(model)}: '
-                              f'{describe_key_mismatch(missing, unexpected, mismatched)}.'
-                              f'{_classes_hint(state_dict, model, missing, unexpected, mismatched)}',
-                              path=checkpoint if is_file else None, missing=missing, unexpected=unexpected,
-                              mismatched=mismatched)
+    _check_fit(f"checkpoint '{checkpoint}'" if is_file else 'state_dict', state_dict, model,
+               *compare_state_dict(state_dict, model), path=checkpoint if is_file else None)
     model.load_state_dict(state_dict)
     return model
 
@@ -200,20 +180,22 @@ def compare_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     return missing, unexpected, mismatched
 
 
-def _arch(model: nn.Module) -> str:
-    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-
-
-def _classes_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module, missing: Sequence[str],
-                  unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
-    """' Pass num_classes=N.' when only the classifier differs."""
-    classifiers = _as_names((getattr(model, 'pretrained_cfg', None) or {}).get('classifier'))
+def _check_fit(source: str, state_dict: Mapping[str, torch.Tensor], model: nn.Module, missing: List[str],
+               unexpected: List[str], mismatched: List[str], path: Optional[Union[str, Path]] = None) -> None:
+    """Raise a ``CheckpointError`` saying that ``source`` does not fit ``model`` when any key is missing, unexpected
+    or mismatched, with ' pass num_classes=N.' when only the classifier differs."""
+    if not (missing or unexpected or mismatched):
+        return
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifiers, hint = _as_names(cfg.get('classifier')), ''
     if classifiers and mismatched and not missing and not unexpected \
             and all(_prefix_match(m.split(':')[0], classifiers) for m in mismatched):
         weight = state_dict.get(classifiers[0] + '.weight')
         if weight is not None:
-            return f' The checkpoint was trained for {weight.shape[0]} classes: pass num_classes={weight.shape[0]}.'
-    return ''
+            hint = f' The checkpoint was trained for {weight.shape[0]} classes: pass num_classes={weight.shape[0]}.'
+    raise CheckpointError(f"{source} does not fit {cfg.get('architecture') or type(model).__name__}: "
+                          f'{describe_key_mismatch(missing, unexpected, mismatched)}.{hint}', path=path,
+                          missing=missing, unexpected=unexpected, mismatched=mismatched)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -222,7 +204,7 @@ def _is_safetensors(path: Path) -> bool:
     # safetensors files start with an 8-byte little endian header length followed by '{'
     with path.open('rb') as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{'
+    return head[8:9] == b'{'
 
 
 def _diagnose(path: Path, error: BaseException) -> CheckpointError:
@@ -286,11 +268,7 @@ def unsafe_pickle_globals(path: Union[str, Path]) -> Optional[List[str]]:
     return sorted({g for g in found if g.split('.', 1)[0] not in _SAFE_GLOBAL_ROOTS})
 
 
-def describe_key_mismatch(
-        missing: Sequence[str],
-        unexpected: Sequence[str],
-        mismatched: Sequence[str] = (),
-) -> str:
+def describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str] = ()) -> str:
     """One-line summary of key differences between a checkpoint and a model."""
     def _fmt(label: str, keys: Sequence[str]) -> str:
         keys = list(keys)
@@ -328,11 +306,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     # timm adapts the first conv to in_chans, and drops the classifier when num_classes differs
     mismatched = [m for m in mismatched if not _prefix_match(m.split(':')[0], first_convs)
                   and not (head_reset and _prefix_match(m.split(':')[0], classifiers))]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f'weights do not fit {_arch(model)}: {describe_key_mismatch(missing, unexpected, mismatched)}.'
-            f'{_classes_hint(state_dict, model, missing, unexpected, mismatched)}',
-            missing=missing, unexpected=unexpected, mismatched=mismatched)
+    _check_fit('weights', state_dict, model, missing, unexpected, mismatched)
     return state_dict
 
 

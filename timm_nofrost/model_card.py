@@ -74,8 +74,7 @@ def _front_matter(info: ModelCardInfo, extra_metadata: Optional[Dict[str, Any]])
     front = ['---']
     for key, value in meta.items():
         if isinstance(value, (list, tuple)):
-            front.append(f'{key}:')
-            front += [f'- {v}' for v in value]
+            front += [f'{key}:', *(f'- {v}' for v in value)]
         else:
             front.append(f'{key}: {value}')
     if info.dataset:
@@ -129,11 +128,9 @@ def _usage(info: ModelCardInfo) -> List[str]:
 
 def _robustness(info: ModelCardInfo) -> List[str]:
     """The paper's numbers (said to be another model's unless this is the paper's checkpoint), then the caveat."""
-    if info.is_paper_model:
-        results_intro = 'Reported in the paper (ImageNet-1k validation, ResNet-50):'
-    else:
-        results_intro = ('For reference, the paper\'s ImageNet-1k ResNet-50 results (these are **not** measurements '
-                         'of this checkpoint):')
+    results_intro = ('Reported in the paper (ImageNet-1k validation, ResNet-50):' if info.is_paper_model else
+                     'For reference, the paper\'s ImageNet-1k ResNet-50 results (these are **not** measurements '
+                     'of this checkpoint):')
     return [
         '## Robustness\n' + results_intro + '\n\n' + _table(('Method', 'Clean top-1 (%)', 'PGD top-1 (%)'),
                                                               PAPER_RESULTS)

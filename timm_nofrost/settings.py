@@ -15,8 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ['Setting', 'setting', 'setting_of', 'flag_of', 'iter_settings', 'add_settings', 'settings_dict',
-           'build_settings', 'json_object', 'int_list', 'float_list', 'AMP_CHOICES', 'GROUP_TITLES', 'DataSettings', 'ModelSettings',
-           'RunSettings']
+           'build_settings', 'json_object', 'int_list', 'float_list', 'AMP_CHOICES', 'GROUP_TITLES', 'DataSettings',
+           'ModelSettings', 'RunSettings']
 
 _KEY = 'timm_nofrost.setting'
 AMP_CHOICES = ('none', 'bf16', 'bfloat16', 'fp16', 'float16')
@@ -50,9 +50,7 @@ class Setting:
 def setting(default: Any = MISSING, *, help: str, group: str, default_factory: Any = MISSING, **cli: Any) -> Any:
     """A dataclass field with its command-line definition (``cli``: the ``Setting`` fields but ``help``/``group``)."""
     meta = {_KEY: Setting(help=help, group=group, **cli)}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def setting_of(f: Any) -> Optional[Setting]:
@@ -62,9 +60,7 @@ def setting_of(f: Any) -> Optional[Setting]:
 def flag_of(f: Any) -> str:
     """The field's long flag: its own, else ``--`` and the name with dashes (``--no-NAME`` for negated ones)."""
     s = setting_of(f)
-    if s.flag:
-        return s.flag
-    return '--' + ('no-' if s.negate else '') + f.name.replace('_', '-')
+    return s.flag or '--' + ('no-' if s.negate else '') + f.name.replace('_', '-')
 
 
 def _default(f: Any) -> Any:
@@ -94,16 +90,15 @@ def _format(value: Any, sep: str = ',') -> str:
 
 def help_text(f: Any, presets: Mapping[str, Mapping[str, Any]] = {}) -> str:
     """The field's help with its default: the dataclass default, the presets' values, or ``default_help``."""
-    s = setting_of(f)
-    default = _default(f)
+    s, default = setting_of(f), _default(f)
+    sep = ' ' if s.nargs else ','
     if s.default_help is not None:
         said = s.default_help
     elif default is None or isinstance(default, bool):
-        sep = ' ' if s.nargs else ','
-        values = [f'{label} {_format(p[f.name], sep)}' for label, p in presets.items() if p.get(f.name) is not None]
-        said = '; '.join(values) if values else None
+        said = '; '.join(f'{label} {_format(p[f.name], sep)}' for label, p in presets.items()
+                         if p.get(f.name) is not None)
     else:
-        said = _format(default, ' ' if s.nargs else ',')
+        said = _format(default, sep)
     text = s.help.replace('%', '%%')
     return f'{text} (default: {said})' if said else text
 

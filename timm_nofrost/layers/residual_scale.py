@@ -7,7 +7,7 @@ and a forward hook on its last (``ScaleOutput``: multiplies its output by ``bloc
 block's attributes at every call, so what the block shows is what it computes. Parameter names, the block's
 class, attributes and methods are untouched.
 """
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,8 +57,7 @@ _HOOK_DICTS = ('_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_forward
 def transfer_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` (a module replacing ``old``, e.g. a fused conv) the forward hooks of ``old``."""
     for name in _HOOK_DICTS:
-        source: Dict[int, Any] = getattr(old, name, None)
-        target: Dict[int, Any] = getattr(new, name, None)
+        source, target = getattr(old, name, None), getattr(new, name, None)
         if source and target is not None:
             target.update(source)
     return new
@@ -71,16 +70,12 @@ def fold_residual_scale_hooks(conv: nn.Module) -> bool:
         return False
     folded = False
     with torch.no_grad():
-        for key, hook in list(conv._forward_pre_hooks.items()):
-            if isinstance(hook, ScaleInput):
-                conv.weight.mul_(hook.scale)  # conv(s * x) = (s * W) x + b
-                del conv._forward_pre_hooks[key]
-                folded = True
-        for key, hook in list(conv._forward_hooks.items()):
-            if isinstance(hook, ScaleOutput):
-                conv.weight.mul_(hook.scale)  # s * (W x + b)
-                if conv.bias is not None:
-                    conv.bias.mul_(hook.scale)
-                del conv._forward_hooks[key]
-                folded = True
+        for hooks, kind in ((conv._forward_pre_hooks, ScaleInput), (conv._forward_hooks, ScaleOutput)):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, kind):
+                    conv.weight.mul_(hook.scale)  # conv(s * x) = (s * W) x + b; s * (W x + b)
+                    if kind is ScaleOutput and conv.bias is not None:
+                        conv.bias.mul_(hook.scale)
+                    del hooks[key]
+                    folded = True
     return folded

@@ -5,7 +5,7 @@ changes when the weights do, so for inference (and for adversarial attacks, whic
 it can be computed once and stored in a plain ``nn.Conv2d``. ``FusableScaledStdConv2d`` and friends are
 timm's layers with a ``fuse()`` method added, so ``timm.models.reparameterize_model`` fuses them too.
 """
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -14,29 +14,19 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdCon
 
 from .residual_scale import fold_residual_scale_hooks, transfer_hooks
 
-__all__ = [
-    'WS_CONV_TYPES',
-    'is_preact_nf_block',
-    'FusableScaledStdConv2d',
-    'FusableScaledStdConv2dSame',
-    'FusableStdConv2d',
-    'FusableStdConv2dSame',
-    'standardized_weight',
-    'fused_conv',
-    'fuse_weight_standardization',
-    'make_fusable',
-    'FusedNormFreeBlock',
-]
+__all__ = ['WS_CONV_TYPES', 'is_preact_nf_block', 'FusableScaledStdConv2d', 'FusableScaledStdConv2dSame',
+           'FusableStdConv2d', 'FusableStdConv2dSame', 'standardized_weight', 'fused_conv',
+           'fuse_weight_standardization', 'make_fusable', 'FusedNormFreeBlock']
 
 WS_CONV_TYPES = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+_BRANCH_CONVS = ('conv1', 'conv2', 'conv2b', 'conv3')  # the convs of an NF pre-activation block's branch, in order
 _WsConv = Union[ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame]
 
 
 def standardized_weight(conv: _WsConv) -> torch.Tensor:
     """The kernel a weight-standardised conv applies, computed exactly as its forward does."""
-    gain: Optional[torch.Tensor] = None
-    if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)):
-        gain = (conv.gain * conv.scale).view(-1)
+    scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))
+    gain = (conv.gain * conv.scale).view(-1) if scaled else None
     return F.batch_norm(
         conv.weight.reshape(1, conv.out_channels, -1), None, None,
         weight=gain, training=True, momentum=0., eps=conv.eps,
@@ -105,7 +95,8 @@ def make_fusable(module: nn.Module) -> nn.Module:
     return module
 
 
-def fuse_weight_standardization(model: nn.Module, inplace: bool = False, fold_residual_scales: bool = True) -> nn.Module:
+def fuse_weight_standardization(model: nn.Module, inplace: bool = False,
+                                fold_residual_scales: bool = True) -> nn.Module:
     """Replace every weight-standardised conv with a plain conv holding its precomputed kernel.
 
     The result computes the same function (up to float rounding) without standardising the weights at
@@ -133,7 +124,7 @@ def fuse_weight_standardization(model: nn.Module, inplace: bool = False, fold_re
                 fold_residual_scale_hooks(fused)
             continue
         fuse_weight_standardization(child, inplace=True, fold_residual_scales=fold_residual_scales)
-        if fold_residual_scales and _is_nf_block(child) and _foldable(child):
+        if fold_residual_scales and _foldable(child):
             setattr(model, name, FusedNormFreeBlock(child))
     return model
 
@@ -149,10 +140,6 @@ def is_preact_nf_block(module: nn.Module) -> bool:
             and all(hasattr(module, name) for name in ('act1', 'conv1', 'downsample', 'attn_last')))
 
 
-def _is_nf_block(module: nn.Module) -> bool:
-    return is_preact_nf_block(module) and not module.training
-
-
 class FusedNormFreeBlock(nn.Module):
     """Inference form of a normalizer-free pre-activation block (timm ``NormFreeBlock``, ``NormFreeBasicBlock``).
 
@@ -164,7 +151,7 @@ class FusedNormFreeBlock(nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        convs = [n for n in ('conv1', 'conv2', 'conv2b', 'conv3') if getattr(block, n, None) is not None]
+        convs = [n for n in _BRANCH_CONVS if getattr(block, n, None) is not None]
         acts = {'conv2': 'act2', 'conv2b': 'act2b', 'conv3': 'act3'}
         self.act1 = block.act1
         self.downsample = block.downsample
@@ -189,15 +176,14 @@ class FusedNormFreeBlock(nn.Module):
 
 
 def _foldable(block: nn.Module) -> bool:
-    """Plain-conv NF block in eval mode without attention or skipinit, whose scalings can be folded."""
-    if getattr(block, 'attn', None) is not None or getattr(block, 'attn_last', None) is not None:
+    """Plain-conv NF pre-activation block in eval mode without attention or skipinit, whose scalings can be folded."""
+    if not is_preact_nf_block(block) or block.training:
         return False
-    if getattr(block, 'skipinit_gain', None) is not None:
+    if any(getattr(block, n, None) is not None for n in ('attn', 'attn_last', 'skipinit_gain')):
         return False
     drop_path = getattr(block, 'drop_path', None)
     if drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training:
         return False  # stochastic depth is active: not an inference model
-    convs = [getattr(block, n, None) for n in ('conv1', 'conv2', 'conv2b', 'conv3')]
-    ds = getattr(block, 'downsample', None)
-    convs += [ds.conv] if ds is not None else []
-    return all(c is None or type(c) in (nn.Conv2d,) for c in convs)
+    convs = [getattr(block, n, None) for n in _BRANCH_CONVS]
+    convs += [] if block.downsample is None else [block.downsample.conv]
+    return all(c is None or type(c) is nn.Conv2d for c in convs)

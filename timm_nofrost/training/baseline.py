@@ -6,14 +6,8 @@ import torch.nn as nn
 
 __all__ = ['bn_twin_name', 'create_bn_twin']
 
-_TWINS = {
-    'nf_resnet18_nofrost': 'resnet18',
-    'nf_resnet26_nofrost': 'resnet26',
-    'nf_resnet34_nofrost': 'resnet34',
-    'nf_resnet50_nofrost': 'resnet50',
-    'nf_resnet101_nofrost': 'resnet101',
-    'nf_resnet18_cifar_nofrost': 'resnet18',
-}
+_TWINS = {**{f'nf_resnet{depth}_nofrost': f'resnet{depth}' for depth in (18, 26, 34, 50, 101)},
+          'nf_resnet18_cifar_nofrost': 'resnet18'}
 
 
 def bn_twin_name(model_name: str) -> Optional[str]:

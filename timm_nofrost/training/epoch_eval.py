@@ -45,4 +45,3 @@ def report_accuracy(report) -> Dict[str, Optional[float]]:
     by_attack = report.accuracy[report.eps_labels[0]]
     return {'clean': 100.0 * report.clean_accuracy,
             **{a: None if v is None else 100.0 * v for a, v in by_attack.items()}}
-

@@ -6,7 +6,7 @@ trained on). Both numbers are in every epoch of a ``timm-nofrost train`` run (``
 fixed validation subset; ``train_acc_adv``: accuracy on the training attack's examples), so the check is a
 pure function over that history; it needs no extra evaluation.
 """
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 __all__ = ['catastrophic_overfitting', 'first_catastrophic_overfitting', 'OVERFITTING_ADVICE']
 
@@ -14,12 +14,8 @@ OVERFITTING_ADVICE = ('Train with a smaller step (--adv-step-size), with N-FGSM 
                       '(--adv-attack pgd --adv-steps 10); model_best.pth holds the best epoch before the collapse.')
 
 
-def catastrophic_overfitting(
-        history: Sequence[Dict[str, Any]],
-        rel_drop: float = 0.5,
-        min_drop: float = 10.0,
-        near_zero: float = 1.0,
-) -> Optional[Dict[str, Any]]:
+def catastrophic_overfitting(history: Sequence[Dict[str, Any]], rel_drop: float = 0.5, min_drop: float = 10.0,
+                             near_zero: float = 1.0) -> Optional[Dict[str, Any]]:
     """Whether the LAST epoch of ``history`` shows catastrophic overfitting; None if not.
 
     Flagged when the last epoch's ``val_robust_top1`` (percent) has collapsed against the best earlier epoch,
@@ -56,10 +52,5 @@ def catastrophic_overfitting(
 
 def first_catastrophic_overfitting(history: Sequence[Dict[str, Any]], **kwargs: Any) -> Optional[Dict[str, Any]]:
     """The first epoch of ``history`` that ``catastrophic_overfitting`` flags (its evidence), or None."""
-    seen: List[Dict[str, Any]] = []
-    for row in history:
-        seen.append(row)
-        verdict = catastrophic_overfitting(seen, **kwargs)
-        if verdict is not None:
-            return verdict
-    return None
+    verdicts = (catastrophic_overfitting(history[:i + 1], **kwargs) for i in range(len(history)))
+    return next((v for v in verdicts if v is not None), None)

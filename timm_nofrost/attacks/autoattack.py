@@ -90,7 +90,11 @@ class AutoAttack(Attack):
                                                                           'n_target_classes')}
 
     def _prepare(self, x: torch.Tensor) -> int:
-        """Put the official attacks on ``x``'s device; fit the number of targets to the classes."""
+        """Put the official attacks on ``x``'s device; fit the number of targets to the classes. The official code
+        casts images to float32, so ``x`` (of the model's dtype) must be float32."""
+        if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):  # x has the model's dtype
+            raise TypeError(f'AutoAttack (the official code) computes in float32, got {x.dtype} images and model: '
+                            f'cast both with .float().')
         official = self._official
         official.device = x.device
         for name in ('apgd', 'apgd_targeted', 'fab', 'square'):

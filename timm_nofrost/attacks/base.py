@@ -7,6 +7,7 @@ each weight-standardised kernel once instead of at every step (the weights do no
 Everything is restored afterwards.
 """
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -67,20 +68,57 @@ def attack_mode(model: nn.Module, cache_standardized_weights: bool = True) -> It
             m.training = flag
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: Optional[int] = None) -> None:
-    """Images in [0, 1] as (N, C, H, W) floats, one integer label per image within range."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
-        raise ValueError(f'Attack inputs must be a float tensor (N, C, H, W), got '
-                         f'{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ""}.')
-    if x.numel() and (x.min().item() < 0 or x.max().item() > 1):
-        raise ValueError(f'Attack inputs must be pixels in [0, 1] (normalisation happens inside the model), got '
-                         f'values in [{x.min().item():.3g}, {x.max().item():.3g}]. Pass un-normalised images.')
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != (x.shape[0],):
-        raise ValueError(f'Labels must be an integer tensor of shape ({x.shape[0]},), got '
-                         f'{getattr(y, "dtype", type(y).__name__)} {tuple(getattr(y, "shape", ()))}.')
-    if num_classes is not None and y.numel() and (y.min().item() < 0 or y.max().item() >= num_classes):
-        raise ValueError(f'Labels must lie in [0, {num_classes - 1}], got values in '
-                         f'[{y.min().item()}, {y.max().item()}].')
+def check_inputs(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_classes: Optional[int] = None, *,
+                 pixels: bool = True, model: Optional[nn.Module] = None, eps: Optional[object] = None,
+                 soft_labels: bool = False) -> torch.Tensor:
+    """The one check of a batch for attacks, training and evaluation: a ValueError / TypeError naming the problem
+    instead of a wrong score or a torch traceback, with one host sync. Returns ``x``, uint8 pixels as floats / 255.
+
+    Args:
+        x: Images (N, C, H, W), N >= 1, finite floats: pixels in [0, 1] (``pixels``; uint8 0-255 pixels are
+            converted) or normalised inputs (``pixels=False``: floats only, no range).
+        y: Labels: (N,) integers, within ``[0, num_classes)`` if given; with ``soft_labels`` also (N, K) floats.
+        model: The model ``x`` goes to: ``x`` must have its parameters' dtype, unless autocast is on.
+        eps: Per-example radii: finite and >= 0.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f'Images must be a non-empty (N, C, H, W) tensor, got {type(x).__name__}'
+                         f'{tuple(x.shape) if isinstance(x, torch.Tensor) else ""}.')
+    dtype = None if model is None or torch.is_autocast_enabled(x.device.type) else \
+        next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if pixels and x.dtype == torch.uint8:
+        x = x.to(dtype or torch.float32) / 255  # the package's one rule: uint8 images are 0-255 pixels
+    if not x.is_floating_point():
+        raise TypeError(f'Images must be floats or uint8 pixels (0-255), got {x.dtype}: for 0-255 values use '
+                        f'x.float() / 255.' if pixels else f'Normalised inputs must be floats, got {x.dtype}: convert '
+                        f'0-255 images with x.float() / 255 and normalise them (or pass pixels with '
+                        f'input_normalized=False).')
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f'Images are {x.dtype} but the model computes in {dtype}: cast one to the other.')
+    n, hard = x.shape[0], isinstance(y, torch.Tensor) and y.dtype in (torch.int64, torch.int32)
+    if y is not None and not (hard and y.shape == (n,) or soft_labels and isinstance(y, torch.Tensor)
+                              and y.is_floating_point() and y.ndim == 2 and y.shape[0] == n):
+        raise ValueError(f'Labels must be an integer tensor of shape ({n},){" or (N, K) soft targets" * soft_labels}, '
+                         f'got {getattr(y, "dtype", type(y).__name__)} {tuple(getattr(y, "shape", ()))}.')
+    stats = [*torch.aminmax(x.detach())]  # NaN and inf show in the extremes: one pass, one sync for everything
+    if eps is not None:
+        stats += torch.aminmax(torch.as_tensor(eps, dtype=torch.float32, device=x.device))
+    if num_classes is not None and hard:
+        stats += torch.aminmax(y)
+    lo, hi, *rest = torch.stack([s.to(x.device, torch.float32) for s in stats]).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f'Images must be finite, got values in [{lo}, {hi}] (NaN or inf pixels).')
+    if pixels and (lo < 0 or hi > 1):
+        raise ValueError(f'Images must be pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: divide 0-255 '
+                         f'images by 255; normalisation happens inside the model (AdversarialTrainer: '
+                         f'input_normalized=True takes normalised inputs).')
+    if eps is not None:
+        low, high, *rest = rest
+        if not (math.isfinite(high) and low >= 0):
+            raise ValueError(f'Per-example eps must be finite and >= 0, got values in [{low:g}, {high:g}].')
+    if rest and (rest[0] < 0 or rest[1] >= num_classes):
+        raise ValueError(f'Labels must lie in [0, {num_classes - 1}], got values in [{rest[0]:g}, {rest[1]:g}].')
+    return x
 
 
 def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
@@ -229,13 +267,16 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
                  eps: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> AttackResult:
-        """Attack ``x`` (pixels in [0, 1]) with labels ``y``; ``target`` for targeted attacks; ``eps`` to give
-        each example its own radius (e.g. for a decision-margin search).
+        """Attack ``x`` (pixels in [0, 1], or uint8 0-255: see ``check_inputs``) with labels ``y``; ``target`` for
+        targeted attacks; ``eps`` to give each example its own radius (e.g. for a decision-margin search).
 
         ``mask`` (bool, one per example) attacks only those rows: the others are returned unchanged and count
         as not robust (``correct`` False), as for examples already misclassified or broken by an earlier attack.
         Each attacked row gets the same random start as without a mask, so masking never changes its outcome.
         """
+        x = check_inputs(x, y, model=None if self.amp_dtype else self.model, eps=eps)
+        if target is not None:
+            check_inputs(x, target)
         if eps is not None:
             eps = torch.as_tensor(eps, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
         if mask is not None:
@@ -252,12 +293,7 @@ class Attack:
     def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
               mask: Optional[torch.Tensor] = None) -> AttackResult:
         with attack_mode(self.model, self.cache_standardized_weights):
-            check_inputs(x, y)
-            if target is not None:
-                check_inputs(x, target)
             x = x.detach()
-            if x.shape[0] == 0:
-                return AttackResult(x_adv=x, logits=x.new_zeros((0, 0)), correct=torch.zeros(0, dtype=torch.bool))
             active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
             if not bool(active.any()):
                 return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),

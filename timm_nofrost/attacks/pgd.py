@@ -54,7 +54,7 @@ class PGD(Attack):
             raise ValueError(f'Give step_size ({step_size!r}) or step_fraction ({step_fraction!r}), not both.')
         if step_fraction is None:
             step = default_step_size(self.eps, steps) if step_size is None else \
-                ThreatModel.parse_radius(step_size, 'step_size')
+                ThreatModel.parse_radius(step_size, 'step_size', positive=self.eps > 0)
             step_fraction = self.threat.fraction(step)
         self.step_fraction = float(step_fraction)
         if not self.step_fraction > 0 and self.eps > 0:

@@ -26,8 +26,9 @@ class ThreatModel:
         object.__setattr__(self, 'eps', eps)
 
     @staticmethod
-    def parse_radius(value: Union[float, str], name: str = 'eps') -> float:
-        """A length in pixels (radius, step size): a number or a fraction (``'8/255'``, ``'0.5/255'``), finite, >= 0."""
+    def parse_radius(value: Union[float, str], name: str = 'eps', positive: bool = False) -> float:
+        """A length in pixels (radius, step size): a number or a fraction (``'8/255'``, ``'0.5/255'``), finite, >= 0
+        (> 0 if ``positive``)."""
         try:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError
@@ -38,6 +39,8 @@ class ThreatModel:
                 length = float(value)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f'Invalid {name} {value!r}: expected a number or a fraction like 8/255.') from None
+        if positive and not 0 < length < math.inf:
+            raise ValueError(f'{name} must be > 0 and finite, got {value!r}.')
         if not math.isfinite(length) or length < 0:
             raise ValueError(f'Invalid {name} {value!r}: must be a finite number >= 0.')
         return length

@@ -131,13 +131,13 @@ class RobustCounter:
         return logits.argmax(dim=1) == y
 
     def update(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None) -> Dict[str, Any]:
-        """Attack one batch (pixels in [0, 1], or uint8) and add it to the counts.
+        """Attack one batch (pixels in [0, 1], or uint8; refused as ``check_inputs`` says) and add it to the counts.
 
         Returns:
             ``{'clean': bool (N,), '<eps label>': {attack or 'worst-case': bool (N,)}}`` for this batch (in
             cascade mode only the worst case per radius).
         """
-        x = to_float_pixels(x)
+        x = check_inputs(x, y, model=self.model)
         self.last_pixels = x
         clean = self.clean(x, y)
         self.total += x.shape[0]

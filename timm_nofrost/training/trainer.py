@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import ClassificationTask
 
-from ..attacks.base import attack_mode, random_delta
+from ..attacks.base import attack_mode, check_inputs, random_delta
 from ..pixels import PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, unwrap_model
 from ..attacks.pgd import PGD
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
@@ -231,7 +231,11 @@ class AdversarialTrainer(ClassificationTask):
 
     # -- training forward -----------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Attack the batch, then one training forward (or two, for shared BN) and the method's loss."""
+        """Attack the batch, then one training forward (or two, for shared BN) and the method's loss. A batch
+        ``check_inputs`` refuses (NaN, pixels outside [0, 1] with ``input_normalized=False``, ...) is a ValueError
+        or TypeError."""
+        input = check_inputs(input, target, pixels=not self.input_normalized, model=self.trainable_module,
+                             soft_labels=True)
         cfg = self.adv_cfg
         if cfg.method == 'nofrost' and cfg.adv_weight == 0:
             result = super().forward(input, target)

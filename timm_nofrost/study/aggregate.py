@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
-from ..evaluate.robust_report import WORST_CASE
+from ..evaluate.robust_report import WORST_CASE, save_figure
+from ..training.results import atomic_json
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
@@ -39,13 +40,10 @@ def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
     for attack in protocol['attacks']:
         if attack != 'clean' and accuracy.get(attack) is not None:
             metrics[attack] = 100.0 * accuracy[attack]
-    metrics[WORST_CASE] = 100.0 * accuracy[WORST_CASE]
-    metrics['train_time_s'] = ev['train_time_s']
-    metrics['eval_time_s'] = ev['eval_time_s']
-    for key, _ in _ANALYSIS:
-        if key in protocol.get('analysis', {}):
-            metrics[key] = protocol['analysis'][key]
-    metrics['sanity_failed'] = len([f for f in protocol.get('sanity', []) if not f['ok']])
+    metrics.update({WORST_CASE: 100.0 * accuracy[WORST_CASE], 'train_time_s': ev['train_time_s'],
+                    'eval_time_s': ev['eval_time_s']})
+    metrics.update({key: protocol['analysis'][key] for key, _ in _ANALYSIS if key in protocol.get('analysis', {})})
+    metrics['sanity_failed'] = sum(not f['ok'] for f in protocol.get('sanity', []))
     return metrics
 
 
@@ -69,11 +67,8 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
     per_run, curves, missing, notes, n_images = _read_runs(out, arms, seeds)
-    metric_names: List[str] = []
-    for arm in arms:
-        for m in per_run[arm].values():
-            metric_names += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and k not in metric_names]
+    metric_names = list(dict.fromkeys(k for arm in arms for m in per_run[arm].values() for k, v in m.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)))
     summary = {arm: {name: _stats({s: m[name] for s, m in runs.items() if name in m})
                      for name in metric_names if any(name in m for m in runs.values())}
                for arm, runs in per_run.items() if runs}
@@ -143,10 +138,9 @@ def _compare(a: str, b: str, sa: Dict[str, Any], sb: Dict[str, Any]) -> Tuple[fl
     diff = sa['mean'] - sb['mean']
     if sa['n'] < 2 or sb['n'] < 2:
         return diff, 'one seed on a side: no spread to judge it against'
-    low, high = (a, b) if diff >= 0 else (b, a)
-    s_low, s_high = (sa, sb) if diff >= 0 else (sb, sa)
-    if s_low['min'] > s_high['max']:
-        return diff, f'every seed of {low} is above every seed of {high}: beyond the seed spread'
+    (top, s_top), (other, s_other) = ((a, sa), (b, sb)) if diff >= 0 else ((b, sb), (a, sa))
+    if s_top['min'] > s_other['max']:
+        return diff, f'every seed of {top} is above every seed of {other}: beyond the seed spread'
     return diff, 'the seed ranges overlap: within the seed spread'
 
 
@@ -173,26 +167,21 @@ def verdict(result: Dict[str, Any]) -> List[str]:
     robust = result['robust_metric']
     for bn in ('bn-at', 'mbn-at'):
         if 'nofrost' in arms and bn in arms:
-            parts = []
-            for metric in ('clean', robust):
-                diff, spread = _compare('nofrost', bn, arms['nofrost'][metric], arms[bn][metric])
-                parts.append(f'{_metric_label(metric)} {diff:+.1f} points ({spread})')
-            lines.append(f'NoFrost against {bn} (the paper\'s comparison): ' + '; '.join(parts) + '.')
+            diffs = {m: _compare('nofrost', bn, arms['nofrost'][m], arms[bn][m]) for m in ('clean', robust)}
+            lines.append(f'NoFrost against {bn} (the paper\'s comparison): '
+                         + '; '.join(f'{_metric_label(m)} {d:+.1f} points ({s})' for m, (d, s) in diffs.items()) + '.')
     if STANDARD_ARM in arms and 'nofrost' in arms and 'clean_drop' in arms['nofrost']:
         drops = ', '.join(f'{a} {arms[a]["clean_drop"]["mean"]:.1f}' for a in arms if a != STANDARD_ARM)
         lines.append(f'Clean accuracy lost against standard training (points; the paper\'s headline): {drops}.')
     if robust != 'autoattack':
         lines.append('AutoAttack was not part of this evaluation: the robust figures are PGD / APGD only and may '
                      'overstate robustness.')
-    flagged = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
-                      if m.get('sanity_failed')})
-    if flagged:
-        lines.append(f'Sanity flags failed for: {", ".join(flagged)} (see the table below): read those numbers '
-                     f'with care.')
-    overfit = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
-                      if m.get('catastrophic_overfitting')})
-    if overfit:
-        lines.append(f'Catastrophic overfitting during training: {", ".join(overfit)}.')
+    for key, sentence in (('sanity_failed', 'Sanity flags failed for: {} (see the table below): read those numbers '
+                                            'with care.'),
+                          ('catastrophic_overfitting', 'Catastrophic overfitting during training: {}.')):
+        named = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items() if m.get(key)})
+        if named:
+            lines.append(sentence.format(', '.join(named)))
     if result['missing']:
         lines.append(f'{len(result["missing"])} run(s) have not finished (listed below): the figures cover the '
                      f'finished ones only.')
@@ -226,9 +215,8 @@ def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines += ['', 'Worst case: the lowest outcome over all attacks, per image. Drop vs standard: the standard arm\'s '
               'mean clean accuracy minus this arm\'s. Cost: training time relative to the standard arm.', '']
     if result['missing']:
-        lines += ['## Not finished', '']
-        lines += [f'- {m["arm"]} seed {m["seed"]}: {m["detail"]} ({m["path"]})' for m in result['missing']]
-        lines.append('')
+        lines += ['## Not finished', '', *[f'- {m["arm"]} seed {m["seed"]}: {m["detail"]} ({m["path"]})'
+                                           for m in result['missing']], '']
     for key, title in (('scatter', 'Clean against robust accuracy (every seed; larger marker: mean)'),
                        ('curve', f'Robust accuracy against eps ({protocol.get("curve_attack")}; mean ± std)')):
         if key in plots:
@@ -290,7 +278,7 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
     ax.set_xlabel('clean accuracy (%)')
     ax.set_ylabel(f'{_metric_label(robust)} (%)')
     ax.set_title(f'{result["model"]} on {result["data"]}', fontsize=9)
-    plots['scatter'] = _save(plt, fig, ax, out / SCATTER_PNG)
+    plots['scatter'] = save_figure(plt, fig, ax, out / SCATTER_PNG, legend_size=8).name
     if result['curves']:
         fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
         scale = 255 if result['norm'] == 'Linf' else 1
@@ -302,31 +290,18 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
         ax.set_xlabel('eps' + (' (x 1/255)' if scale == 255 else ''))
         ax.set_ylabel('accuracy (%)')
         ax.set_ylim(0, 100)
-        plots['curve'] = _save(plt, fig, ax, out / CURVE_PNG)
+        plots['curve'] = save_figure(plt, fig, ax, out / CURVE_PNG, legend_size=8).name
     return plots
-
-
-def _save(plt: Any, fig: Any, ax: Any, path: Path) -> str:
-    """Grid, legend, tight layout, write ``path``; its file name."""
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
 
 
 def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:
     """Write report.md, report.json and the plots into the study folder; returns the report's JSON."""
     out = Path(out_dir)
     result = collect_study(out)
-    plots = _plots(result, out) if result['arms'] else {}
-    result['verdict'] = verdict(result)
-    result['plots'] = plots
-    from ..training.results import atomic_json
+    result.update(verdict=verdict(result), plots=_plots(result, out) if result['arms'] else {})
     atomic_json(out / REPORT_JSON, _finite(result))
     tmp = out / f'.{REPORT_MD}.tmp'
-    tmp.write_text(study_markdown(result, plots))
+    tmp.write_text(study_markdown(result, result['plots']))
     tmp.replace(out / REPORT_MD)
     return result
 

@@ -188,25 +188,21 @@ class _Models:
         if self.study_has_bn:
             return t.model
         from ..training.baseline import bn_twin_name
-        return self.cfg.train.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
+        return t.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
         """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
         cfg = _arm_train_config(self.cfg, arm, seed)
         t = self.cfg.train
         torch.manual_seed(seed)  # a ready model is initialised from the seed, as train() initialises its own
+        if arm.family == 'nf' or self.study_has_bn:
+            cfg.convert = arm.family == 'nf' and self.study_has_bn  # train builds the BatchNorm model, converts it
+            return None, cfg
         try:
-            if arm.family == 'nf':
-                if self.study_has_bn:
-                    cfg.convert = True  # train builds the BatchNorm model and converts it
-                return None, cfg
-            if self.study_has_bn:
-                return None, cfg
-            model, name = create_bn_twin(t.model, self.num_classes, t.model_kwargs, self.cfg.train.baseline_model)
+            model, cfg.model = create_bn_twin(t.model, self.num_classes, t.model_kwargs, t.baseline_model)
         except (ValueError, RuntimeError, TypeError) as e:
             raise StudyError(f'Arm {arm.name!r} cannot build its {arm.family} model from {t.model!r}: '
                              f'{str(e).splitlines()[0]}') from None
-        cfg.model = f'{name}'
         cfg.model_kwargs = {}
         return model, cfg
 
@@ -397,49 +393,41 @@ def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
 
 
 def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, path: Path) -> None:
+    """The protocol and the eps curve on the run's final weights, written to its ``eval.json``."""
     from ..evaluate import evaluate
-    t = cfg.train
+    t, checkpoint = cfg.train, path / CHECKPOINT_LAST
     start = time.time()
-    state = load_training_checkpoint(path / CHECKPOINT_LAST)
-    if int(state['epoch']) + 1 < t.epochs:
-        raise StudyError(f'{path / CHECKPOINT_LAST} holds epoch {int(state["epoch"]) + 1} of {t.epochs}: the run did '
-                         f'not finish; run the study again to resume it.')
+    state = load_training_checkpoint(checkpoint)
+    epochs = int(state['epoch']) + 1
+    if epochs < t.epochs:
+        raise StudyError(f'{checkpoint} holds epoch {epochs} of {t.epochs}: the run did not finish; run the study '
+                         f'again to resume it.')
     model = models.for_evaluation(arm, seed)
     try:
         load_checkpoint(model, state['state_dict'])
     except CheckpointError as e:
-        raise e.with_source(f'{path / CHECKPOINT_LAST} does not fit arm {arm.name!r}', path / CHECKPOINT_LAST) \
-            from None
+        raise e.with_source(f'{checkpoint} does not fit arm {arm.name!r}', checkpoint) from None
     # each model is attacked through the normalisation it was trained with (its own data config)
     data_config = source_data_config(t.data, model, t.img_size)
     eval_set = replace(eval_set, mean=tuple(data_config['mean']), std=tuple(data_config['std']))
-    device = torch.device(t.device) if t.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attacks = [a.strip() for a in cfg.eval_attacks.split(',') if a.strip()]
-    autoattack = 'autoattack' in {parse_attack(a).name for a in attacks}
-    autoattack_note = None
-    if autoattack and not autoattack_available():
+    autoattack = 'run' if 'autoattack' in {parse_attack(a).name for a in attacks} else 'not requested'
+    if autoattack == 'run' and not autoattack_available():
         attacks = [a for a in attacks if parse_attack(a).name != 'autoattack']
-        autoattack_note = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
-    progress = 'auto' if t.progress else 'lines'
-    threat = t.adv.threat
-    name = f'{arm.name} seed {seed}'
+        autoattack = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
+    threat, name = t.adv.threat, f'{arm.name} seed {seed}'
+    common = dict(device=t.torch_device(), amp_dtype=t.amp, progress='auto' if t.progress else 'lines')
     protocol = Protocol(attacks=attacks, eps=[threat.eps], norm=threat.norm, seed=cfg.eval_seed,
                         batch_size=cfg.eval_batch_size, sanity=True, analysis=cfg.analysis)
-    report = evaluate(model, eval_set, protocol, device=device, amp_dtype=t.amp, progress=progress, model_name=name)
+    report = evaluate(model, eval_set, protocol, model_name=name, **common)
     curve = evaluate(model, eval_set, replace(protocol, attacks=[cfg.curve_attack], sanity=False, analysis=False,
                                               eps=[threat.scaled(m).eps for m in cfg.curve_eps]),
-                     device=device, amp_dtype=t.amp, progress=progress, model_name=f'{name} (eps curve)')
-    results = json.loads((path / 'results.json').read_text())
-    run = next(iter(results['runs'].values()))
-    payload = {
+                     model_name=f'{name} (eps curve)', **common)
+    run = next(iter(json.loads((path / 'results.json').read_text())['runs'].values()))
+    atomic_json(path / EVAL_FILE, {
         'arm': arm.name, 'seed': seed, 'arm_definition': arm.to_dict(), 'model': models.describe(arm),
-        'epochs_trained': int(state['epoch']) + 1,
-        'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),
-        'eval_time_s': time.time() - start,
-        'catastrophic_overfitting': run.get('catastrophic_overfitting'),
-        'protocol': {**report.to_dict()}, 'curve': {**curve.to_dict(), 'per_example': {}},
-        'curve_eps_multiples': list(cfg.curve_eps),
-        'autoattack': autoattack_note or ('run' if autoattack else 'not requested'),
-        'data': eval_set.fingerprint(),
-    }
-    atomic_json(path / EVAL_FILE, payload)
+        'epochs_trained': epochs, 'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),
+        'eval_time_s': time.time() - start, 'catastrophic_overfitting': run.get('catastrophic_overfitting'),
+        'protocol': report.to_dict(), 'curve': {**curve.to_dict(), 'per_example': {}},
+        'curve_eps_multiples': list(cfg.curve_eps), 'autoattack': autoattack, 'data': eval_set.fingerprint(),
+    })

@@ -92,8 +92,7 @@ def run_attack_checks(
         f'PGD-{2 * steps} {pgd2.accuracy:.1%} vs PGD-{steps} {pgd.accuracy:.1%}',
         'Doubling the steps must not help the model beyond noise; if it does, the attack has not converged.'))
 
-    again = PGD(model, threat=threat, steps=steps, **common)(x, y)
-    same = torch.equal(again.x_adv, pgd.x_adv)
+    same = torch.equal(PGD(model, threat=threat, steps=steps, **common)(x, y).x_adv, pgd.x_adv)
     flags.append(SanityFlag(
         'deterministic for a seed', same, 'identical' if same else 'different adversarial examples',
         'The same attack with the same seed must give the same examples; randomness in the model makes '

@@ -32,7 +32,7 @@ def _stats(values: Dict[int, float]) -> Dict[str, Any]:
 
 
 def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
-    """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units."""
+    """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units, and its flags."""
     protocol = ev['protocol']
     label = ThreatModel(protocol['eps'][0], protocol['norm']).label
     accuracy = protocol['accuracy'][label]
@@ -43,8 +43,9 @@ def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
     metrics.update({WORST_CASE: 100.0 * accuracy[WORST_CASE], 'train_time_s': ev['train_time_s'],
                     'eval_time_s': ev['eval_time_s']})
     metrics.update({key: protocol['analysis'][key] for key, _ in _ANALYSIS if key in protocol.get('analysis', {})})
-    metrics['sanity_failed'] = sum(not f['ok'] for f in protocol.get('sanity', []))
-    return metrics
+    failed = [f['name'] for f in protocol.get('sanity', []) if not f['ok']]
+    return {**metrics, 'sanity_failed': len(failed),
+            'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')), 'sanity_flags': failed}
 
 
 def _curve(ev: Dict[str, Any]) -> Dict[float, float]:
@@ -106,8 +107,7 @@ def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _
                 missing.append({'arm': arm, 'seed': seed, 'state': state, 'detail': detail, 'path': str(path)})
                 continue
             ev = json.loads((path / EVAL_FILE).read_text())
-            per_run[arm][seed] = {**_run_metrics(ev), 'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')),
-                                  'sanity_flags': [f['name'] for f in ev['protocol'].get('sanity', []) if not f['ok']]}
+            per_run[arm][seed] = _run_metrics(ev)
             curves[arm][seed] = _curve(ev)
             fingerprints.add(ev['data'].get('images_sha256'))
             n_images.add(ev['protocol']['n_examples'])
@@ -238,9 +238,10 @@ def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
             lines.append(f'| {arm} | {seed} | {m["clean"]:.1f} | ' + ' | '.join(cells) + f' | {flags} |')
     lines += ['', '## Arms', '']
     for arm, definition in result['arm_definitions'].items():
-        model = result['arm_models'].get(arm, '')
-        keys = ', '.join(f'{k}={v}' for k, v in definition.items() if k not in ('name', 'description') and v is not None)
-        lines.append(f'- **{arm}**: {definition.get("description") or ""} ({model}; {keys})')
+        keys = ', '.join(f'{k}={v}' for k, v in definition.items()
+                         if k not in ('name', 'description') and v is not None)
+        lines.append(f'- **{arm}**: {definition.get("description") or ""} '
+                     f'({result["arm_models"].get(arm, "")}; {keys})')
     schedule, adv = result['study'].get('schedule', {}), result['study'].get('adversarial', {})
     lines += ['', '## Protocol', '',
               f'- Training: {schedule.get("epochs")} epochs, batch {schedule.get("batch_size")}, {schedule.get("opt")} '
@@ -269,9 +270,8 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
         if not runs:
             continue
         color = colors[i % len(colors)]
-        xs = [m['clean'] for m in runs.values()]
-        ys = [m[robust] for m in runs.values() if robust in m]
-        ax.scatter(xs, ys, color=color, alpha=0.6, s=25)
+        ax.scatter([m['clean'] for m in runs.values()], [m[robust] for m in runs.values() if robust in m],
+                   color=color, alpha=0.6, s=25)
         stats = result['arms'][arm]
         ax.scatter([stats['clean']['mean']], [stats[robust]['mean']], color=color, s=110, marker='D',
                    edgecolors='black', label=arm)

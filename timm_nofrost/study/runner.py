@@ -112,18 +112,13 @@ class StudyConfig:
         """What makes two invocations the same study (arms and seeds may grow; see ``study.json``): every setting
         that can change a run's outcome, less what each run or arm sets."""
         t = self.train
-        schedule = {f.name: getattr(t, f.name) for f in iter_settings(TrainConfig, PER_RUN + _PROTOCOL_TRAIN_KEYS)
-                    if setting_of(f).outcome and f.name not in _ADV_FIELDS}
+        skip = PER_RUN + _PROTOCOL_TRAIN_KEYS + ('adv',)  # the adversarial settings have their own entry
+        schedule = {f.name: getattr(t, f.name) for f in iter_settings(TrainConfig, skip) if setting_of(f).outcome}
         schedule['model_kwargs'] = jsonable_kwargs(t.model_kwargs)
         adv = {f.name: getattr(t.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
-        protocol = {f.name: getattr(self, f.name) for f in iter_settings(StudyConfig)
-                    if f.name not in _ADV_FIELDS and f.name not in _TRAIN_FIELDS and f.name not in ('seeds', 'out_dir')}
+        protocol = {f.name: getattr(self, f.name) for f in iter_settings(StudyConfig, ('train', 'seeds', 'out_dir'))}
         protocol.update({k: getattr(t, k) for k in _PROTOCOL_TRAIN_KEYS}, curve_eps=[float(m) for m in self.curve_eps])
         return {'version': _STUDY_VERSION, 'schedule': schedule, 'adversarial': adv, 'protocol': protocol}
-
-
-_ADV_FIELDS = frozenset(f.name for f in iter_settings(AdversarialConfig))
-_TRAIN_FIELDS = frozenset(f.name for f in iter_settings(TrainConfig))
 
 
 # -- configuration and checks ----------------------------------------------------------------------------

@@ -97,11 +97,9 @@ class RobustReport:
             ys = [self.clean_accuracy] + [float('nan') if v is None else v for v in values]
             ax.plot(xs, [100 * v for v in ys], marker='o', linewidth=2.5 if attack == WORST_CASE else 1.5,
                     linestyle='-' if attack == WORST_CASE else '--', label=attack)
-        ax.set_xlabel(f'eps ({self.norm})')
         ax.set_xticks(xs, ['0'] + self.eps_labels)
-        ax.set_ylabel('accuracy (%)')
-        ax.set_ylim(0, 100)
-        ax.set_title(f'{self.model}: robust accuracy, {self.n_examples} examples')
+        ax.set(xlabel=f'eps ({self.norm})', ylabel='accuracy (%)', ylim=(0, 100),
+               title=f'{self.model}: robust accuracy, {self.n_examples} examples')
         return save_figure(plt, fig, ax, path)
 
 

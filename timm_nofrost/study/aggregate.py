@@ -192,10 +192,7 @@ def verdict(result: Dict[str, Any]) -> List[str]:
 def _cell(stats: Optional[Dict[str, Any]], fmt: str = '{:.1f}', suffix: str = '') -> str:
     if stats is None:
         return '-'
-    text = fmt.format(stats['mean']) + suffix
-    if stats['std'] is not None:
-        text += ' ± ' + fmt.format(stats['std'])
-    return text
+    return fmt.format(stats['mean']) + suffix + ('' if stats['std'] is None else ' ± ' + fmt.format(stats['std']))
 
 
 def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
@@ -275,8 +272,7 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
         stats = result['arms'][arm]
         ax.scatter([stats['clean']['mean']], [stats[robust]['mean']], color=color, s=110, marker='D',
                    edgecolors='black', label=arm)
-    ax.set_xlabel('clean accuracy (%)')
-    ax.set_ylabel(f'{_metric_label(robust)} (%)')
+    ax.set(xlabel='clean accuracy (%)', ylabel=f'{_metric_label(robust)} (%)')
     ax.set_title(f'{result["model"]} on {result["data"]}', fontsize=9)
     plots['scatter'] = save_figure(plt, fig, ax, out / SCATTER_PNG, legend_size=8).name
     if result['curves']:
@@ -287,9 +283,7 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
             xs = [float(m) * result['eps'] * scale for m in mults]
             ax.errorbar(xs, [curve[m]['mean'] for m in mults], yerr=[curve[m]['std'] or 0 for m in mults],
                         marker='o', capsize=3, label=arm, color=colors[i % len(colors)])
-        ax.set_xlabel('eps' + (' (x 1/255)' if scale == 255 else ''))
-        ax.set_ylabel('accuracy (%)')
-        ax.set_ylim(0, 100)
+        ax.set(xlabel='eps' + (' (x 1/255)' if scale == 255 else ''), ylabel='accuracy (%)', ylim=(0, 100))
         plots['curve'] = save_figure(plt, fig, ax, out / CURVE_PNG, legend_size=8).name
     return plots
 

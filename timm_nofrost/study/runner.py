@@ -31,7 +31,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.sources import (DEMO_IMG_SIZE, build_datasets, pixel_eval_transform, resolve_source,
                             source_data_config, spread_indices)
 from ..training import run as training_run  # looked up at call time: tests replace train
-from ..training.baseline import create_bn_twin
+from ..training.baseline import bn_twin_name, create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
@@ -39,7 +39,7 @@ from ..settings import float_list, int_list, iter_settings, setting, setting_of
 from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
-from ..evaluate import EvalSet, Protocol
+from ..evaluate import EvalSet, Protocol, evaluate
 from .arms import ARMS, PER_ARM, Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
@@ -72,16 +72,9 @@ class StudyConfig:
             ``split_seed`` (default 0) and ``baseline_model`` (the BatchNorm model of the ``bn`` arms, default:
             the twin of ``train.model``) are the same for every run.
         arms: The arms (``timm_nofrost.study.ARMS`` or your own ``Arm``); None: the paper's four.
-        seeds: Training seeds; every arm runs with each.
-        out_dir: The study folder.
-        eval_examples: Validation images of the protocol, spread evenly over the validation set, the same for
-            every model.
-        eval_attacks: The protocol's attacks at the study's eps; ``autoattack`` is dropped (and the report says
-            so) when ``pyautoattack`` is not installed.
-        curve_attack, curve_eps: Robust accuracy against eps: this attack at these multiples of the study's eps.
-        eval_seed: Seed of the attacks' random starts, the same for every model.
-        eval_batch_size: Images per evaluation batch; results depend on it (random starts are drawn per batch).
-        analysis: The paper's decision-margin and local-smoothness statistics per model.
+        seeds, out_dir, eval_*, curve_*, analysis: as their settings' help says. Every arm runs with each seed;
+            the protocol (images, attacks, attack seed, and batch size: results depend on it, as random starts
+            are drawn per batch) is the same for every model.
     """
     train: TrainConfig = field(default_factory=TrainConfig, metadata={'nested': TrainConfig, 'exclude': PER_RUN})
     arms: Optional[List[Arm]] = None
@@ -182,7 +175,6 @@ class _Models:
             return f'{t.model} converted with convert_to_normfree' if self.study_has_bn else t.model
         if self.study_has_bn:
             return t.model
-        from ..training.baseline import bn_twin_name
         return t.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
@@ -231,7 +223,7 @@ class _Models:
 def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     """The study.json to write: a new study, or this one grown by new arms / seeds. Refuses a folder that holds
     another study, or anything else."""
-    out = Path(cfg.out_dir)
+    out, old = Path(cfg.out_dir), {}  # old: the study.json found, if any
     manifest_path = out / STUDY_FILE
     identity = json.loads(json.dumps(cfg.identity()))  # as study.json stores it (tuples become lists)
     arms = json.loads(json.dumps({arm.name: arm.to_dict() for arm in cfg.arms}))
@@ -244,21 +236,18 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
             raise StudyError(f'{manifest_path} is not valid JSON ({e.msg}); is {out} a study folder?') from None
         old_identity = {k: old.get(k) for k in identity}
         if old_identity != identity:
-            diffs = _differences(old_identity, identity)
-            raise StudyError(f'{out} holds another study ({"; ".join(diffs[:3])}); use another --out, or repeat '
-                             f'that study\'s settings to continue it.')
+            raise StudyError(f'{out} holds another study ({"; ".join(_differences(old_identity, identity)[:3])}); '
+                             f'use another --out, or repeat that study\'s settings to continue it.')
         for name, arm in arms.items():
             if name in old.get('arms', {}) and old['arms'][name] != arm:
                 raise StudyError(f'{out} holds another definition of arm {name!r} ({old["arms"][name]}); give the '
                                  f'new arm another name.')
-        order = old.get('arm_order') or list(old.get('arms', {}))
-        order += [name for name in arms if name not in order]
-        arms = {**old.get('arms', {}), **arms}
-        seeds = sorted(set(old.get('seeds', [])) | set(cfg.seeds))
-        return {**identity, 'arms': arms, 'arm_order': order, 'seeds': seeds}
-    if out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise StudyError(f'{out} is not empty and holds no {STUDY_FILE}: choose a new or empty folder for the study.')
-    return {**identity, 'arms': arms, 'arm_order': list(arms), 'seeds': sorted(cfg.seeds)}
+    order = old.get('arm_order') or list(old.get('arms', {}))
+    order += [name for name in arms if name not in order]
+    return {**identity, 'arms': {**old.get('arms', {}), **arms}, 'arm_order': order,
+            'seeds': sorted(set(old.get('seeds', [])) | set(cfg.seeds))}
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
@@ -382,14 +371,13 @@ def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
     val = source.val
     val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
-    indices = spread_indices(min(cfg.eval_examples, len(val)), len(val))
+    indices = spread_indices(cfg.eval_examples, len(val))
     return EvalSet(Subset(val, indices), cfg.train.data, 'validation',
                    {'kind': 'spread', 'n': len(indices), 'indices': indices})
 
 
 def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, path: Path) -> None:
     """The protocol and the eps curve on the run's final weights, written to its ``eval.json``."""
-    from ..evaluate import evaluate
     t, checkpoint = cfg.train, path / CHECKPOINT_LAST
     start = time.time()
     state = load_training_checkpoint(checkpoint)

@@ -108,12 +108,10 @@ def build_eval_set(
         dataset.transform = pixel_eval_transform(source_data_config(name, model, img_size))
     if len(dataset) == 0:
         raise ValueError(f'Dataset {name} is empty: no images found.')
-    ids = None
-    if subset_ids is not None:
-        ids = read_id_list(subset_ids) if isinstance(subset_ids, (str, Path)) else [str(i) for i in subset_ids]
-    dataset, info = select_subset(dataset, n_examples, seed, ids,
-                                  str(subset_ids) if isinstance(subset_ids, (str, Path)) else None)
-    return EvalSet(dataset, name, split, dict(info), mean=mean, std=std, workers=workers)
+    id_file = str(subset_ids) if isinstance(subset_ids, (str, Path)) else None
+    ids = read_id_list(id_file) if id_file is not None else None if subset_ids is None else [str(i) for i in subset_ids]
+    dataset, info = select_subset(dataset, n_examples, seed, ids, id_file)
+    return EvalSet(dataset, name, split, info, mean=mean, std=std, workers=workers)
 
 
 def read_id_list(path: Union[str, Path]) -> List[str]:

@@ -111,9 +111,8 @@ def _sanity_flags(pixel_model: PixelModel, counter: RobustCounter, protocol: Pro
                   ) -> List[SanityFlag]:
     """Accuracy not rising with eps, no zero gradients, and the attack checks on correctly classified images."""
     threats, accuracy = protocol.threats, counter.accuracy()
-    zero = counter.zero_grad_fracs()
     flags = [check_monotone_in_eps({t.eps: accuracy[t.label] for t in threats}, counter.total),
-             check_zero_gradients({f'{a}@{l}': v for l, d in zero.items() for a, v in d.items()})]
+             check_zero_gradients({f'{a}@{l}': v for l, d in counter.zero_grad_fracs().items() for a, v in d.items()})]
     if xs is not None:
         steps = next((s.steps for s in counter.specs if s.kind == 'pgd'), 10)
         flags += run_attack_checks(pixel_model, xs, ys, threats[0] if threats[0].eps else threats[-1], steps,

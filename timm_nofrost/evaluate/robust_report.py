@@ -2,11 +2,11 @@
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from ..attacks.threat import ThreatModel
 
-__all__ = ['RobustReport', 'WORST_CASE']
+__all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
 WORST_CASE = 'worst-case'
 _STRONG = ('apgd', 'autoattack')
@@ -61,8 +61,8 @@ class RobustReport:
                  '| attack | ' + ' | '.join(f'eps {e}' for e in labels) + ' |',
                  '|---|' + '---:|' * len(labels)]
         for attack in self.attacks + [WORST_CASE]:
-            cells = [('not measured (cascade)' if self.accuracy[e][attack] is None else f'{self.accuracy[e][attack]:.2%}')
-                     if attack in self.accuracy[e] else '-' for e in labels]
+            values = [self.accuracy[e].get(attack, '-') for e in labels]
+            cells = ['not measured (cascade)' if v is None else v if v == '-' else f'{v:.2%}' for v in values]
             name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else \
                 (f'{attack} (ran on the survivors of the attacks above)' if self.cascade else attack)
             lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -71,14 +71,11 @@ class RobustReport:
                           'or `autoattack` before quoting these numbers.']
         if self.sanity:
             lines += ['', '### Sanity checks', '']
-            for flag in self.sanity:
-                mark = 'ok' if flag['ok'] else '**FLAG**'
-                lines.append(f'- {mark} {flag["name"]}: {flag["value"]}. {flag["message"]}')
+            lines += [f'- {"ok" if f["ok"] else "**FLAG**"} {f["name"]}: {f["value"]}. {f["message"]}'
+                      for f in self.sanity]
         if self.analysis:
             lines += ['', '### Decision margin and local smoothness', '']
-            for key, value in self.analysis.items():
-                if isinstance(value, (int, float)):
-                    lines.append(f'- {key}: {value:.4g}')
+            lines += [f'- {k}: {v:.4g}' for k, v in self.analysis.items() if isinstance(v, (int, float))]
         return '\n'.join(lines) + '\n'
 
     def plot(self, path: Union[str, Path]) -> Path:
@@ -100,15 +97,17 @@ class RobustReport:
             ys = [self.clean_accuracy] + [float('nan') if v is None else v for v in values]
             ax.plot(xs, [100 * v for v in ys], marker='o', linewidth=2.5 if attack == WORST_CASE else 1.5,
                     linestyle='-' if attack == WORST_CASE else '--', label=attack)
-        ax.set_xlabel(f'eps ({self.norm})')
-        ax.set_xticks(xs)
-        ax.set_xticklabels(['0'] + self.eps_labels)
-        ax.set_ylabel('accuracy (%)')
-        ax.set_ylim(0, 100)
-        ax.set_title(f'{self.model}: robust accuracy, {self.n_examples} examples')
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        ax.set_xticks(xs, ['0'] + self.eps_labels)
+        ax.set(xlabel=f'eps ({self.norm})', ylabel='accuracy (%)', ylim=(0, 100),
+               title=f'{self.model}: robust accuracy, {self.n_examples} examples')
+        return save_figure(plt, fig, ax, path)
+
+
+def save_figure(plt: Any, fig: Any, ax: Any, path: Path, legend_size: Optional[float] = None) -> Path:
+    """Grid, legend, tight layout, write ``path`` and close the figure (the report's and the study's plots)."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

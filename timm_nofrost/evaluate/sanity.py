@@ -68,34 +68,26 @@ def run_attack_checks(
     ``model`` is a ``PixelModel`` (or a model with a timm ``pretrained_cfg``: wrapped once here).
     """
     model = PixelModel.from_model(model)
-    flags = []
-    n = x.shape[0]
+    tol = _tol(x.shape[0])
     common = dict(seed=seed, amp_dtype=amp_dtype)
-
     large = ThreatModel(LARGE_EPS[threat.norm], threat.norm)
     big = PGD(model, threat=large, steps=max(steps, 20), **common)(x, y)
-    flags.append(SanityFlag(
-        'near 0 % at a very large eps', big.accuracy <= _tol(n), f'{big.accuracy:.1%} at eps={large.eps}',
-        'With an unbounded budget every image can be changed into another class: a non-zero accuracy signals '
-        'gradient masking or a bug.'))
-
     fgsm = FGSM(model, threat=threat, **common)(x, y)
     pgd = PGD(model, threat=threat, steps=steps, **common)(x, y)
-    flags.append(SanityFlag(
-        'PGD not weaker than FGSM', pgd.accuracy <= fgsm.accuracy + _tol(n),
-        f'PGD-{steps} {pgd.accuracy:.1%} vs FGSM {fgsm.accuracy:.1%}',
-        'An iterative attack that does worse than a single step points to masked or noisy gradients.'))
-
     pgd2 = PGD(model, threat=threat, steps=2 * steps, **common)(x, y)
-    flags.append(SanityFlag(
-        'more steps do not raise accuracy', pgd2.accuracy <= pgd.accuracy + _tol(n),
-        f'PGD-{2 * steps} {pgd2.accuracy:.1%} vs PGD-{steps} {pgd.accuracy:.1%}',
-        'Doubling the steps must not help the model beyond noise; if it does, the attack has not converged.'))
-
-    again = PGD(model, threat=threat, steps=steps, **common)(x, y)
-    same = torch.equal(again.x_adv, pgd.x_adv)
-    flags.append(SanityFlag(
-        'deterministic for a seed', same, 'identical' if same else 'different adversarial examples',
-        'The same attack with the same seed must give the same examples; randomness in the model makes '
-        'robustness numbers irreproducible (and can hide behind expectation-over-transformation).'))
-    return flags
+    same = torch.equal(PGD(model, threat=threat, steps=steps, **common)(x, y).x_adv, pgd.x_adv)
+    return [
+        SanityFlag('near 0 % at a very large eps', big.accuracy <= tol, f'{big.accuracy:.1%} at eps={large.eps}',
+                   'With an unbounded budget every image can be changed into another class: a non-zero accuracy '
+                   'signals gradient masking or a bug.'),
+        SanityFlag('PGD not weaker than FGSM', pgd.accuracy <= fgsm.accuracy + tol,
+                   f'PGD-{steps} {pgd.accuracy:.1%} vs FGSM {fgsm.accuracy:.1%}',
+                   'An iterative attack that does worse than a single step points to masked or noisy gradients.'),
+        SanityFlag('more steps do not raise accuracy', pgd2.accuracy <= pgd.accuracy + tol,
+                   f'PGD-{2 * steps} {pgd2.accuracy:.1%} vs PGD-{steps} {pgd.accuracy:.1%}',
+                   'Doubling the steps must not help the model beyond noise; if it does, the attack has not '
+                   'converged.'),
+        SanityFlag('deterministic for a seed', same, 'identical' if same else 'different adversarial examples',
+                   'The same attack with the same seed must give the same examples; randomness in the model makes '
+                   'robustness numbers irreproducible (and can hide behind expectation-over-transformation).'),
+    ]

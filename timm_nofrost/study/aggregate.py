@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
-from ..evaluate.robust_report import WORST_CASE
+from ..evaluate.robust_report import WORST_CASE, save_figure
+from ..training.results import atomic_json
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
@@ -31,7 +32,7 @@ def _stats(values: Dict[int, float]) -> Dict[str, Any]:
 
 
 def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
-    """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units."""
+    """The numbers of one evaluated run, in percent (accuracies), seconds and the analysis' units, and its flags."""
     protocol = ev['protocol']
     label = ThreatModel(protocol['eps'][0], protocol['norm']).label
     accuracy = protocol['accuracy'][label]
@@ -39,14 +40,12 @@ def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
     for attack in protocol['attacks']:
         if attack != 'clean' and accuracy.get(attack) is not None:
             metrics[attack] = 100.0 * accuracy[attack]
-    metrics[WORST_CASE] = 100.0 * accuracy[WORST_CASE]
-    metrics['train_time_s'] = ev['train_time_s']
-    metrics['eval_time_s'] = ev['eval_time_s']
-    for key, _ in _ANALYSIS:
-        if key in protocol.get('analysis', {}):
-            metrics[key] = protocol['analysis'][key]
-    metrics['sanity_failed'] = len([f for f in protocol.get('sanity', []) if not f['ok']])
-    return metrics
+    metrics.update({WORST_CASE: 100.0 * accuracy[WORST_CASE], 'train_time_s': ev['train_time_s'],
+                    'eval_time_s': ev['eval_time_s']})
+    metrics.update({key: protocol['analysis'][key] for key, _ in _ANALYSIS if key in protocol.get('analysis', {})})
+    failed = [f['name'] for f in protocol.get('sanity', []) if not f['ok']]
+    return {**metrics, 'sanity_failed': len(failed),
+            'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')), 'sanity_flags': failed}
 
 
 def _curve(ev: Dict[str, Any]) -> Dict[float, float]:
@@ -69,11 +68,8 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
     per_run, curves, missing, notes, n_images = _read_runs(out, arms, seeds)
-    metric_names: List[str] = []
-    for arm in arms:
-        for m in per_run[arm].values():
-            metric_names += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and k not in metric_names]
+    metric_names = list(dict.fromkeys(k for arm in arms for m in per_run[arm].values() for k, v in m.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)))
     summary = {arm: {name: _stats({s: m[name] for s, m in runs.items() if name in m})
                      for name in metric_names if any(name in m for m in runs.values())}
                for arm, runs in per_run.items() if runs}
@@ -111,8 +107,7 @@ def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _
                 missing.append({'arm': arm, 'seed': seed, 'state': state, 'detail': detail, 'path': str(path)})
                 continue
             ev = json.loads((path / EVAL_FILE).read_text())
-            per_run[arm][seed] = {**_run_metrics(ev), 'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')),
-                                  'sanity_flags': [f['name'] for f in ev['protocol'].get('sanity', []) if not f['ok']]}
+            per_run[arm][seed] = _run_metrics(ev)
             curves[arm][seed] = _curve(ev)
             fingerprints.add(ev['data'].get('images_sha256'))
             n_images.add(ev['protocol']['n_examples'])
@@ -143,10 +138,9 @@ def _compare(a: str, b: str, sa: Dict[str, Any], sb: Dict[str, Any]) -> Tuple[fl
     diff = sa['mean'] - sb['mean']
     if sa['n'] < 2 or sb['n'] < 2:
         return diff, 'one seed on a side: no spread to judge it against'
-    low, high = (a, b) if diff >= 0 else (b, a)
-    s_low, s_high = (sa, sb) if diff >= 0 else (sb, sa)
-    if s_low['min'] > s_high['max']:
-        return diff, f'every seed of {low} is above every seed of {high}: beyond the seed spread'
+    (top, s_top), (other, s_other) = ((a, sa), (b, sb)) if diff >= 0 else ((b, sb), (a, sa))
+    if s_top['min'] > s_other['max']:
+        return diff, f'every seed of {top} is above every seed of {other}: beyond the seed spread'
     return diff, 'the seed ranges overlap: within the seed spread'
 
 
@@ -173,26 +167,21 @@ def verdict(result: Dict[str, Any]) -> List[str]:
     robust = result['robust_metric']
     for bn in ('bn-at', 'mbn-at'):
         if 'nofrost' in arms and bn in arms:
-            parts = []
-            for metric in ('clean', robust):
-                diff, spread = _compare('nofrost', bn, arms['nofrost'][metric], arms[bn][metric])
-                parts.append(f'{_metric_label(metric)} {diff:+.1f} points ({spread})')
-            lines.append(f'NoFrost against {bn} (the paper\'s comparison): ' + '; '.join(parts) + '.')
+            diffs = {m: _compare('nofrost', bn, arms['nofrost'][m], arms[bn][m]) for m in ('clean', robust)}
+            lines.append(f'NoFrost against {bn} (the paper\'s comparison): '
+                         + '; '.join(f'{_metric_label(m)} {d:+.1f} points ({s})' for m, (d, s) in diffs.items()) + '.')
     if STANDARD_ARM in arms and 'nofrost' in arms and 'clean_drop' in arms['nofrost']:
         drops = ', '.join(f'{a} {arms[a]["clean_drop"]["mean"]:.1f}' for a in arms if a != STANDARD_ARM)
         lines.append(f'Clean accuracy lost against standard training (points; the paper\'s headline): {drops}.')
     if robust != 'autoattack':
         lines.append('AutoAttack was not part of this evaluation: the robust figures are PGD / APGD only and may '
                      'overstate robustness.')
-    flagged = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
-                      if m.get('sanity_failed')})
-    if flagged:
-        lines.append(f'Sanity flags failed for: {", ".join(flagged)} (see the table below): read those numbers '
-                     f'with care.')
-    overfit = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items()
-                      if m.get('catastrophic_overfitting')})
-    if overfit:
-        lines.append(f'Catastrophic overfitting during training: {", ".join(overfit)}.')
+    for key, sentence in (('sanity_failed', 'Sanity flags failed for: {} (see the table below): read those numbers '
+                                            'with care.'),
+                          ('catastrophic_overfitting', 'Catastrophic overfitting during training: {}.')):
+        named = sorted({f'{a} seed {s}' for a, runs in result['runs'].items() for s, m in runs.items() if m.get(key)})
+        if named:
+            lines.append(sentence.format(', '.join(named)))
     if result['missing']:
         lines.append(f'{len(result["missing"])} run(s) have not finished (listed below): the figures cover the '
                      f'finished ones only.')
@@ -203,10 +192,7 @@ def verdict(result: Dict[str, Any]) -> List[str]:
 def _cell(stats: Optional[Dict[str, Any]], fmt: str = '{:.1f}', suffix: str = '') -> str:
     if stats is None:
         return '-'
-    text = fmt.format(stats['mean']) + suffix
-    if stats['std'] is not None:
-        text += ' ± ' + fmt.format(stats['std'])
-    return text
+    return fmt.format(stats['mean']) + suffix + ('' if stats['std'] is None else ' ± ' + fmt.format(stats['std']))
 
 
 def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
@@ -226,9 +212,8 @@ def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines += ['', 'Worst case: the lowest outcome over all attacks, per image. Drop vs standard: the standard arm\'s '
               'mean clean accuracy minus this arm\'s. Cost: training time relative to the standard arm.', '']
     if result['missing']:
-        lines += ['## Not finished', '']
-        lines += [f'- {m["arm"]} seed {m["seed"]}: {m["detail"]} ({m["path"]})' for m in result['missing']]
-        lines.append('')
+        lines += ['## Not finished', '', *[f'- {m["arm"]} seed {m["seed"]}: {m["detail"]} ({m["path"]})'
+                                           for m in result['missing']], '']
     for key, title in (('scatter', 'Clean against robust accuracy (every seed; larger marker: mean)'),
                        ('curve', f'Robust accuracy against eps ({protocol.get("curve_attack")}; mean ± std)')):
         if key in plots:
@@ -250,9 +235,10 @@ def study_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
             lines.append(f'| {arm} | {seed} | {m["clean"]:.1f} | ' + ' | '.join(cells) + f' | {flags} |')
     lines += ['', '## Arms', '']
     for arm, definition in result['arm_definitions'].items():
-        model = result['arm_models'].get(arm, '')
-        keys = ', '.join(f'{k}={v}' for k, v in definition.items() if k not in ('name', 'description') and v is not None)
-        lines.append(f'- **{arm}**: {definition.get("description") or ""} ({model}; {keys})')
+        keys = ', '.join(f'{k}={v}' for k, v in definition.items()
+                         if k not in ('name', 'description') and v is not None)
+        lines.append(f'- **{arm}**: {definition.get("description") or ""} '
+                     f'({result["arm_models"].get(arm, "")}; {keys})')
     schedule, adv = result['study'].get('schedule', {}), result['study'].get('adversarial', {})
     lines += ['', '## Protocol', '',
               f'- Training: {schedule.get("epochs")} epochs, batch {schedule.get("batch_size")}, {schedule.get("opt")} '
@@ -281,16 +267,14 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
         if not runs:
             continue
         color = colors[i % len(colors)]
-        xs = [m['clean'] for m in runs.values()]
-        ys = [m[robust] for m in runs.values() if robust in m]
-        ax.scatter(xs, ys, color=color, alpha=0.6, s=25)
+        ax.scatter([m['clean'] for m in runs.values()], [m[robust] for m in runs.values() if robust in m],
+                   color=color, alpha=0.6, s=25)
         stats = result['arms'][arm]
         ax.scatter([stats['clean']['mean']], [stats[robust]['mean']], color=color, s=110, marker='D',
                    edgecolors='black', label=arm)
-    ax.set_xlabel('clean accuracy (%)')
-    ax.set_ylabel(f'{_metric_label(robust)} (%)')
+    ax.set(xlabel='clean accuracy (%)', ylabel=f'{_metric_label(robust)} (%)')
     ax.set_title(f'{result["model"]} on {result["data"]}', fontsize=9)
-    plots['scatter'] = _save(plt, fig, ax, out / SCATTER_PNG)
+    plots['scatter'] = save_figure(plt, fig, ax, out / SCATTER_PNG, legend_size=8).name
     if result['curves']:
         fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
         scale = 255 if result['norm'] == 'Linf' else 1
@@ -299,34 +283,19 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
             xs = [float(m) * result['eps'] * scale for m in mults]
             ax.errorbar(xs, [curve[m]['mean'] for m in mults], yerr=[curve[m]['std'] or 0 for m in mults],
                         marker='o', capsize=3, label=arm, color=colors[i % len(colors)])
-        ax.set_xlabel('eps' + (' (x 1/255)' if scale == 255 else ''))
-        ax.set_ylabel('accuracy (%)')
-        ax.set_ylim(0, 100)
-        plots['curve'] = _save(plt, fig, ax, out / CURVE_PNG)
+        ax.set(xlabel='eps' + (' (x 1/255)' if scale == 255 else ''), ylabel='accuracy (%)', ylim=(0, 100))
+        plots['curve'] = save_figure(plt, fig, ax, out / CURVE_PNG, legend_size=8).name
     return plots
-
-
-def _save(plt: Any, fig: Any, ax: Any, path: Path) -> str:
-    """Grid, legend, tight layout, write ``path``; its file name."""
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
 
 
 def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:
     """Write report.md, report.json and the plots into the study folder; returns the report's JSON."""
     out = Path(out_dir)
     result = collect_study(out)
-    plots = _plots(result, out) if result['arms'] else {}
-    result['verdict'] = verdict(result)
-    result['plots'] = plots
-    from ..training.results import atomic_json
+    result.update(verdict=verdict(result), plots=_plots(result, out) if result['arms'] else {})
     atomic_json(out / REPORT_JSON, _finite(result))
     tmp = out / f'.{REPORT_MD}.tmp'
-    tmp.write_text(study_markdown(result, plots))
+    tmp.write_text(study_markdown(result, result['plots']))
     tmp.replace(out / REPORT_MD)
     return result
 

@@ -18,7 +18,8 @@ from ..training.adversarial import AdversarialConfig
 from ..settings import setting, setting_of
 from ..training.presets import PAPER_ARMS
 
-__all__ = ['Arm', 'ArmSelection', 'ARMS', 'PAPER_ARMS', 'FAMILIES', 'ARM_KEYS', 'PER_ARM', 'ARM_OVERRIDES', 'parse_arm_spec', 'load_arms_file', 'resolve_arms']
+__all__ = ['Arm', 'ArmSelection', 'ARMS', 'PAPER_ARMS', 'FAMILIES', 'ARM_KEYS', 'PER_ARM', 'ARM_OVERRIDES',
+           'parse_arm_spec', 'load_arms_file', 'resolve_arms']
 
 FAMILIES = ('nf', 'bn')
 # the AdversarialConfig fields an arm may set; the study sets the rest (eps, norm, warm-up, ...) for every arm
@@ -121,6 +122,10 @@ ARMS: Dict[str, Arm] = {arm.name: arm for arm in (
 )}
 
 
+_ALIASES = {'lambda': 'adv_weight', 'weight': 'adv_weight', 'adv-weight': 'adv_weight', 'batch-mode': 'batch_mode',
+            'step-size': 'step_size'}
+
+
 def _value(key: str, text: str) -> Any:
     """A value of an ``--arm`` spec, typed as its ``AdversarialConfig`` flag is (``none`` is None)."""
     if text.lower() in ('none', 'null', ''):
@@ -133,29 +138,18 @@ def _value(key: str, text: str) -> Any:
 
 
 def _arm_from_mapping(name: str, keys: Dict[str, Any], source: str) -> Arm:
-    aliases = {'lambda': 'adv_weight', 'weight': 'adv_weight', 'batch-mode': 'batch_mode', 'step-size': 'step_size',
-               'adv-weight': 'adv_weight'}
     parent = keys.get('base')
     if parent is not None and parent not in ARMS:  # start from a built-in arm: {"base": "trades", "beta": 3}
         raise ValueError(f'{source}: base {parent!r} is not a built-in arm; accepted: {", ".join(ARMS)}.')
-    family = ARMS[parent].family if parent else 'nf'
-    overrides = dict(ARMS[parent].overrides) if parent else {}
-    description = ''
-    for key, value in keys.items():
-        key = aliases.get(key, key)
-        if key == 'base':
-            continue
-        if key not in ARM_KEYS:
-            raise ValueError(f'{source}: unknown arm key {key!r}; accepted: base, {", ".join(ARM_KEYS)} '
-                             f'(lambda for adv_weight).')
-        if key == 'family':
-            family = value
-        elif key == 'description':
-            description = value or ''
-        else:
-            overrides[key] = value
+    given = {_ALIASES.get(k, k): v for k, v in keys.items() if k != 'base'}
+    unknown = [k for k in given if k not in ARM_KEYS]
+    if unknown:
+        raise ValueError(f'{source}: unknown arm key {unknown[0]!r}; accepted: base, {", ".join(ARM_KEYS)} '
+                         f'(lambda for adv_weight).')
+    overrides = {**(ARMS[parent].overrides if parent else {}), **{k: v for k, v in given.items() if k in ARM_OVERRIDES}}
     try:
-        return Arm(name, family, overrides, description)
+        return Arm(name, given.get('family', ARMS[parent].family if parent else 'nf'), overrides,
+                   given.get('description') or '')
     except ValueError as e:
         raise ValueError(f'{source}: {e}') from None
 
@@ -174,7 +168,7 @@ def parse_arm_spec(spec: str) -> Arm:
             raise ValueError(f'{source} is malformed at {item!r}: expected key=value.')
         key = key.strip()
         try:
-            keys[key] = _value(key.replace('-', '_') if key != 'lambda' else 'adv_weight', value.strip())
+            keys[key] = _value(_ALIASES.get(key, key), value.strip())
         except ValueError as e:
             raise ValueError(f'{source}: {e}') from None
     if not keys:
@@ -187,15 +181,13 @@ def load_arms_file(path: Union[str, Path]) -> List[Arm]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Arms file {path} does not exist.')
-    text = path.read_text()
+    is_yaml = path.suffix.lower() in ('.yaml', '.yml')
     try:
-        if path.suffix.lower() in ('.yaml', '.yml'):
+        if is_yaml:
             import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = yaml.safe_load(path.read_text()) if is_yaml else json.loads(path.read_text())
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        raise ValueError(f'Arms file {path} is not valid {"YAML" if path.suffix in (".yaml", ".yml") else "JSON"}: '
+        raise ValueError(f'Arms file {path} is not valid {"YAML" if is_yaml else "JSON"}: '
                          f'{str(e).splitlines()[0]}') from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f'Arms file {path} must map arm names to objects of keys, e.g. '

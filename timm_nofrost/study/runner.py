@@ -31,7 +31,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.sources import (DEMO_IMG_SIZE, build_datasets, pixel_eval_transform, resolve_source,
                             source_data_config, spread_indices)
 from ..training import run as training_run  # looked up at call time: tests replace train
-from ..training.baseline import create_bn_twin
+from ..training.baseline import bn_twin_name, create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
 from ..training.results import atomic_json, jsonable_kwargs
@@ -39,7 +39,7 @@ from ..settings import float_list, int_list, iter_settings, setting, setting_of
 from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
-from ..evaluate import EvalSet, Protocol
+from ..evaluate import EvalSet, Protocol, evaluate
 from .arms import ARMS, PER_ARM, Arm
 from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
 
@@ -72,16 +72,9 @@ class StudyConfig:
             ``split_seed`` (default 0) and ``baseline_model`` (the BatchNorm model of the ``bn`` arms, default:
             the twin of ``train.model``) are the same for every run.
         arms: The arms (``timm_nofrost.study.ARMS`` or your own ``Arm``); None: the paper's four.
-        seeds: Training seeds; every arm runs with each.
-        out_dir: The study folder.
-        eval_examples: Validation images of the protocol, spread evenly over the validation set, the same for
-            every model.
-        eval_attacks: The protocol's attacks at the study's eps; ``autoattack`` is dropped (and the report says
-            so) when ``pyautoattack`` is not installed.
-        curve_attack, curve_eps: Robust accuracy against eps: this attack at these multiples of the study's eps.
-        eval_seed: Seed of the attacks' random starts, the same for every model.
-        eval_batch_size: Images per evaluation batch; results depend on it (random starts are drawn per batch).
-        analysis: The paper's decision-margin and local-smoothness statistics per model.
+        seeds, out_dir, eval_*, curve_*, analysis: as their settings' help says. Every arm runs with each seed;
+            the protocol (images, attacks, attack seed, and batch size: results depend on it, as random starts
+            are drawn per batch) is the same for every model.
     """
     train: TrainConfig = field(default_factory=TrainConfig, metadata={'nested': TrainConfig, 'exclude': PER_RUN})
     arms: Optional[List[Arm]] = None
@@ -112,18 +105,13 @@ class StudyConfig:
         """What makes two invocations the same study (arms and seeds may grow; see ``study.json``): every setting
         that can change a run's outcome, less what each run or arm sets."""
         t = self.train
-        schedule = {f.name: getattr(t, f.name) for f in iter_settings(TrainConfig, PER_RUN + _PROTOCOL_TRAIN_KEYS)
-                    if setting_of(f).outcome and f.name not in _ADV_FIELDS}
+        skip = PER_RUN + _PROTOCOL_TRAIN_KEYS + ('adv',)  # the adversarial settings have their own entry
+        schedule = {f.name: getattr(t, f.name) for f in iter_settings(TrainConfig, skip) if setting_of(f).outcome}
         schedule['model_kwargs'] = jsonable_kwargs(t.model_kwargs)
         adv = {f.name: getattr(t.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
-        protocol = {f.name: getattr(self, f.name) for f in iter_settings(StudyConfig)
-                    if f.name not in _ADV_FIELDS and f.name not in _TRAIN_FIELDS and f.name not in ('seeds', 'out_dir')}
+        protocol = {f.name: getattr(self, f.name) for f in iter_settings(StudyConfig, ('train', 'seeds', 'out_dir'))}
         protocol.update({k: getattr(t, k) for k in _PROTOCOL_TRAIN_KEYS}, curve_eps=[float(m) for m in self.curve_eps])
         return {'version': _STUDY_VERSION, 'schedule': schedule, 'adversarial': adv, 'protocol': protocol}
-
-
-_ADV_FIELDS = frozenset(f.name for f in iter_settings(AdversarialConfig))
-_TRAIN_FIELDS = frozenset(f.name for f in iter_settings(TrainConfig))
 
 
 # -- configuration and checks ----------------------------------------------------------------------------
@@ -187,26 +175,21 @@ class _Models:
             return f'{t.model} converted with convert_to_normfree' if self.study_has_bn else t.model
         if self.study_has_bn:
             return t.model
-        from ..training.baseline import bn_twin_name
-        return self.cfg.train.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
+        return t.baseline_model or f'{bn_twin_name(t.model)} (BatchNorm twin of {t.model})'
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
         """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
         cfg = _arm_train_config(self.cfg, arm, seed)
         t = self.cfg.train
         torch.manual_seed(seed)  # a ready model is initialised from the seed, as train() initialises its own
+        if arm.family == 'nf' or self.study_has_bn:
+            cfg.convert = arm.family == 'nf' and self.study_has_bn  # train builds the BatchNorm model, converts it
+            return None, cfg
         try:
-            if arm.family == 'nf':
-                if self.study_has_bn:
-                    cfg.convert = True  # train builds the BatchNorm model and converts it
-                return None, cfg
-            if self.study_has_bn:
-                return None, cfg
-            model, name = create_bn_twin(t.model, self.num_classes, t.model_kwargs, self.cfg.train.baseline_model)
+            model, cfg.model = create_bn_twin(t.model, self.num_classes, t.model_kwargs, t.baseline_model)
         except (ValueError, RuntimeError, TypeError) as e:
             raise StudyError(f'Arm {arm.name!r} cannot build its {arm.family} model from {t.model!r}: '
                              f'{str(e).splitlines()[0]}') from None
-        cfg.model = f'{name}'
         cfg.model_kwargs = {}
         return model, cfg
 
@@ -240,7 +223,7 @@ class _Models:
 def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     """The study.json to write: a new study, or this one grown by new arms / seeds. Refuses a folder that holds
     another study, or anything else."""
-    out = Path(cfg.out_dir)
+    out, old = Path(cfg.out_dir), {}  # old: the study.json found, if any
     manifest_path = out / STUDY_FILE
     identity = json.loads(json.dumps(cfg.identity()))  # as study.json stores it (tuples become lists)
     arms = json.loads(json.dumps({arm.name: arm.to_dict() for arm in cfg.arms}))
@@ -253,21 +236,18 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
             raise StudyError(f'{manifest_path} is not valid JSON ({e.msg}); is {out} a study folder?') from None
         old_identity = {k: old.get(k) for k in identity}
         if old_identity != identity:
-            diffs = _differences(old_identity, identity)
-            raise StudyError(f'{out} holds another study ({"; ".join(diffs[:3])}); use another --out, or repeat '
-                             f'that study\'s settings to continue it.')
+            raise StudyError(f'{out} holds another study ({"; ".join(_differences(old_identity, identity)[:3])}); '
+                             f'use another --out, or repeat that study\'s settings to continue it.')
         for name, arm in arms.items():
             if name in old.get('arms', {}) and old['arms'][name] != arm:
                 raise StudyError(f'{out} holds another definition of arm {name!r} ({old["arms"][name]}); give the '
                                  f'new arm another name.')
-        order = old.get('arm_order') or list(old.get('arms', {}))
-        order += [name for name in arms if name not in order]
-        arms = {**old.get('arms', {}), **arms}
-        seeds = sorted(set(old.get('seeds', [])) | set(cfg.seeds))
-        return {**identity, 'arms': arms, 'arm_order': order, 'seeds': seeds}
-    if out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise StudyError(f'{out} is not empty and holds no {STUDY_FILE}: choose a new or empty folder for the study.')
-    return {**identity, 'arms': arms, 'arm_order': list(arms), 'seeds': sorted(cfg.seeds)}
+    order = old.get('arm_order') or list(old.get('arms', {}))
+    order += [name for name in arms if name not in order]
+    return {**identity, 'arms': {**old.get('arms', {}), **arms}, 'arm_order': order,
+            'seeds': sorted(set(old.get('seeds', [])) | set(cfg.seeds))}
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
@@ -391,55 +371,46 @@ def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
     val = source.val
     val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
-    indices = spread_indices(min(cfg.eval_examples, len(val)), len(val))
+    indices = spread_indices(cfg.eval_examples, len(val))
     return EvalSet(Subset(val, indices), cfg.train.data, 'validation',
                    {'kind': 'spread', 'n': len(indices), 'indices': indices})
 
 
 def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, path: Path) -> None:
-    from ..evaluate import evaluate
-    t = cfg.train
+    """The protocol and the eps curve on the run's final weights, written to its ``eval.json``."""
+    t, checkpoint = cfg.train, path / CHECKPOINT_LAST
     start = time.time()
-    state = load_training_checkpoint(path / CHECKPOINT_LAST)
-    if int(state['epoch']) + 1 < t.epochs:
-        raise StudyError(f'{path / CHECKPOINT_LAST} holds epoch {int(state["epoch"]) + 1} of {t.epochs}: the run did '
-                         f'not finish; run the study again to resume it.')
+    state = load_training_checkpoint(checkpoint)
+    epochs = int(state['epoch']) + 1
+    if epochs < t.epochs:
+        raise StudyError(f'{checkpoint} holds epoch {epochs} of {t.epochs}: the run did not finish; run the study '
+                         f'again to resume it.')
     model = models.for_evaluation(arm, seed)
     try:
         load_checkpoint(model, state['state_dict'])
     except CheckpointError as e:
-        raise e.with_source(f'{path / CHECKPOINT_LAST} does not fit arm {arm.name!r}', path / CHECKPOINT_LAST) \
-            from None
+        raise e.with_source(f'{checkpoint} does not fit arm {arm.name!r}', checkpoint) from None
     # each model is attacked through the normalisation it was trained with (its own data config)
     data_config = source_data_config(t.data, model, t.img_size)
     eval_set = replace(eval_set, mean=tuple(data_config['mean']), std=tuple(data_config['std']))
-    device = torch.device(t.device) if t.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attacks = [a.strip() for a in cfg.eval_attacks.split(',') if a.strip()]
-    autoattack = 'autoattack' in {parse_attack(a).name for a in attacks}
-    autoattack_note = None
-    if autoattack and not autoattack_available():
+    autoattack = 'run' if 'autoattack' in {parse_attack(a).name for a in attacks} else 'not requested'
+    if autoattack == 'run' and not autoattack_available():
         attacks = [a for a in attacks if parse_attack(a).name != 'autoattack']
-        autoattack_note = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
-    progress = 'auto' if t.progress else 'lines'
-    threat = t.adv.threat
-    name = f'{arm.name} seed {seed}'
+        autoattack = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
+    threat, name = t.adv.threat, f'{arm.name} seed {seed}'
+    common = dict(device=t.torch_device(), amp_dtype=t.amp, progress='auto' if t.progress else 'lines')
     protocol = Protocol(attacks=attacks, eps=[threat.eps], norm=threat.norm, seed=cfg.eval_seed,
                         batch_size=cfg.eval_batch_size, sanity=True, analysis=cfg.analysis)
-    report = evaluate(model, eval_set, protocol, device=device, amp_dtype=t.amp, progress=progress, model_name=name)
+    report = evaluate(model, eval_set, protocol, model_name=name, **common)
     curve = evaluate(model, eval_set, replace(protocol, attacks=[cfg.curve_attack], sanity=False, analysis=False,
                                               eps=[threat.scaled(m).eps for m in cfg.curve_eps]),
-                     device=device, amp_dtype=t.amp, progress=progress, model_name=f'{name} (eps curve)')
-    results = json.loads((path / 'results.json').read_text())
-    run = next(iter(results['runs'].values()))
-    payload = {
+                     model_name=f'{name} (eps curve)', **common)
+    run = next(iter(json.loads((path / 'results.json').read_text())['runs'].values()))
+    atomic_json(path / EVAL_FILE, {
         'arm': arm.name, 'seed': seed, 'arm_definition': arm.to_dict(), 'model': models.describe(arm),
-        'epochs_trained': int(state['epoch']) + 1,
-        'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),
-        'eval_time_s': time.time() - start,
-        'catastrophic_overfitting': run.get('catastrophic_overfitting'),
-        'protocol': {**report.to_dict()}, 'curve': {**curve.to_dict(), 'per_example': {}},
-        'curve_eps_multiples': list(cfg.curve_eps),
-        'autoattack': autoattack_note or ('run' if autoattack else 'not requested'),
-        'data': eval_set.fingerprint(),
-    }
-    atomic_json(path / EVAL_FILE, payload)
+        'epochs_trained': epochs, 'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),
+        'eval_time_s': time.time() - start, 'catastrophic_overfitting': run.get('catastrophic_overfitting'),
+        'protocol': report.to_dict(), 'curve': {**curve.to_dict(), 'per_example': {}},
+        'curve_eps_multiples': list(cfg.curve_eps), 'autoattack': autoattack, 'data': eval_set.fingerprint(),
+    })

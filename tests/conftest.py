@@ -56,3 +56,19 @@ def authors_checkpoint(tmp_path: Path):
     path = tmp_path / 'best_RA.pth'
     torch.save(authors_state_dict(model), path)
     return model, path
+
+
+def interrupt_after_epochs(monkeypatch, epochs: int) -> None:
+    """Make a training run stop (a full disk) when it writes its checkpoint after ``epochs`` epochs: the folder
+    holds an unfinished run, as after a kill."""
+    import errno
+    from timm_nofrost import files
+    writes = []
+
+    def full_disk(path: Path, stage: str) -> None:
+        if path.name == 'checkpoint-last.pth' and stage == 'begin':
+            writes.append(path)
+            if len(writes) > epochs:
+                monkeypatch.setattr(files, 'WRITE_HOOK', None)
+                raise OSError(errno.ENOSPC, 'No space left on device (injected)')
+    monkeypatch.setattr(files, 'WRITE_HOOK', full_disk)

@@ -126,9 +126,12 @@ CHANGED = {
     ('eval/*', '--workers'): (0, '<new>: the shared data settings (data-loading processes)'),
     ('eval/*', '--sanity-examples'): (32, '<new>: Protocol.sanity_examples had no flag'),
     ('eval/*', '--no-active-set'): (False, '<new>: Protocol.active_set had no flag'),
+    ('train/*', '--initial-checkpoint'): (None, '<new>: a new run from other weights; --resume refuses other settings'),
 }
 # the study's split seed and BatchNorm model are the schedule's (train's) fields now: one definition each
 MOVED_TO_TRAIN = ('split_seed', 'baseline_model')
+# TrainConfig fields added since the recording, with their default
+NEW_TRAIN_FIELDS = {'initial_checkpoint': None}
 
 
 def _matches(pattern: str, key: str) -> bool:
@@ -142,6 +145,9 @@ def _expected(recorded: Dict[str, Any]) -> Dict[str, Any]:
         if key.startswith('study/resolved/'):
             for name in MOVED_TO_TRAIN:
                 value['train'][name] = value.pop(name)
+            value['train'].update(NEW_TRAIN_FIELDS)
+        elif key.startswith('train/resolved/'):
+            value.update(NEW_TRAIN_FIELDS)
         elif isinstance(value, dict) and '/resolved/' not in key:
             for (pattern, name), (now, reason) in CHANGED.items():
                 if _matches(pattern, key) and (name in value or reason.startswith('<new>')):

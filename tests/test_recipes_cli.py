@@ -15,7 +15,7 @@ from timm_nofrost.data import write_image_folder
 from timm_nofrost.training import AdversarialTrainer
 from timm_nofrost.training.checkpointing import load_training_checkpoint
 
-from conftest import TINY_ARGS, TINY_MODEL
+from conftest import TINY_ARGS, TINY_MODEL, interrupt_after_epochs
 
 TINY_KWARGS = json.dumps({**TINY_ARGS, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
 
@@ -120,19 +120,21 @@ def test_n_fgsm_run_records_the_attack(data_dir, tmp_path, capsys):
     assert state['task_state']['attack'] == 'n-fgsm'
 
 
-def test_resume_keeps_the_recipe_and_refuses_another(data_dir, tmp_path, capsys):
+def test_resume_keeps_the_recipe_and_refuses_another(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'run'
     recipe = ('--adv-method', 'mart', '--adv-attack', 'fgsm-rs')
-    assert main(tiny_args(data_dir, out, *recipe)) == 0
+    interrupt_after_epochs(monkeypatch, 1)
+    assert main(tiny_args(data_dir, out, '--epochs', '2', *recipe)) == 2
     capsys.readouterr()
     # another method: refused before any training, naming both
     assert main(tiny_args(data_dir, out, '--epochs', '2', '--resume')) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'was trained with --adv-method mart, but this run asks for --adv-method ' \
-                                      'nofrost' in err and 'Pass --adv-method mart to resume it' in err
+    assert err.count('\n') == 1 and 'was trained with other settings: ' in err
+    assert '--adv-method mart (this command: nofrost)' in err and '--adv-attack fgsm-rs (this command: pgd)' in err
     # the same method with another attack: refused, naming both attacks
     assert main(tiny_args(data_dir, out, '--epochs', '2', '--adv-method', 'mart', '--resume')) == 2
-    assert 'was trained with --adv-attack fgsm-rs, but this run asks for --adv-attack pgd' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'other settings: --adv-attack fgsm-rs (this command: pgd)' in err and '--adv-method' not in err
     assert [json.loads(x)['epoch'] for x in (out / 'summary.jsonl').read_text().splitlines()] == [1]
     # the same recipe continues
     assert main(tiny_args(data_dir, out, '--epochs', '2', *recipe, '--resume')) == 0
@@ -141,17 +143,20 @@ def test_resume_keeps_the_recipe_and_refuses_another(data_dir, tmp_path, capsys)
     assert state['epoch'] == 1 and state['task_state']['method'] == 'mart'
 
 
-def test_resume_of_a_checkpoint_from_before_the_recipes_is_nofrost_pgd(data_dir, tmp_path, capsys):
+def test_resume_of_a_checkpoint_from_before_the_recipes_is_nofrost_pgd(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'run'
-    assert main(tiny_args(data_dir, out)) == 0
+    interrupt_after_epochs(monkeypatch, 1)
+    assert main(tiny_args(data_dir, out, '--epochs', '2')) == 2
     state = load_training_checkpoint(out / 'checkpoint-last.pth')
-    for key in ('method', 'attack'):  # what an older checkpoint holds
+    del state['config']  # what an older checkpoint holds
+    for key in ('method', 'attack'):
         del state['task_state'][key]
     cfg = json.loads(state['adv_cfg'])
     state['adv_cfg'] = json.dumps({k: v for k, v in cfg.items() if k not in ('method', 'attack', 'beta')})
     torch.save(state, out / 'checkpoint-last.pth')
+    capsys.readouterr()
     assert main(tiny_args(data_dir, out, '--epochs', '2', '--adv-method', 'trades', '--resume')) == 2
-    assert 'was trained with --adv-method nofrost' in capsys.readouterr().err
+    assert 'was trained with other settings: --adv-method nofrost (this command: trades)' in capsys.readouterr().err
     assert main(tiny_args(data_dir, out, '--epochs', '2', '--resume')) == 0
 
 

@@ -20,7 +20,7 @@ from timm_nofrost.training import checkpointing
 from timm_nofrost.training.checkpointing import atomic_save, load_training_checkpoint
 from timm_nofrost.training.run import TrainConfig, TrainingDiverged, train
 
-from conftest import TINY_ARGS, TINY_MODEL
+from conftest import TINY_ARGS, TINY_MODEL, interrupt_after_epochs
 
 TESTS = Path(__file__).parent
 TINY_KWARGS = json.dumps({**TINY_ARGS, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
@@ -112,9 +112,11 @@ def test_train_writes_timm_checkpoints_summary_and_table(data_dir, tmp_path, cap
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
 
 
-def test_resume_continues_where_the_run_stopped(data_dir, tmp_path, capsys):
+def test_resume_continues_where_the_run_stopped(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'run'
-    assert main(tiny_args(data_dir, out, '--epochs', '1')) == 0
+    interrupt_after_epochs(monkeypatch, 1)
+    assert main(tiny_args(data_dir, out)) == 2
+    assert 'No space left on device (injected)' in capsys.readouterr().err
     assert main(tiny_args(data_dir, out)) == 2  # a second run into the same folder must say so
     assert 'pass --resume to continue it or --overwrite' in capsys.readouterr().err
     assert main(tiny_args(data_dir, out, '--resume')) == 0

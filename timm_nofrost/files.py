@@ -118,7 +118,7 @@ def hold_folder(folder: PathLike, what: str, wait: bool = False) -> Iterator[Pat
     if folder in _HELD or fcntl is None:
         yield folder
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(folder)
     lock = open(folder / LOCK_FILE, 'a+')
     try:
         try:

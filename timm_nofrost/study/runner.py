@@ -53,7 +53,8 @@ class StudyError(ValueError):
 
 
 # TrainConfig settings the study decides per run or per arm: not study-wide flags
-PER_RUN = ('convert', 'compare_bn', 'final_attacks', 'out_dir', 'resume', 'overwrite', 'seed') + PER_ARM
+PER_RUN = ('convert', 'compare_bn', 'final_attacks', 'out_dir', 'resume', 'overwrite', 'seed',
+           'initial_checkpoint') + PER_ARM
 # settings the study records under its protocol rather than its schedule (study.json layout)
 _PROTOCOL_TRAIN_KEYS = ('split_seed', 'baseline_model')
 

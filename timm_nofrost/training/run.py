@@ -5,12 +5,13 @@ timm supplies the datasets, loaders and transforms, the optimizer and scheduler 
 checks before any work starts, per-epoch clean and PGD accuracy, a JSON line per epoch, atomic
 checkpoints with ``--resume``, a clean stop on a non-finite loss, deterministic epochs, and torchrun.
 """
+import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,16 +24,17 @@ import torch.nn as nn
 
 from ..attacks.spec import parse_attack
 from ..checkpoint import CheckpointError, load_checkpoint
+from ..files import atomic_copy, atomic_json, atomic_write, hold_folder, remove_stale_temporaries
 from ..pixels import amp_dtype, unwrap_model
 from .checkpointing import atomic_save, load_training_checkpoint
 from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transform, source_data_config
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
-from .results import atomic_json, config_to_json, eval_command, final_table, jsonable_kwargs
+from .results import config_to_json, eval_command, final_table, jsonable_kwargs
 from .train_config import (
     CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
-    check_out_dir, resolve_config)
+    check_out_dir, resolve_config, resume_differences)
 from .presets import ADAMW_LR, preset_value
 from .trainer import AdversarialTrainer
 
@@ -81,6 +83,8 @@ def build_model(cfg: TrainConfig, num_classes: int, model: Optional[nn.Module] =
     if cfg.convert:
         from ..convert import convert_to_normfree
         model = convert_to_normfree(model, init='keep' if cfg.pretrained else 'fresh')
+    if cfg.initial_checkpoint:  # a new run from another run's weights (timm's --initial-checkpoint)
+        load_checkpoint(model, cfg.initial_checkpoint)
     return model
 
 
@@ -102,13 +106,25 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         TrainingDiverged: a non-finite loss; the last good checkpoint stays in place.
     """
     cfg = resolve_config(cfg, model)
+    primary = int(os.environ.get('RANK', '0')) == 0
+    # one process per run folder (the first rank of a torchrun job holds it for all of them)
+    with hold_folder(cfg.out_dir, f'timm-nofrost train --out {cfg.out_dir}') if primary else nullcontext():
+        return _train(cfg, model, primary)
+
+
+def _train(cfg: TrainConfig, model: Optional[nn.Module], primary: bool) -> Dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     resume_path = None
     if cfg.resume:
         resume_path = out_dir / CHECKPOINT_LAST if cfg.resume == 'auto' else Path(cfg.resume)
-        if not resume_path.is_file():
+        if not resume_path.is_file() and cfg.resume != 'auto':
             raise FileNotFoundError(f'Nothing to resume: checkpoint {resume_path} does not exist.')
+        if not resume_path.is_file():  # a run killed before its first checkpoint: the same command starts it
+            print(f'Nothing to resume in {out_dir} yet: starting the run.', flush=True)
+            resume_path = None
     check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
+    if primary:
+        remove_stale_temporaries(out_dir)
     info, device = init_distributed(cfg.device)
     source = build_datasets(cfg.data, cfg.data_dir, img_size=cfg.img_size or DEMO_IMG_SIZE,
                             val_fraction=cfg.val_fraction, seed=cfg.data_split_seed)
@@ -120,6 +136,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
     _seed_everything(cfg.seed)
     run = _Run(cfg, source, build_model(cfg, num_classes, model), num_classes, info, device, out_dir, 'nofrost')
     results = {'config': config_to_json(cfg), 'runs': {'nofrost': run.fit(resume_path)}}
+    if cfg.initial_checkpoint:
+        results['initial_checkpoint_sha256'] = hashlib.sha256(Path(cfg.initial_checkpoint).read_bytes()).hexdigest()
     if cfg.compare_bn:
         from .baseline import create_bn_twin
         _seed_everything(cfg.seed)
@@ -129,6 +147,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> Dict[str, Any]
         bn_resume = bn_dir / CHECKPOINT_LAST if resume_path is not None and (bn_dir / CHECKPOINT_LAST).exists() else None
         if info.primary and bn_resume is None:
             check_out_dir(bn_dir, resume=False, overwrite=True)
+        if info.primary:
+            remove_stale_temporaries(bn_dir)
         bn_run = _Run(bn_cfg, source, bn_model, num_classes, info, device, bn_dir, f'BN-AT ({bn_name})')
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
     if info.primary:
@@ -207,6 +227,7 @@ class _Run:
             'metric': metrics.get('val_robust_top1'),
             'best_metric': self.best,
             'history': json.dumps(self.history),
+            'config': json.dumps(config_to_json(self.cfg)),  # what --resume compares
             'version': 1,
         }
 
@@ -216,28 +237,32 @@ class _Run:
             load_checkpoint(unwrap_model(self.model), state['state_dict'])
         except CheckpointError as e:
             raise e.with_source(f'Checkpoint {path} does not match the model {self.cfg.model}', path) from None
-        self._check_same_recipe(path, state)
+        self._check_same_run(path, state)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.task.load_task_state(state.get('task_state'))
         self.start_epoch = int(state['epoch']) + 1
         self.best = state.get('best_metric')
         self.history = json.loads(state.get('history', '[]'))
+        if self.info.primary:
+            self._write_summary()  # a run killed between its checkpoint and its summary gets every epoch's line
         _log(self.info, f'[{self.name}] resumed from {path} (epoch {self.start_epoch} of {self.cfg.epochs} done)')
 
-    def _check_same_recipe(self, path: Path, state: Dict[str, Any]) -> None:
-        """Refuse to resume a checkpoint with another training method or attack: the run would silently
-        switch recipes half-way. Checkpoints from before these settings existed were nofrost with PGD."""
-        task_state = state.get('task_state') or {}
-        saved_cfg = json.loads(state.get('adv_cfg') or '{}')
-        for key, flag, old_default in (('method', '--adv-method', 'nofrost'), ('attack', '--adv-attack', 'pgd')):
-            saved = task_state.get(key, saved_cfg.get(key, old_default))
-            wanted = getattr(self.cfg.adv, key)
-            if saved != wanted:
-                raise ValueError(
-                    f'Checkpoint {path} was trained with {flag} {saved}, but this run asks for {flag} {wanted}: a '
-                    f'resumed run continues the same {key}. Pass {flag} {saved} to resume it, or train the new '
-                    f'{key} into another --out (or --overwrite).')
+    def _check_same_run(self, path: Path, state: Dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint written with other settings: the record would claim one run and hold
+        another. Checkpoints from before the config was recorded compare their method and attack (then nofrost
+        with PGD when not recorded either)."""
+        if 'config' in state:
+            recorded = json.loads(state['config'])
+        else:
+            saved = {'method': 'nofrost', 'attack': 'pgd', **json.loads(state.get('adv_cfg') or '{}'),
+                     **(state.get('task_state') or {})}
+            recorded = {'adv': {k: saved[k] for k in ('method', 'attack')}}
+        differences = resume_differences(recorded, json.loads(json.dumps(config_to_json(self.cfg))))
+        if differences:
+            raise ValueError(f'{path} was trained with other settings: {"; ".join(differences)}. --resume continues '
+                             f'the same run: repeat its settings, or start a new run from its weights with '
+                             f'--initial-checkpoint {path} --out NEW_DIR.')
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self, resume: Optional[Path]) -> Dict[str, Any]:
@@ -335,19 +360,20 @@ class _Run:
             self.best = metrics['val_robust_top1']
         last = atomic_save(self.state(epoch, metrics), self.out_dir / CHECKPOINT_LAST)
         if improved:
-            tmp = self.out_dir / f'.{CHECKPOINT_BEST}.tmp'
-            shutil.copyfile(last, tmp)
-            os.replace(tmp, self.out_dir / CHECKPOINT_BEST)
-        with open(self.out_dir / SUMMARY, 'a') as f:
-            f.write(json.dumps({'run': self.name, **metrics}) + '\n')
+            atomic_copy(last, self.out_dir / CHECKPOINT_BEST)
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        """``summary.jsonl``: one line per finished epoch, rewritten whole from the checkpointed history."""
+        atomic_write(self.out_dir / SUMMARY, ''.join(json.dumps({'run': self.name, **m}) + '\n' for m in self.history))
 
     def final_evaluation(self) -> Dict[str, Any]:
         if not self.info.primary:
             return {}
         report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
                                self.name, **self.normalization, progress=self.eval_progress)
-        report.save_json(self.out_dir / 'robustness.json')
-        (self.out_dir / 'robustness.md').write_text(report.to_markdown())
+        atomic_write(self.out_dir / 'robustness.json', json.dumps(report.to_dict(), indent=2) + '\n')
+        atomic_write(self.out_dir / 'robustness.md', report.to_markdown())
         acc = report_accuracy(report)
         if self.history and self.history[-1]['epoch'] == self.cfg.epochs:  # measured after the last epoch already
             clean = self.history[-1]['val_clean_top1']

@@ -3,7 +3,7 @@ run before any training starts."""
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import timm
 import torch.nn as nn
@@ -11,11 +11,12 @@ import torch.nn as nn
 from ..attacks.spec import parse_attack
 from ..files import check_writable_dir
 from ..pixels import amp_dtype
-from ..settings import DataSettings, ModelSettings, RunSettings, setting
+from ..settings import DataSettings, ModelSettings, RunSettings, flag_of, iter_settings, setting, setting_of
 from .adversarial import AdversarialConfig
 from .presets import ADAMW_LR, DEMO_MODEL, DEMO_MODEL_KWARGS, chain, resolve
 
 __all__ = ['TrainConfig', 'TrainingDiverged', 'resolve_config', 'apply_presets', 'check_out_dir', 'check_model_name',
+           'resume_differences', 'RUN_MANAGEMENT',
            'DEMO_MODEL', 'DEMO_MODEL_KWARGS', 'OPTIMIZERS', 'CHECKPOINT_LAST', 'CHECKPOINT_BEST', 'SUMMARY']
 
 
@@ -24,6 +25,8 @@ OPTIMIZERS = ('sgd', 'adamw')
 CHECKPOINT_LAST = 'checkpoint-last.pth'
 CHECKPOINT_BEST = 'model_best.pth'
 SUMMARY = 'summary.jsonl'
+# where a run is written and how it starts, not what it computes: the only outcome settings --resume may change
+RUN_MANAGEMENT = ('out_dir', 'resume', 'overwrite', 'initial_checkpoint')
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +79,10 @@ class TrainConfig(RunSettings, ModelSettings, DataSettings):
     deterministic: bool = setting(False, group='run', outcome=False, help='deterministic algorithms: a resumed run ends with the '
                                                            'same weights as an uninterrupted one')
     channels_last: bool = setting(False, group='run', help='channels_last memory format')
+    initial_checkpoint: Optional[str] = setting(
+        None, group='run', metavar='CHECKPOINT',
+        help="start from these weights (a checkpoint of another run, timm's or the authors'): a new run with a fresh "
+             'optimizer and schedule, recorded in results.json; --resume continues a run instead')
 
     @property
     def data_split_seed(self) -> int:
@@ -165,3 +172,31 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise FileExistsError(f'{out_dir} already holds a training run ({CHECKPOINT_LAST}); pass --resume to '
                               f'continue it or --overwrite to start over.')
     check_writable_dir(out_dir, 'Output directory')
+
+
+def resume_differences(recorded: Mapping[str, Any], cfg: Mapping[str, Any]) -> List[str]:
+    """``'--FLAG RECORDED (this command: VALUE)'`` for every setting that can change a run's result (all but
+    ``outcome=False`` ones and ``RUN_MANAGEMENT``) whose value in ``cfg`` differs from the ``recorded`` run's; both
+    are ``config_to_json`` dicts. Settings the record predates are not compared."""
+    found = []
+    for f in iter_settings(TrainConfig, RUN_MANAGEMENT):
+        old, new = (recorded.get('adv', {}), cfg['adv']) if f.name in _ADV_NAMES else (recorded, cfg)
+        if setting_of(f).outcome and f.name in old and not _same(old[f.name], new.get(f.name)):
+            found.append(f'{flag_of(f)} {_shown(old[f.name])} (this command: {_shown(new.get(f.name))})')
+    return found
+
+
+_ADV_NAMES = frozenset(f.name for f in iter_settings(AdversarialConfig))
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Equal as JSON, or two names of the same existing path."""
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new))
+    if isinstance(old, str) and isinstance(new, str) and old != new and Path(old).exists():
+        return Path(old).resolve() == Path(new).resolve()
+    return old == new
+
+
+def _shown(value: Any) -> str:
+    return 'unset' if value is None else f'{value:g}' if isinstance(value, float) else str(value)

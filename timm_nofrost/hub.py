@@ -330,6 +330,8 @@ def convert_and_export(
     conversion = dict(alpha=alpha, init=init, norms=list(norms), act_layer=act_layer, zero_init_last=zero_init_last)
     model = convert_to_normfree(base, strict=strict, **conversion)
     report = model.normfree_report
+    if not report.norms_removed:  # a normalizer-free model: nothing to export as a converted one
+        raise ValueError(f'{model_name}: nothing to convert, no {"/".join(norms)} normalization layer to remove.')
     conversion['act_layer'] = report.activation  # record what was used, not what was detected
     model._model_args = dict(base_model=model_name, conversion=conversion, num_classes=model.num_classes)
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in WEIGHT_SOURCE_KEYS}

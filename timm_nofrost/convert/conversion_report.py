@@ -45,6 +45,9 @@ class ConversionReport:
     unchanged: List[Tuple[str, str]] = field(default_factory=list)  # not converted, with the reason
     # modules with convolutions whose residual structure could not be traced or found: no alpha / beta scaling
     unscaled: List[Tuple[str, str]] = field(default_factory=list)
+    # left bit-identical: 'already normalizer-free' (NF blocks, weight-standardised convs) or 'no normalization to
+    # remove' (convs outside residual blocks with no normalizer after them, e.g. a ViT patch embedding)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -61,7 +64,7 @@ class ConversionReport:
         if self.unwrapped:
             lines.append(f'  unwrapped {self.unwrapped}: the converted module is returned without the wrapper')
         if not self.changed:
-            lines.append('  nothing to convert: the model has no normalization layers or convolutions; returned unchanged')
+            lines.append('  nothing to convert: no normalization layer to remove; returned unchanged')
         lines.append(f'  convolutions -> scaled weight-standardised: {len(self.convs)}')
         lines.append(f'  normalization layers removed: {len(self.norms_removed)}'
                      + (f' ({_count_types(self.norms_removed)})' if self.norms_removed else ''))
@@ -79,6 +82,8 @@ class ConversionReport:
             lines.append(f'  UNSCALED {name}: {why}')
         for name, why in self.kept:
             lines.append(f'  kept {name}: {why}')
+        for name, why in self.skipped:
+            lines.append(f'  skipped {name}: {why}')
         for name, why in self.unchanged:
             lines.append(f'  UNCHANGED {name}: {why}')
         for note in self.notes:

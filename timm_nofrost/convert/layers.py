@@ -1,6 +1,6 @@
 """Which layers the converter touches, and what replaces them."""
 import re
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Set, Tuple, Type
 
 import torch.nn as nn
 from timm.layers import Conv2dSame
@@ -8,7 +8,7 @@ from timm.models.nfnet import _nonlin_gamma
 
 from ..layers import WS_CONV_TYPES, FusableScaledStdConv2d, FusableScaledStdConv2dSame
 
-__all__ = ['norm_classes', 'is_container', 'is_attention', 'norm_replacement', 'to_scaled_std_conv',
+__all__ = ['norm_classes', 'is_container', 'is_attention', 'norm_replacement', 'to_scaled_std_conv', 'normed_convs',
            'convertible_conv', 'is_std_conv', 'detect_activation', 'activation_gamma', 'NORM_KINDS', 'STD_CONV_EPS']
 
 STD_CONV_EPS = 1e-5  # as timm's NF-ResNets
@@ -97,6 +97,14 @@ def convertible_conv(module: nn.Module) -> bool:
 
 def is_std_conv(module: nn.Module) -> bool:
     return isinstance(module, WS_CONV_TYPES)
+
+
+def normed_convs(model: nn.Module, norms: Tuple[Type[nn.Module], ...]) -> Set[nn.Module]:
+    """The modules whose next module in registration order (``nn.Identity`` skipped) is one of ``norms``: outside
+    residual blocks, only a conv that loses the normalizer after it is standardised (not a ViT patch embedding)."""
+    order = [m for m in model.modules()
+             if isinstance(m, norms) or (next(m.children(), None) is None and not isinstance(m, nn.Identity))]
+    return {m for m, after in zip(order, order[1:]) if isinstance(after, norms)}
 
 
 _ACT_NAMES: Dict[str, str] = {

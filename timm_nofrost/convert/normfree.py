@@ -7,7 +7,7 @@ tracked through the network (reset after transition blocks) and a zero-initialis
 last conv. See ``docs/converter.md`` for the maths and the trade-offs.
 """
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..layers import WS_CONV_TYPES, is_preact_nf_block
 from .layers import (
     NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
-    is_std_conv, norm_classes, norm_replacement, to_scaled_std_conv,
+    is_std_conv, norm_classes, norm_replacement, normed_convs, to_scaled_std_conv,
 )
 from .conversion_report import BlockReport, ConversionReport
 from .concrete import ConcreteResidual, find_residual_concrete
@@ -25,6 +25,7 @@ __all__ = ['convert_to_normfree', 'NormFreeConversionError', 'normfree_blocks', 
 
 INIT_MODES = ('keep', 'fresh')
 _FORCE_REWRITE = False  # tests: convert every block by rewriting its forward, as before the hooks existed
+_ALREADY_NF = 'already normalizer-free'
 
 
 class NormFreeConversionError(ValueError):
@@ -63,17 +64,17 @@ class _Converter:
         self.zero_init_last = zero_init_last
         self.expected_var = 1.0
         self.last_convs: List[nn.Module] = []
+        self.normed: Set[nn.Module] = set()  # convs followed by a normalizer to remove
         self.root: Optional[nn.Module] = None  # the model, for sample runs of blocks torch.fx cannot trace
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Convert ``model`` in place; returned, as a model that is itself a normalizer or a conv is replaced."""
         self.root = model
-        if isinstance(model, self.norms) or convertible_conv(model):
-            holder = nn.Sequential(model)
-            self.visit(holder)
-            return holder[0]
-        self.visit(model)
-        return model
+        wrapped = isinstance(model, self.norms) or convertible_conv(model)
+        top = nn.Sequential(model) if wrapped else model
+        self.normed = normed_convs(top, self.norms)
+        self.visit(top)
+        return top[0] if wrapped else model
 
     def visit(self, module: nn.Module, prefix: str = '', in_block: bool = False) -> None:
         for name, child in list(module.named_children()):
@@ -94,15 +95,15 @@ class _Converter:
         if isinstance(child, self.norms):
             self.report.norms_removed.append((qual, type(child).__name__))
             return norm_replacement(child)
+        if not in_block and (convertible_conv(child) or is_std_conv(child)):
+            self.expected_var = 1.0  # a conv outside residual blocks re-standardises the stream
+        if not in_block and isinstance(child, nn.modules.conv._ConvNd) and (is_std_conv(child)
+                                                                           or child not in self.normed):
+            self.report.skipped.append((qual, _ALREADY_NF if is_std_conv(child) else 'no normalization to remove'))
+            return None
         if convertible_conv(child):
             self.report.convs.append(qual)
-            if not in_block:
-                self.expected_var = 1.0  # a conv outside residual blocks re-standardises the stream
             return to_scaled_std_conv(child, self.gamma)
-        if is_std_conv(child):
-            if not in_block:
-                self.expected_var = 1.0
-            return None
         if isinstance(child, OTHER_NORMS):
             self.report.unchanged.append((qual, f'{type(child).__name__} kept: not a requested normalizer kind '
                                                 f'(norms={self.norm_kinds})'))
@@ -122,8 +123,12 @@ class _Converter:
         self.report.kept.append((qual, f'{type(module).__name__}: attention gate, convs stay plain'))
 
     def try_block(self, parent: nn.Module, name: str, child: nn.Module, qual: str) -> bool:
-        if not any(isinstance(m, nn.Conv2d) for m in child.modules()):
-            return False
+        if _is_normfree_block(child):  # scaled by its own design or by an earlier conversion: left as it is
+            self.report.skipped.append((qual, _ALREADY_NF))
+            return True
+        if not any(isinstance(m, nn.Conv2d) for m in child.modules()) or not any(
+                isinstance(m, self.norms) for m in child.modules()):
+            return False  # no normalizer to remove: no scaling; a conv in it is converted if a removed norm follows
         try:
             info = find_residual(child)
         except Exception as e:  # noqa: BLE001 - untraceable forward (control flow on values): run it instead
@@ -278,7 +283,11 @@ def convert_to_normfree(
             detected from the model's activation modules when omitted.
         zero_init_last: Zero the gain of each residual branch's last conv so every block starts as the
             identity (NF-ResNet / SkipInit). With ``init='keep'``, ``False`` keeps pretrained branches active.
-        strict: Raise ``NormFreeConversionError`` if anything (a normalizer or a conv) is left unconverted.
+        strict: Raise ``NormFreeConversionError`` if anything (a normalizer or a conv) is left unconverted, or if
+            there is nothing to convert (no normalizer to remove).
+
+    What it does not own stays bit-identical, listed in ``report.skipped``: NF blocks, blocks converted before and
+    weight-standardised convs, and convs outside residual blocks with no normalizer after them (a ViT patch embed).
 
     Returns:
         The converted module; its report is ``module.normfree_report`` (a ``ConversionReport``).
@@ -294,13 +303,13 @@ def convert_to_normfree(
 
     converter = _Converter(report, tuple(norms), float(alpha), report.gamma, zero_init_last)
     model = converter.convert(model)
-    if init == 'fresh':
+    if init == 'fresh' and report.changed:
         _reinit(model)
     for conv in converter.last_convs:
         nn.init.zeros_(conv.gain)
 
     if strict:
-        _check_strict(report)
+        _check_strict(report, norms)
     if not report.changed:
         report.notes.append('model returned unchanged')
     model.normfree_report = report
@@ -320,8 +329,12 @@ def _check_arguments(model: nn.Module, alpha: float, init: str, norms: Sequence[
         raise ValueError(f'alpha must be a number in (0, 1], got {alpha!r}.')
 
 
-def _check_strict(report: ConversionReport) -> None:
-    """``strict=True``: refuse a conversion that left a layer unconverted, or a block rewritten or unscaled."""
+def _check_strict(report: ConversionReport, norms: Sequence[str]) -> None:
+    """``strict=True``: refuse a conversion with nothing to convert, or that left a layer unconverted, or a block
+    rewritten or unscaled."""
+    if not report.norms_removed:
+        raise NormFreeConversionError(f'strict conversion of {report.model_type}: nothing to convert, no '
+                                      f'{"/".join(norms)} normalization layer to remove (already normalizer-free?)')
     if report.unchanged:
         details = '; '.join(f'{name}: {why}' for name, why in report.unchanged)
         raise NormFreeConversionError(f'strict conversion of {report.model_type} left {len(report.unchanged)} '
@@ -337,8 +350,9 @@ def _check_strict(report: ConversionReport) -> None:
 
 def normfree_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Residual blocks of a normalizer-free model: converted blocks and timm / NoFrost NF blocks."""
-    blocks = []
-    for name, module in model.named_modules():
-        if is_preact_nf_block(module) or hasattr(module, 'nf_beta'):  # native, hooked or rewritten blocks
-            blocks.append((name, module))
-    return blocks
+    return [(name, module) for name, module in model.named_modules() if _is_normfree_block(module)]
+
+
+def _is_normfree_block(module: nn.Module) -> bool:
+    """A timm / NoFrost NF block, or a block converted before (hooked or rewritten: it has ``nf_beta``)."""
+    return is_preact_nf_block(module) or hasattr(module, 'nf_beta')

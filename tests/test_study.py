@@ -205,6 +205,10 @@ def test_only_runs_one_arm_and_seed(data_root, tmp_path, capsys, monkeypatch):
     (['--only', 'trades'], "--only 'trades': arm 'trades' is not in this study"),
     (['--only', 'nofrost:7'], '--only \'nofrost:7\': seed 7 is not among the seeds [0, 1]'),
     (['--eval-attacks', 'clean,pgd-x'], "Unknown attack 'pgd-x'"),
+    (['--arm', 'standard:base=trades'], "'standard' is a built-in arm; give the new arm another name"),
+    (['--arms', ''], "--arms '' names no arm; built in: standard"),
+    (['--arms', ' , '], "--arms ' , ' names no arm"),
+    (['--seeds', ''], "argument --seeds: expected comma-separated integers, got ''"),
 ])
 def test_bad_study_input_fails_in_one_line_before_training(data_root, tmp_path, capsys, monkeypatch, extra, message):
     from timm_nofrost.training import run as run_module

@@ -169,9 +169,12 @@ def _list_of(kind: Callable[[str], Any], what: str) -> Callable[[str], List[Any]
     """An argparse type: comma-separated ``kind`` values (``--seeds 0,1,2``, ``--curve-eps 0.5,1,2``)."""
     def parse(text: str) -> List[Any]:
         try:
-            return [kind(v) for v in text.split(',') if v.strip()]
+            values = [kind(v) for v in text.split(',') if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected comma-separated {what}, got {text!r}') from None
+            values = []
+        if not values:  # an empty list is no request for the default
+            raise argparse.ArgumentTypeError(f'expected comma-separated {what}, got {text!r}')
+        return values
     return parse
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..attacks.threat import ThreatModel
+from ..files import atomic_write
 
 __all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
@@ -48,10 +49,8 @@ class RobustReport:
         return asdict(self)
 
     def save_json(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + '\n')
-        return path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + '\n')
 
     def to_markdown(self) -> str:
         labels = self.eps_labels

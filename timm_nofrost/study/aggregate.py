@@ -1,7 +1,6 @@
 """The study report: per arm, mean and spread over seeds of every metric, a verdict written from the numbers,
 plots, and what is missing. Built only from the runs' own files (``results.json``, ``eval.json``), so it can
 aggregate a partly finished study, or one whose runs ran on different machines."""
-import json
 import math
 import statistics
 from pathlib import Path
@@ -9,8 +8,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
 from ..evaluate.robust_report import WORST_CASE, save_figure
-from ..training.results import atomic_json
-from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
+from ..files import atomic_json, atomic_write
+from .layout import EVAL_FILE, STUDY_FILE, read_record, reading, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
 
@@ -65,8 +64,9 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
     if not manifest_path.is_file():
         raise FileNotFoundError(f'{out} is not a study folder: it has no {STUDY_FILE} (run `timm-nofrost study '
                                 f'--out {out}` first).')
-    manifest = json.loads(manifest_path.read_text())
-    arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
+    manifest = read_record(manifest_path, 'restore it: it says which arms and seeds the study has')
+    with reading(manifest_path):
+        arms, seeds = manifest.get('arm_order') or list(manifest['arms']), manifest['seeds']
     per_run, curves, missing, notes, n_images = _read_runs(out, arms, seeds)
     metric_names = list(dict.fromkeys(k for arm in arms for m in per_run[arm].values() for k, v in m.items()
                                       if isinstance(v, (int, float)) and not isinstance(v, bool)))
@@ -106,13 +106,14 @@ def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _
             if state != 'evaluated':
                 missing.append({'arm': arm, 'seed': seed, 'state': state, 'detail': detail, 'path': str(path)})
                 continue
-            ev = json.loads((path / EVAL_FILE).read_text())
-            per_run[arm][seed] = _run_metrics(ev)
-            curves[arm][seed] = _curve(ev)
-            fingerprints.add(ev['data'].get('images_sha256'))
-            n_images.add(ev['protocol']['n_examples'])
-            if ev.get('autoattack', 'run').startswith('not run'):
-                autoattack_notes.add(ev['autoattack'])
+            ev = read_record(path / EVAL_FILE)
+            with reading(path / EVAL_FILE):
+                per_run[arm][seed] = _run_metrics(ev)
+                curves[arm][seed] = _curve(ev)
+                fingerprints.add(ev['data'].get('images_sha256'))
+                n_images.add(ev['protocol']['n_examples'])
+                if ev.get('autoattack', 'run').startswith('not run'):
+                    autoattack_notes.add(ev['autoattack'])
     if len(fingerprints) > 1:
         notes.append('The runs were NOT evaluated on the same images (different image fingerprints): their numbers '
                      'are not comparable.')
@@ -294,9 +295,7 @@ def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:
     result = collect_study(out)
     result.update(verdict=verdict(result), plots=_plots(result, out) if result['arms'] else {})
     atomic_json(out / REPORT_JSON, _finite(result))
-    tmp = out / f'.{REPORT_MD}.tmp'
-    tmp.write_text(study_markdown(result, result['plots']))
-    tmp.replace(out / REPORT_MD)
+    atomic_write(out / REPORT_MD, study_markdown(result, result['plots']))
     return result
 
 

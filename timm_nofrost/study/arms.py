@@ -138,6 +138,9 @@ def _value(key: str, text: str) -> Any:
 
 
 def _arm_from_mapping(name: str, keys: Dict[str, Any], source: str) -> Arm:
+    if name in ARMS:  # it would replace the built-in arm (standard is every comparison's reference)
+        raise ValueError(f'{source}: {name!r} is a built-in arm; give the new arm another name (start from the '
+                         f'built-in one with base={name}).')
     parent = keys.get('base')
     if parent is not None and parent not in ARMS:  # start from a built-in arm: {"base": "trades", "beta": 3}
         raise ValueError(f'{source}: base {parent!r} is not a built-in arm; accepted: {", ".join(ARMS)}.')
@@ -233,7 +236,9 @@ class ArmSelection:
     def resolve(self) -> Optional[List[Arm]]:
         """The arms: named ones (built-in or defined) in order, then defined ones not named; None: the preset's."""
         custom = (load_arms_file(self.arms_file) if self.arms_file else []) + [parse_arm_spec(s) for s in self.arm]
-        if not self.arms and not custom:
-            return None
         names = [n.strip() for n in (self.arms or '').split(',') if n.strip()]
+        if self.arms is not None and not names:
+            raise ValueError(f'--arms {self.arms!r} names no arm; built in: {", ".join(ARMS)}.')
+        if self.arms is None and not custom:
+            return None
         return resolve_arms(names, custom)

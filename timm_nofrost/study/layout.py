@@ -1,11 +1,12 @@
 """Where a study keeps its runs, and how far each one got: shared by the runner and the report."""
+import contextlib
 import json
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 from ..training.train_config import CHECKPOINT_LAST
 
-__all__ = ['STUDY_FILE', 'EVAL_FILE', 'run_dir', 'run_state']
+__all__ = ['STUDY_FILE', 'EVAL_FILE', 'run_dir', 'run_state', 'RecordError', 'read_record', 'reading']
 
 STUDY_FILE = 'study.json'
 EVAL_FILE = 'eval.json'
@@ -16,14 +17,47 @@ def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
 
 
 def run_state(path: Path) -> Tuple[str, str]:
-    """(state, detail) of one run folder: evaluated, trained, training (some epochs done) or missing."""
+    """(state, detail) of one run folder: evaluated, trained, training (a checkpoint written) or missing."""
     if (path / EVAL_FILE).is_file():
         return 'evaluated', ''
     if (path / 'results.json').is_file():
         return 'trained', 'trained, not evaluated yet'
-    summary = path / 'summary.jsonl'
-    if (path / CHECKPOINT_LAST).is_file() and summary.is_file():
-        lines = [line for line in summary.read_text().splitlines() if line.strip()]
-        epoch = json.loads(lines[-1]).get('epoch', '?') if lines else '?'
+    if (path / CHECKPOINT_LAST).is_file():
+        try:  # the summary may lag the checkpoint by an epoch after a fault: the resumed run rewrites it
+            lines = (path / 'summary.jsonl').read_text().splitlines()
+            epoch = json.loads(lines[-1])['epoch']
+        except (OSError, IndexError, KeyError, TypeError, ValueError):
+            epoch = '?'
         return 'training', f'{epoch} epoch(s) done: still running, or interrupted (run the study again to resume)'
     return 'missing', 'not started'
+
+
+class RecordError(ValueError):
+    """A study file that cannot be used: its message names the file, and the entry an incomplete one lacks."""
+
+
+_REDO = 'restore it, or remove it to redo that step'
+
+
+def read_record(path: Path, hint: str = _REDO) -> Dict[str, Any]:
+    """A study's JSON file (``study.json``, ``eval.json``, ``results.json``) as a dict, or a ``RecordError``."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f'{path} cannot be read ({e}): {hint}.') from None
+    if not isinstance(record, dict):
+        raise RecordError(f'{path} holds {type(record).__name__}, not a JSON object: {hint}.')
+    return record
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a missing or malformed entry met while using ``path``'s record into a ``RecordError`` naming both."""
+    try:
+        yield
+    except RecordError:
+        raise
+    except KeyError as e:
+        raise RecordError(f'{path} is incomplete: it has no {e.args[0]!r} entry; {_REDO}.') from None
+    except (TypeError, IndexError, AttributeError, ValueError) as e:
+        raise RecordError(f'{path} is malformed ({type(e).__name__}: {e}); {_REDO}.') from None

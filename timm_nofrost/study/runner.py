@@ -15,6 +15,7 @@ attack seed; the final weights are evaluated (not the best checkpoint, which tra
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -34,14 +35,15 @@ from ..training import run as training_run  # looked up at call time: tests repl
 from ..training.baseline import bn_twin_name, create_bn_twin
 from ..training.batch_stats import batch_statistics_layers
 from ..training.checkpointing import load_training_checkpoint
-from ..training.results import atomic_json, jsonable_kwargs
+from ..training.results import jsonable_kwargs
+from ..files import atomic_json, hold_folder
 from ..settings import float_list, int_list, iter_settings, setting, setting_of
 from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from ..evaluate import EvalSet, Protocol, evaluate
 from .arms import ARMS, PER_ARM, Arm
-from .layout import EVAL_FILE, STUDY_FILE, run_dir, run_state
+from .layout import EVAL_FILE, STUDY_FILE, read_record, reading, run_dir, run_state
 
 __all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE', 'PER_RUN']
 
@@ -231,10 +233,7 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise StudyError(f'Study folder {out} exists and is not a directory.')
     if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StudyError(f'{manifest_path} is not valid JSON ({e.msg}); is {out} a study folder?') from None
+        old = read_record(manifest_path, f'restore it, or start the study in a new folder (is {out} a study?)')
         old_identity = {k: old.get(k) for k in identity}
         if old_identity != identity:
             raise StudyError(f'{out} holds another study ({"; ".join(_differences(old_identity, identity)[:3])}); '
@@ -333,7 +332,7 @@ def _claim_folder(cfg: StudyConfig, models: _Models, primary: bool) -> None:
                                       **{arm.name: models.describe(arm) for arm in cfg.arms}}
             out.mkdir(parents=True, exist_ok=True)
             atomic_json(out / STUDY_FILE, manifest)
-        except StudyError as e:
+        except ValueError as e:  # StudyError, or an unreadable study.json
             refused = str(e)
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         # under torchrun the other ranks wait for the first one's verdict on the folder: were they to start
@@ -351,6 +350,14 @@ def _run_one(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, see
     """One arm x seed: trained (or resumed) unless its training finished, then evaluated by the first process,
     unless it was already."""
     path = run_dir(Path(cfg.out_dir), arm.name, seed)
+    # one process per run folder: two studies on one folder never train or evaluate a run twice
+    with hold_folder(path, f'timm-nofrost study --out {cfg.out_dir}, {arm.name} seed {seed}') if primary \
+            else nullcontext():
+        _train_and_evaluate(cfg, models, eval_set, arm, seed, tag, primary, path)
+
+
+def _train_and_evaluate(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, tag: str,
+                        primary: bool, path: Path) -> None:
     state, _ = run_state(path)
     if state == 'evaluated':
         _log(f'{tag}: finished, skipped')
@@ -407,7 +414,8 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm
     curve = evaluate(model, eval_set, replace(protocol, attacks=[cfg.curve_attack], sanity=False, analysis=False,
                                               eps=[threat.scaled(m).eps for m in cfg.curve_eps]),
                      model_name=f'{name} (eps curve)', **common)
-    run = next(iter(json.loads((path / 'results.json').read_text())['runs'].values()))
+    with reading(path / 'results.json'):
+        run = next(iter(read_record(path / 'results.json')['runs'].values()))
     atomic_json(path / EVAL_FILE, {
         'arm': arm.name, 'seed': seed, 'arm_definition': arm.to_dict(), 'model': models.describe(arm),
         'epochs_trained': epochs, 'train_time_s': sum(e.get('train_time_s', 0.0) for e in run['epochs']),

@@ -233,11 +233,11 @@ class _Run:
 
     def restore(self, path: Path) -> None:
         state = load_training_checkpoint(path)
+        self._check_same_run(path, state)
         try:
             load_checkpoint(unwrap_model(self.model), state['state_dict'])
         except CheckpointError as e:
             raise e.with_source(f'Checkpoint {path} does not match the model {self.cfg.model}', path) from None
-        self._check_same_run(path, state)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.task.load_task_state(state.get('task_state'))
@@ -372,7 +372,7 @@ class _Run:
             return {}
         report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
                                self.name, **self.normalization, progress=self.eval_progress)
-        atomic_write(self.out_dir / 'robustness.json', json.dumps(report.to_dict(), indent=2) + '\n')
+        report.save_json(self.out_dir / 'robustness.json')
         atomic_write(self.out_dir / 'robustness.md', report.to_markdown())
         acc = report_accuracy(report)
         if self.history and self.history[-1]['epoch'] == self.cfg.epochs:  # measured after the last epoch already

@@ -87,6 +87,15 @@ def test_export_of_a_custom_checkpoint_infers_classes(cifar_checkpoint, tmp_path
     card = (out / 'README.md').read_text()
     assert 'these are **not** measurements of this checkpoint' in card
     assert 'datasets:' not in card  # not ImageNet weights
+    # the exported weights carry their checksum: a flipped bit is refused by every read of this package
+    from timm_nofrost.checkpoint import CheckpointError, read_state_dict
+    weights = out / 'model.safetensors'
+    assert torch.equal(read_state_dict(weights)['stem.conv.weight'], source.state_dict()['stem.conv.weight'])
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match='is corrupted: its content does not match'):
+        read_state_dict(weights)
 
 
 def test_export_with_other_num_classes_on_a_1000_class_architecture(tmp_path):

@@ -20,7 +20,7 @@ from huggingface_hub.utils.sha import sha_fileobj
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .files import check_writable_dir
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .checkpoint import CHECKSUM_KEY, CheckpointError, content_checksum, load_checkpoint, read_state_dict
 from .model_card import ModelCardInfo, render_model_card
 
 __all__ = ['ExportResult', 'ModelInfo', 'export_checkpoint', 'write_model_folder', 'push_folder', 'list_nofrost_models',
@@ -202,6 +202,7 @@ def write_model_folder(
     staging = Path(tempfile.mkdtemp(prefix='.export-', dir=out_dir.parent))
     try:
         save_for_hf(model, str(staging), safe_serialization=True)
+        _add_checksum(staging / 'model.safetensors')
         (staging / 'README.md').write_text(render_model_card(card), encoding='utf-8')
         max_abs_diff = _verify_export(model, staging)
         if out_dir.exists():
@@ -215,6 +216,16 @@ def write_model_folder(
         out_dir=str(out_dir), model_name=card.model_name, tag=tag, repo_id=card.repo_id, num_classes=model.num_classes,
         in_chans=in_chans, num_params=card.num_params, files=sorted(p.name for p in out_dir.iterdir()),
         sha256=_sha256(out_dir / 'model.safetensors'), max_abs_diff=max_abs_diff)
+
+
+def _add_checksum(path: Path) -> None:
+    """Record the weights' checksum in the safetensors metadata, verified by every ``read_checkpoint``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), 'pt') as f:
+        metadata = f.metadata() or {}
+    weights = load_file(str(path))
+    save_file(weights, str(path), metadata={**metadata, CHECKSUM_KEY: content_checksum(weights)})
 
 
 def _verify_export(model: torch.nn.Module, folder: Path) -> float:

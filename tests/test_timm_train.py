@@ -539,3 +539,23 @@ def test_real_train_py_two_processes(tmp_path):
     expected = recomputed_robust_top1(data, output, world_size=2)
     assert float(rows[0]['eval_robust_top1_pgd-10']) == pytest.approx(expected)
     assert 'Robust: pgd-10:' in proc.stdout + proc.stderr and '8 images' in proc.stdout + proc.stderr
+
+
+def test_resume_refuses_a_run_recorded_with_other_settings(tmp_path):
+    """train.py --resume of a run whose args.yaml records other arguments or adversarial settings: one line naming
+    each, before anything runs; arguments that only say where and how the run is written may differ."""
+    import yaml
+    from timm_nofrost.training.timm_launcher import TimmTrainLauncher
+    recorded = {'model': 'resnet18', 'lr': 0.1, 'epochs': 10, 'output': 'out', 'workers': 4,
+                'nofrost': {'adversarial': AdversarialConfig(eps='8/255').to_dict()}}
+    (tmp_path / 'args.yaml').write_text(yaml.safe_dump(recorded))
+    same = {**recorded, 'output': 'elsewhere', 'workers': 1, 'resume': str(tmp_path / 'last.pth.tar')}
+    TimmTrainLauncher._check_resume(tmp_path / 'args.yaml', same)
+    other = {**same, 'lr': 0.5, 'epochs': 20, 'nofrost': {'adversarial': AdversarialConfig(eps='2/255').to_dict()}}
+    with pytest.raises(ValueError) as error:
+        TimmTrainLauncher._check_resume(tmp_path / 'args.yaml', other)
+    message = str(error.value)
+    assert message.startswith(f'{tmp_path} was trained with other settings: --epochs 10 (this command: 20); --lr 0.1 '
+                              f'(this command: 0.5); --adv-eps 0.0313725 (this command: 0.00784314)')
+    assert '\n' not in message and '--output' not in message and '--workers' not in message
+    TimmTrainLauncher._check_resume(tmp_path / 'missing' / 'args.yaml', other)  # nothing recorded: timm's resume

@@ -34,6 +34,7 @@ from ..evaluate.engine import WORST_CASE, EvalProgress, RobustCounter
 from ..pixels import AMP_DTYPES, PixelModel, denormalize, resolve_mean_std, to_float_pixels, unwrap_model
 from ..settings import setting
 from .adversarial import AdversarialConfig
+from .train_config import resume_differences
 from ..data.sources import spread_indices
 from .trainer import AdversarialTrainer
 
@@ -48,6 +49,11 @@ _logger = logging.getLogger(__name__)
 REQUIRED_GLOBALS = ('ClassificationTask', 'validate', 'main', '_parse_args')
 SCRIPT_MODULE_NAME = '_timm_nofrost_train_script'
 METRIC_PREFIX = 'robust_top1_'
+# train.py arguments that say where a run is written, how it starts or shows progress: the ones --resume may change
+_RUN_MANAGEMENT_ARGS = frozenset({
+    'resume', 'no_resume_opt', 'start_epoch', 'initial_checkpoint', 'output', 'experiment', 'config', 'log_interval',
+    'recovery_interval', 'checkpoint_hist', 'workers', 'pin_mem', 'device', 'local_rank', 'log_wandb',
+    'wandb_project', 'wandb_tags', 'wandb_resume_id', 'save_images'})
 
 
 @dataclass
@@ -306,7 +312,27 @@ class TimmTrainLauncher:
             import yaml
             parsed = (args, parsed[1] + yaml.safe_dump({'nofrost': self.settings()}, default_flow_style=False),
                       *parsed[2:])
+            if getattr(args, 'resume', None):
+                self._check_resume(Path(args.resume).parent / 'args.yaml', yaml.safe_load(parsed[1]))
         return parsed
+
+    @staticmethod
+    def _check_resume(recorded_file: Path, now: Dict[str, Any]) -> None:
+        """``--resume`` of a run whose ``args.yaml`` records other settings that change the result: a one-line
+        error naming each (train.py arguments and the adversarial settings), before anything runs."""
+        import yaml
+        if not recorded_file.is_file():  # a checkpoint without its run folder: nothing recorded to compare
+            return
+        recorded = yaml.safe_load(recorded_file.read_text()) or {}
+        differences = [f'--{k.replace("_", "-")} {recorded[k]} (this command: {now.get(k)})' for k in recorded
+                       if k not in _RUN_MANAGEMENT_ARGS and k != 'nofrost' and recorded[k] != now.get(k)]
+        if 'nofrost' in recorded:
+            differences += resume_differences({'adv': recorded['nofrost']['adversarial']},
+                                              {'adv': now['nofrost']['adversarial']})
+        if differences:
+            raise ValueError(f'{recorded_file.parent} was trained with other settings: {"; ".join(differences)}. '
+                             f'--resume continues the same run: repeat its settings, or start a new run from its '
+                             f'weights with --initial-checkpoint.')
 
     def make_task(self, model: nn.Module, criterion: Optional[Callable] = None, device: Optional[torch.device] = None,
                   dtype: Optional[torch.dtype] = None, verbose: bool = True, **kwargs: Any) -> AdversarialTrainer:

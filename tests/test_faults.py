@@ -223,3 +223,114 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused_by_eval_and_resume(data_root, 
     assert main(train_args(data_root, out, '--resume')) == 2
     assert "checkpoint-last.pth' is corrupted" in capsys.readouterr().err
     assert torch.equal(tensor, weights[next(k for k, v in weights.items() if v is tensor)])
+
+
+# -- studies ------------------------------------------------------------------------------------------------
+def study_args(data_root: Path, out: Path, *extra: str, arms: str = 'nofrost', seeds: str = '0') -> list:
+    return ['study', '--data', str(data_root), '--img-size', '16', '--model', 'nf_resnet18_cifar_nofrost',
+            '--model-kwargs', KWARGS, '--arms', arms, '--seeds', seeds, '--epochs', '2', '-b', '10',
+            '--adv-steps', '1', '--robust-examples', '4', '--eval-attack', 'pgd-2', '--eval-examples', '4',
+            '--eval-attacks', 'clean,pgd-2', '--curve-attack', 'pgd-2', '--curve-eps', '1', '--no-analysis',
+            '--deterministic', '--no-progress', '--out', str(out), *extra]
+
+
+def _study_numbers(out: Path) -> dict:
+    report = json.loads((out / 'report.json').read_text())
+    return {arm: {k: v['values'] for k, v in metrics.items() if not k.endswith('time_s')}
+            for arm, metrics in report['arms'].items()}
+
+
+def test_a_study_killed_between_checkpoint_and_summary_continues(data_root, tmp_path, monkeypatch, capsys):
+    """The fault that used to leave a study stuck for good: the first checkpoint written, no summary line."""
+    reference = tmp_path / 'reference'
+    assert main(study_args(data_root, reference)) == 0
+    out = tmp_path / 'study'
+
+    def stop(path: Path, stage: str) -> None:
+        if path.name == 'summary.jsonl':
+            raise OSError(errno.ENOSPC, 'No space left on device (injected)')
+    monkeypatch.setattr(files, 'WRITE_HOOK', stop)
+    assert main(study_args(data_root, out)) == 2
+    monkeypatch.setattr(files, 'WRITE_HOOK', None)
+    run = out / 'runs' / 'nofrost' / 'seed-0'
+    assert (run / 'checkpoint-last.pth').is_file() and not (run / 'summary.jsonl').exists()
+    capsys.readouterr()
+    assert main(['study', 'report', str(out), '--json']) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert [(m['state'], m['detail']) for m in partial['missing']] == [
+        ('training', '? epoch(s) done: still running, or interrupted (run the study again to resume)')]
+    assert main(study_args(data_root, out)) == 0, capsys.readouterr().err
+    assert 'resuming' in capsys.readouterr().out
+    assert [json.loads(x)['epoch'] for x in (run / 'summary.jsonl').read_text().splitlines()] == [1, 2]
+    assert _study_numbers(out) == _study_numbers(reference)
+
+
+def test_study_report_names_the_file_and_entry_it_cannot_use(data_root, tmp_path, capsys):
+    out = tmp_path / 'study'
+    assert main(study_args(data_root, out)) == 0
+    eval_file = out / 'runs' / 'nofrost' / 'seed-0' / 'eval.json'
+    good = json.loads(eval_file.read_text())
+    for content, message in [('{nope', f'{eval_file} cannot be read (Expecting property name'),
+                             ('[]', f'{eval_file} holds list, not a JSON object'),
+                             (json.dumps({k: v for k, v in good.items() if k != 'curve'}),
+                              f"{eval_file} is incomplete: it has no 'curve' entry"),
+                             (json.dumps({**good, 'protocol': {**good['protocol'], 'accuracy': 3}}),
+                              f'{eval_file} is malformed (TypeError')]:
+        eval_file.write_text(content)
+        capsys.readouterr()
+        assert main(['study', 'report', str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    (out / 'study.json').write_text('{"arms": {}}')
+    assert main(['study', 'report', str(out)]) == 2
+    assert f"{out / 'study.json'} is incomplete: it has no 'seeds' entry" in capsys.readouterr().err
+
+
+_SLOW_STUDY = ("import sys, time\nfrom timm_nofrost import files\nfrom timm_nofrost.cli import main\n"
+               "files.WRITE_HOOK = lambda p, s: time.sleep(25) if p.name == 'results.json' and s == 'begin' "
+               "else None\nsys.exit(main(sys.argv[1:]))")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 180
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_two_studies_on_one_folder_never_do_a_run_twice(data_root, tmp_path):
+    out = tmp_path / 'study'
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    first = subprocess.Popen([sys.executable, '-c', _SLOW_STUDY, *study_args(data_root, out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = out / 'runs' / 'nofrost' / 'seed-0'
+    try:
+        _wait_for(run / 'robustness.md', first)  # the first holds the run, in its final write
+        second = subprocess.run([sys.executable, '-m', 'timm_nofrost', *study_args(data_root, out)], env=env,
+                                capture_output=True, text=True)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f'timm-nofrost study: error: {run.resolve()} is in use by process {first.pid} (timm-nofrost study --out '
+            f'{out}, nofrost seed 0); wait for it to finish (or stop it), or choose another folder.']
+    finally:
+        _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    assert [json.loads(x)['epoch'] for x in (run / 'summary.jsonl').read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_only_launches_for_different_runs_proceed_in_parallel(data_root, tmp_path):
+    out = tmp_path / 'study'
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    launches = [subprocess.Popen([sys.executable, '-c', _SLOW_STUDY,
+                                  *study_args(data_root, out, '--only', f'nofrost:{seed}', seeds='0,1')],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for seed in (0, 1)]
+    for seed, proc in enumerate(launches):
+        _wait_for(out / 'runs' / 'nofrost' / f'seed-{seed}' / 'robustness.md', proc)
+    assert all(proc.poll() is None for proc in launches)  # both hold their own run at once
+    for proc in launches:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    assert json.loads((out / 'report.json').read_text())['arms']['nofrost']['clean']['n'] == 2

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..attacks.base import check_positive_int
 from ..data.sources import build_eval_dataset, image_fingerprint, image_names, pixel_eval_transform, \
     source_data_config
 
@@ -163,8 +164,7 @@ def select_subset(
         digest = hashlib.sha256('\n'.join(ids).encode()).hexdigest()
         info = dict(kind='id-list', source=ids_source, n=len(indices), sha256=digest, indices=indices)
     elif n_examples is not None:
-        if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
-            raise ValueError(f'n_examples must be a positive integer, got {n_examples!r}.')
+        check_positive_int('n_examples', n_examples)
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
         indices = sorted(order[:min(n_examples, total)])
         info = dict(kind='seeded-random', seed=seed, n=len(indices), indices=indices)

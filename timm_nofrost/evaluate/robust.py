@@ -87,8 +87,7 @@ def _attack_all(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, 
     """Every batch through the engine; the first ``sanity_examples`` correctly classified images for the checks."""
     counter = RobustCounter(pixel_model, protocol.specs, protocol.threats, cascade=protocol.cascade,
                             seed=protocol.seed, amp_dtype=amp, active_set=protocol.active_set)
-    kept_x: List[torch.Tensor] = []
-    kept_y: List[torch.Tensor] = []
+    kept_x, kept_y = [], []
     try:
         for x, y in eval_set.loader(protocol.batch_size):
             x, y = x.to(device), y.to(device)
@@ -100,7 +99,7 @@ def _attack_all(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, 
         bar.close()
     if counter.total == 0:
         raise ValueError('The dataset yielded no examples.')
-    if not kept_x or not sum(t.shape[0] for t in kept_x):
+    if not sum(t.shape[0] for t in kept_x):
         return counter, None, None
     n = protocol.sanity_examples
     return counter, torch.cat(kept_x)[:n], torch.cat(kept_y)[:n]

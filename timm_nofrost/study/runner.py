@@ -153,12 +153,6 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     return replace(cfg, train=t, curve_eps=tuple(curve), arms=list(arms), seeds=list(cfg.seeds))
 
 
-def _arm_train_config(cfg: StudyConfig, arm: Arm, seed: int) -> TrainConfig:
-    study_adv = {f.name: getattr(cfg.train.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
-    return replace(cfg.train, adv=arm.adversarial(**study_adv), seed=seed,
-                   out_dir=str(run_dir(Path(cfg.out_dir), arm.name, seed)), final_attacks='clean')
-
-
 class _Models:
     """Builds each arm's model: the study's normalizer-free model or its BatchNorm twin (or the reverse)."""
 
@@ -182,8 +176,10 @@ class _Models:
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
         """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
-        cfg = _arm_train_config(self.cfg, arm, seed)
         t = self.cfg.train
+        study_adv = {f.name: getattr(t.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
+        cfg = replace(t, adv=arm.adversarial(**study_adv), seed=seed, final_attacks='clean',
+                      out_dir=str(run_dir(Path(self.cfg.out_dir), arm.name, seed)))
         torch.manual_seed(seed)  # a ready model is initialised from the seed, as train() initialises its own
         if arm.family == 'nf' or self.study_has_bn:
             cfg.convert = arm.family == 'nf' and self.study_has_bn  # train builds the BatchNorm model, converts it
@@ -276,8 +272,7 @@ def _parse_only(only: Optional[str], cfg: StudyConfig) -> List[Tuple[Arm, int]]:
             raise StudyError(f'--only {only!r}: seed {seed_text!r} is not an integer.') from None
         if seed not in cfg.seeds:
             raise StudyError(f'--only {only!r}: seed {seed} is not among the seeds {cfg.seeds}.')
-        return [(arm, s) for arm, s in pairs if arm.name == name and s == seed]
-    return [(arm, s) for arm, s in pairs if arm.name == name]
+    return [(arm, s) for arm, s in pairs if arm.name == name and (not seed_text or s == seed)]
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -353,24 +348,19 @@ def _run_one(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, see
     # one process per run folder: two studies on one folder never train or evaluate a run twice
     with hold_folder(path, f'timm-nofrost study --out {cfg.out_dir}, {arm.name} seed {seed}') if primary \
             else nullcontext():
-        _train_and_evaluate(cfg, models, eval_set, arm, seed, tag, primary, path)
-
-
-def _train_and_evaluate(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, tag: str,
-                        primary: bool, path: Path) -> None:
-    state, _ = run_state(path)
-    if state == 'evaluated':
-        _log(f'{tag}: finished, skipped')
-        return
-    if state in ('missing', 'training'):
-        _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
-        model, run_cfg = models.build(arm, seed)
-        if state == 'training':
-            run_cfg.resume = 'auto'
-        training_run.train(run_cfg, model=model)
-    if primary:
-        _log(f'{tag}: evaluating ({cfg.eval_attacks} at {cfg.train.adv.threat}; curve: {cfg.curve_attack})')
-        _evaluate_run(cfg, models, eval_set, arm, seed, path)
+        state, _ = run_state(path)
+        if state == 'evaluated':
+            _log(f'{tag}: finished, skipped')
+            return
+        if state in ('missing', 'training'):
+            _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
+            model, run_cfg = models.build(arm, seed)
+            if state == 'training':
+                run_cfg.resume = 'auto'
+            training_run.train(run_cfg, model=model)
+        if primary:
+            _log(f'{tag}: evaluating ({cfg.eval_attacks} at {cfg.train.adv.threat}; curve: {cfg.curve_attack})')
+            _evaluate_run(cfg, models, eval_set, arm, seed, path)
 
 
 def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:

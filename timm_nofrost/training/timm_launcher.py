@@ -168,9 +168,8 @@ class SubsetCollector:
         self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
         self.pixels, self.targets = [], []  # the kept images (uint8 or float pixels) and their labels
-        self.batch_size = 0
+        self.batch_size = self._seen = 0
         self.unsupported: Optional[str] = None
-        self._seen = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -363,9 +362,8 @@ class TimmTrainLauncher:
         device = torch.device(call.get('device') or getattr(args, 'device', 'cpu'))
         if collector.unsupported:
             _logger.warning(f'Robust validation skipped: the eval loader yields {collector.unsupported}.')
-            pixels, targets = torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)  # counts 0, joins the sum
-        else:
-            pixels, targets = collector.examples()
+            collector.pixels, collector.targets = [], []  # counts 0, joins the sum
+        pixels, targets = collector.examples()
         counts, n = robust_correct(
             call['model'], pixels.to(device), targets.to(device), self.robust_val, threat=self.adv_cfg.threat,
             mean=mean, std=std, batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),

@@ -77,13 +77,12 @@ def build_eval_set(
     """The evaluation set of ``data``: the one way every evaluation (``eval``, train's final evaluation, the
     study, timm-train's robust validation) gets its images.
 
-    ``data`` uses the train command's syntax (``timm_nofrost.data.sources``): ``'demo'``; an ImageFolder root (its
-    val / validation / test subfolder when it has train / val subfolders, else the whole folder, or with
-    ``val_fraction`` the held-out part of train's split seeded by ``split_seed``, default 0); a timm dataset name
-    with its root in ``data_dir``. Its images are resized / cropped for ``img_size`` (default: the model's; 32 on
-    the demo data) by the model's eval transform without normalisation. A ready Dataset (of [0, 1] image tensors)
-    or a DataLoader's dataset is used as it is, labelled ``source``. Then ``subset_ids`` (a file or list of indices
-    or relative paths, e.g. RobustBench's 5,000 ImageNet images) or a seeded random ``n_examples`` are chosen.
+    ``data`` uses the train command's syntax (``timm_nofrost.data.sources``; with ``val_fraction`` a single folder
+    gives the held-out part of train's split seeded by ``split_seed``, default 0), its images resized / cropped for
+    ``img_size`` (default: the model's; 32 on the demo data) by the model's eval transform without normalisation.
+    A ready Dataset (of [0, 1] image tensors) or a DataLoader's dataset is used as it is, labelled ``source``. Then
+    ``subset_ids`` (a file or list of indices or relative paths, e.g. RobustBench's 5,000 ImageNet images) or a
+    seeded random ``n_examples`` are chosen.
 
     Raises:
         FileNotFoundError / ValueError: a missing folder, an unknown source, a bad ``val_fraction``, an empty set.

@@ -1,11 +1,10 @@
 """``RobustReport``: robust-evaluation results as JSON, a Markdown table and an accuracy-vs-eps plot."""
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..attacks.threat import ThreatModel
-from ..files import atomic_write
+from ..files import atomic_json
 
 __all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
@@ -50,7 +49,7 @@ class RobustReport:
 
     def save_json(self, path: Union[str, Path]) -> Path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + '\n')
+        return atomic_json(path, self.to_dict(), sort_keys=False)
 
     def to_markdown(self) -> str:
         labels = self.eps_labels

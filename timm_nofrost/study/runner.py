@@ -367,10 +367,9 @@ def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     """The protocol's images: the same validation subset, in the same pixels, for every model."""
     # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
     model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
-    val = source.val
-    val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
-    indices = spread_indices(cfg.eval_examples, len(val))
-    return EvalSet(Subset(val, indices), cfg.train.data, 'validation',
+    source.val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
+    indices = spread_indices(cfg.eval_examples, len(source.val))
+    return EvalSet(Subset(source.val, indices), cfg.train.data, 'validation',
                    {'kind': 'spread', 'n': len(indices), 'indices': indices})
 
 

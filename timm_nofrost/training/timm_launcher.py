@@ -58,14 +58,9 @@ _RUN_MANAGEMENT_ARGS = frozenset({
 
 @dataclass
 class RobustValidationConfig:
-    """Robust accuracy measured after each of timm's validations.
-
-    Args:
-        attacks: Attack names as ``timm-nofrost eval`` spells them (``pgd-10``, ``pgd-20``, ``apgd-ce``,
-            ``clean`` for the subset's clean accuracy, ...), a list or a comma-separated string.
-        examples: Attack this many validation images, spread evenly over the set (indices ``floor(i * size / n)``);
-            0 turns robust validation off.
-    """
+    """Robust accuracy measured after each of timm's validations: ``attacks`` (named as ``timm-nofrost eval``
+    names them; a list or a comma-separated string) on ``examples`` validation images spread evenly over the set
+    (indices ``floor(i * size / n)``; 0 turns robust validation off)."""
     attacks: Union[str, Sequence[str]] = setting(
         'pgd-10', group='robust-validation', flag='--adv-val-attacks',
         metavar='LIST', help="comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce (clean "
@@ -148,13 +143,8 @@ class SubsetCollector:
     Subset members of each batch are kept as pixels in [0, 1] (the loader's ``mean`` / ``std`` undone; 8-bit
     when the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees
     dataset positions ``r, r + W, r + 2W, ...`` (past the dataset: padding), so the ranks together keep each
-    subset image exactly once.
-
-    Args:
-        loader: The eval loader; its ``dataset`` length places the subset (without one: the first N images).
-        n_examples: Subset size.
-        mean, std: The loader's normalisation.
-        rank, world_size: This process's place in distributed validation.
+    subset image exactly once. The length of ``loader.dataset`` places the subset of ``n_examples`` images
+    (without one: the first ones); ``mean`` / ``std`` are the loader's normalisation.
     """
 
     def __init__(self, loader: Any, n_examples: int, mean: Sequence[float], std: Sequence[float], rank: int = 0,
@@ -260,13 +250,9 @@ class LaunchedAdversarialTrainer(AdversarialTrainer):
 
 # -- launching -----------------------------------------------------------------------------------------------
 class TimmTrainLauncher:
-    """Swaps NoFrost adversarial training and robust validation into a loaded timm ``train.py``.
-
-    Args:
-        module: The loaded script (see :func:`load_train_script`).
-        adv_cfg: Adversarial training settings (the NoFrost recipe by default).
-        robust_val: Robust validation settings; its attacks run at the training eps and norm.
-    """
+    """Swaps NoFrost adversarial training (``adv_cfg``, default: the NoFrost recipe) and robust validation
+    (``robust_val``, its attacks at the training eps and norm) into a timm ``train.py`` loaded by
+    :func:`load_train_script`."""
 
     def __init__(self, module: ModuleType, adv_cfg: Optional[AdversarialConfig] = None,
                  robust_val: Optional[RobustValidationConfig] = None):

@@ -26,15 +26,14 @@ class EvalSet:
     """The images of an evaluation (``dataset`` of ``(pixels in [0, 1], label)``) and where they come from.
 
     Args:
-        dataset: The images, already subset.
+        dataset, split: The images, already subset, and the split of the source they come from.
         source: The data source as the user named it: ``'demo'``, a folder, a timm dataset name, a benchmark.
-        split: The split of the source.
         subset: How the images were chosen (``kind``: ``all``, ``seeded-random``, ``id-list``, ``spread``, with the
             indices), recorded in every report.
         mean, std: The model's input normalisation (None: its timm ``pretrained_cfg``).
         groups: A label per image for per-group accuracy (ImageNet-C: ``'fog/3'``); None: one group.
         class_subset: Restrict the logits to these classes (ImageNet-R / -A: 200 of the 1,000).
-        workers: Data-loading processes.
+        workers: Data-loading processes of ``loader``.
     """
     dataset: Dataset
     source: str
@@ -57,23 +56,13 @@ class EvalSet:
         return image_fingerprint(self.dataset)
 
 
-def build_eval_set(
-        data: Union[str, Path, Dataset, DataLoader, EvalSet],
-        model: Optional[nn.Module] = None,
-        *,
-        split: str = 'validation',
-        n_examples: Optional[int] = None,
-        subset_ids: Optional[Union[str, Path, Sequence[str]]] = None,
-        seed: int = 0,
-        data_dir: Optional[str] = None,
-        img_size: Optional[int] = None,
-        val_fraction: Optional[float] = None,
-        split_seed: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        workers: int = 0,
-        source: Optional[str] = None,
-) -> EvalSet:
+def build_eval_set(data: Union[str, Path, Dataset, DataLoader, EvalSet], model: Optional[nn.Module] = None, *,
+                   split: str = 'validation', n_examples: Optional[int] = None,
+                   subset_ids: Optional[Union[str, Path, Sequence[str]]] = None, seed: int = 0,
+                   data_dir: Optional[str] = None, img_size: Optional[int] = None,
+                   val_fraction: Optional[float] = None, split_seed: Optional[int] = None,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None, workers: int = 0,
+                   source: Optional[str] = None) -> EvalSet:
     """The evaluation set of ``data``: the one way every evaluation (``eval``, train's final evaluation, the
     study, timm-train's robust validation) gets its images.
 
@@ -148,13 +137,9 @@ def _indices_of_ids(dataset: Dataset, ids: Sequence[str]) -> List[int]:
     return [lookup[key] for key in keys]
 
 
-def select_subset(
-        dataset: Dataset,
-        n_examples: Optional[int] = None,
-        seed: int = 0,
-        ids: Optional[Sequence[str]] = None,
-        ids_source: Optional[str] = None,
-) -> Tuple[Dataset, Dict[str, Any]]:
+def select_subset(dataset: Dataset, n_examples: Optional[int] = None, seed: int = 0,
+                  ids: Optional[Sequence[str]] = None, ids_source: Optional[str] = None
+                  ) -> Tuple[Dataset, Dict[str, Any]]:
     """A fixed subset and how it was chosen: ``ids`` (indices or relative paths), or the first ``n_examples`` of
     a seeded permutation, or everything."""
     total = len(dataset)

@@ -84,8 +84,7 @@ class RobustReport:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install 'timm-nofrost[eval]'") from None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         xs = [0.0] + list(self.eps)
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for attack in self.attacks + [WORST_CASE]:
@@ -98,7 +97,7 @@ class RobustReport:
         ax.set_xticks(xs, ['0'] + self.eps_labels)
         ax.set(xlabel=f'eps ({self.norm})', ylabel='accuracy (%)', ylim=(0, 100),
                title=f'{self.model}: robust accuracy, {self.n_examples} examples')
-        return save_figure(plt, fig, ax, path)
+        return save_figure(plt, fig, ax, Path(path))
 
 
 def save_figure(plt: Any, fig: Any, ax: Any, path: Path, legend_size: Optional[float] = None) -> Path:

@@ -139,8 +139,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
             raise StudyError(f'Seeds must be integers >= 0, got {seed!r}.')
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise StudyError(f'Seeds repeat: {cfg.seeds}.')
-    for name in ('eval_examples', 'eval_batch_size'):
-        value = getattr(cfg, name)
+    for name, value in (('eval_examples', cfg.eval_examples), ('eval_batch_size', cfg.eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise StudyError(f'{name} must be a positive integer, got {value!r}.')
     for name in cfg.eval_attacks.split(','):
@@ -306,7 +305,6 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     primary = int(os.environ.get('RANK', '0')) == 0
     _claim_folder(cfg, models, primary)
     eval_set = _study_eval_set(cfg, models, source)
-
     for i, (arm, seed) in enumerate(pairs):
         _run_one(cfg, models, eval_set, arm, seed, f'[study {i + 1}/{len(pairs)}] {arm.name} seed {seed}', primary)
     if not (report and primary):
@@ -323,8 +321,7 @@ def _claim_folder(cfg: StudyConfig, models: _Models, primary: bool) -> None:
     if primary:
         try:
             manifest = _check_folder(cfg)
-            manifest['arm_models'] = {**manifest.get('arm_models', {}),
-                                      **{arm.name: models.describe(arm) for arm in cfg.arms}}
+            manifest['arm_models'] = {arm.name: models.describe(arm) for arm in cfg.arms}
             out.mkdir(parents=True, exist_ok=True)
             atomic_json(out / STUDY_FILE, manifest)
         except ValueError as e:  # StudyError, or an unreadable study.json

@@ -61,10 +61,9 @@ def init_distributed(device_pref: Optional[str]) -> tuple:
     use_cuda = torch.cuda.is_available() if device_pref is None else device_pref.startswith('cuda')
     if world <= 1:
         return _Dist(), torch.device(device_pref or ('cuda' if use_cuda else 'cpu'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if not dist.is_initialized():
         dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+    device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}' if use_cuda else 'cpu')
     if use_cuda:
         torch.cuda.set_device(device)
     return _Dist(dist.get_rank(), dist.get_world_size()), device
@@ -353,8 +352,7 @@ class _Run:
 
     def _save(self, epoch: int, metrics: Dict[str, Any]) -> None:
         improved = self.best is None or metrics['val_robust_top1'] >= self.best
-        if improved:
-            self.best = metrics['val_robust_top1']
+        self.best = metrics['val_robust_top1'] if improved else self.best
         last = atomic_save(self.state(epoch, metrics), self.out_dir / CHECKPOINT_LAST)
         if improved:
             atomic_copy(last, self.out_dir / CHECKPOINT_BEST)

@@ -151,10 +151,9 @@ class SubsetCollector:
                  world_size: int = 1):
         self.loader = loader
         try:
-            size = len(loader.dataset)
-        except (AttributeError, TypeError):
-            size = None
-        self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
+            self.subset = set(spread_indices(n_examples, len(loader.dataset)))
+        except (AttributeError, TypeError):  # no sized dataset: the first images
+            self.subset = set(range(n_examples))
         self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
         self.pixels, self.targets = [], []  # the kept images (uint8 or float pixels) and their labels

@@ -114,8 +114,7 @@ _CHECKS: Tuple[Tuple[str, str, Callable[[Any], bool]], ...] = (
 def apply_presets(cfg: TrainConfig, presets: Tuple[str, ...]) -> TrainConfig:
     """Fill ``cfg``'s unset settings from ``presets`` (``timm_nofrost.training.presets.resolve``), in place;
     an unset ``adv`` becomes the presets' ``AdversarialConfig``."""
-    values = resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != 'adv'}, presets)
-    for name, value in values.items():
+    for name, value in resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != 'adv'}, presets).items():
         setattr(cfg, name, value)
     if cfg.adv is None:
         cfg.adv = AdversarialConfig(steps=resolve({'steps': None}, presets)['steps'])

@@ -42,12 +42,6 @@ def check_writable_dir(path: PathLike, what: str = 'Output folder') -> bool:
     return not existed
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[IO[bytes]], None]]) -> Path:
     """Write ``content`` (bytes, text, or a function writing into a binary file) to a uniquely named temporary
     file beside ``path``, fsync it, give it the mode of a freshly created file, then rename it over ``path``.
@@ -67,7 +61,9 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[IO[bytes]]
                 f.write(content.encode('utf-8') if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if WRITE_HOOK is not None:
             WRITE_HOOK(path, 'commit')
         os.replace(tmp, path)
@@ -119,8 +115,7 @@ def hold_folder(folder: PathLike, what: str, wait: bool = False) -> Iterator[Pat
         yield folder
         return
     check_writable_dir(folder)
-    lock = open(folder / LOCK_FILE, 'a+')
-    try:
+    with open(folder / LOCK_FILE, 'a+') as lock:  # closing releases the lock
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -137,5 +132,3 @@ def hold_folder(folder: PathLike, what: str, wait: bool = False) -> Iterator[Pat
             yield folder
         finally:
             _HELD.discard(folder)
-    finally:
-        lock.close()  # closing releases the lock

@@ -32,8 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import build_eval_set, evaluate
-    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-    model = create_model_from_args(args, **kwargs)
+    model = create_model_from_args(args, **({} if args.num_classes is None else {'num_classes': args.num_classes}))
     protocol = build_settings(Protocol, settings_dict(args, Protocol))
     eval_set = build_eval_set(args.data, model, seed=protocol.seed, **settings_dict(args, EvalSubset),
                               **settings_dict(args, DataSettings, exclude=('data', 'num_classes')))

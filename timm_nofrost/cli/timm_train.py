@@ -53,20 +53,15 @@ def split_arguments(rest: List[str]) -> Tuple[List[str], List[str]]:
     return own, train
 
 
-def _own_flags(args: argparse.Namespace, tokens: List[str]) -> None:
-    """Parse the ``--adv-*`` flags written after SCRIPT into ``args``."""
-    parser = OneLineErrorParser(prog='timm-nofrost timm-train', add_help=False)
-    _add_adv_arguments(parser)
-    _, unknown = parser.parse_known_args(tokens, namespace=args)
-    if unknown:
-        raise CliError(f'unrecognized arguments before "--": {" ".join(unknown)} (train.py\'s arguments go after '
-                       f'"--").')
-
-
 def run(args: argparse.Namespace) -> int:
     from ..training.timm_launcher import run_timm_train
     own, train_args = split_arguments(list(args.rest))
-    _own_flags(args, own)
+    parser = OneLineErrorParser(prog='timm-nofrost timm-train', add_help=False)  # the --adv-* flags after SCRIPT
+    _add_adv_arguments(parser)
+    _, unknown = parser.parse_known_args(own, namespace=args)
+    if unknown:
+        raise CliError(f'unrecognized arguments before "--": {" ".join(unknown)} (train.py\'s arguments go after '
+                       f'"--").')
     adv_cfg = build_settings(AdversarialConfig, resolve(settings_dict(args, AdversarialConfig), chain('')))
     robust_val = build_settings(RobustValidationConfig, settings_dict(args, RobustValidationConfig))
     run_timm_train(args.script, train_args, adv_cfg, robust_val)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..attacks.base import check_positive_int
 from ..data.sources import build_eval_dataset, image_fingerprint, image_names, pixel_eval_transform, \
     source_data_config
 
@@ -25,15 +26,14 @@ class EvalSet:
     """The images of an evaluation (``dataset`` of ``(pixels in [0, 1], label)``) and where they come from.
 
     Args:
-        dataset: The images, already subset.
+        dataset, split: The images, already subset, and the split of the source they come from.
         source: The data source as the user named it: ``'demo'``, a folder, a timm dataset name, a benchmark.
-        split: The split of the source.
         subset: How the images were chosen (``kind``: ``all``, ``seeded-random``, ``id-list``, ``spread``, with the
             indices), recorded in every report.
         mean, std: The model's input normalisation (None: its timm ``pretrained_cfg``).
         groups: A label per image for per-group accuracy (ImageNet-C: ``'fog/3'``); None: one group.
         class_subset: Restrict the logits to these classes (ImageNet-R / -A: 200 of the 1,000).
-        workers: Data-loading processes.
+        workers: Data-loading processes of ``loader``.
     """
     dataset: Dataset
     source: str
@@ -56,33 +56,22 @@ class EvalSet:
         return image_fingerprint(self.dataset)
 
 
-def build_eval_set(
-        data: Union[str, Path, Dataset, DataLoader, EvalSet],
-        model: Optional[nn.Module] = None,
-        *,
-        split: str = 'validation',
-        n_examples: Optional[int] = None,
-        subset_ids: Optional[Union[str, Path, Sequence[str]]] = None,
-        seed: int = 0,
-        data_dir: Optional[str] = None,
-        img_size: Optional[int] = None,
-        val_fraction: Optional[float] = None,
-        split_seed: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        workers: int = 0,
-        source: Optional[str] = None,
-) -> EvalSet:
+def build_eval_set(data: Union[str, Path, Dataset, DataLoader, EvalSet], model: Optional[nn.Module] = None, *,
+                   split: str = 'validation', n_examples: Optional[int] = None,
+                   subset_ids: Optional[Union[str, Path, Sequence[str]]] = None, seed: int = 0,
+                   data_dir: Optional[str] = None, img_size: Optional[int] = None,
+                   val_fraction: Optional[float] = None, split_seed: Optional[int] = None,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None, workers: int = 0,
+                   source: Optional[str] = None) -> EvalSet:
     """The evaluation set of ``data``: the one way every evaluation (``eval``, train's final evaluation, the
     study, timm-train's robust validation) gets its images.
 
-    ``data`` uses the train command's syntax (``timm_nofrost.data.sources``): ``'demo'``; an ImageFolder root (its
-    val / validation / test subfolder when it has train / val subfolders, else the whole folder, or with
-    ``val_fraction`` the held-out part of train's split seeded by ``split_seed``, default 0); a timm dataset name
-    with its root in ``data_dir``. Its images are resized / cropped for ``img_size`` (default: the model's; 32 on
-    the demo data) by the model's eval transform without normalisation. A ready Dataset (of [0, 1] image tensors)
-    or a DataLoader's dataset is used as it is, labelled ``source``. Then ``subset_ids`` (a file or list of indices
-    or relative paths, e.g. RobustBench's 5,000 ImageNet images) or a seeded random ``n_examples`` are chosen.
+    ``data`` uses the train command's syntax (``timm_nofrost.data.sources``; with ``val_fraction`` a single folder
+    gives the held-out part of train's split seeded by ``split_seed``, default 0), its images resized / cropped for
+    ``img_size`` (default: the model's; 32 on the demo data) by the model's eval transform without normalisation.
+    A ready Dataset (of [0, 1] image tensors) or a DataLoader's dataset is used as it is, labelled ``source``. Then
+    ``subset_ids`` (a file or list of indices or relative paths, e.g. RobustBench's 5,000 ImageNet images) or a
+    seeded random ``n_examples`` are chosen.
 
     Raises:
         FileNotFoundError / ValueError: a missing folder, an unknown source, a bad ``val_fraction``, an empty set.
@@ -148,13 +137,9 @@ def _indices_of_ids(dataset: Dataset, ids: Sequence[str]) -> List[int]:
     return [lookup[key] for key in keys]
 
 
-def select_subset(
-        dataset: Dataset,
-        n_examples: Optional[int] = None,
-        seed: int = 0,
-        ids: Optional[Sequence[str]] = None,
-        ids_source: Optional[str] = None,
-) -> Tuple[Dataset, Dict[str, Any]]:
+def select_subset(dataset: Dataset, n_examples: Optional[int] = None, seed: int = 0,
+                  ids: Optional[Sequence[str]] = None, ids_source: Optional[str] = None
+                  ) -> Tuple[Dataset, Dict[str, Any]]:
     """A fixed subset and how it was chosen: ``ids`` (indices or relative paths), or the first ``n_examples`` of
     a seeded permutation, or everything."""
     total = len(dataset)
@@ -163,8 +148,7 @@ def select_subset(
         digest = hashlib.sha256('\n'.join(ids).encode()).hexdigest()
         info = dict(kind='id-list', source=ids_source, n=len(indices), sha256=digest, indices=indices)
     elif n_examples is not None:
-        if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
-            raise ValueError(f'n_examples must be a positive integer, got {n_examples!r}.')
+        check_positive_int('n_examples', n_examples)
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
         indices = sorted(order[:min(n_examples, total)])
         info = dict(kind='seeded-random', seed=seed, n=len(indices), indices=indices)

@@ -22,17 +22,9 @@ _PROTOCOL_FIELDS = frozenset(f.name for f in fields(Protocol))
 _EVAL_SET_ARGS = frozenset(inspect.signature(build_eval_set).parameters) - {'data', 'model', 'seed'}
 
 
-def evaluate(
-        model: nn.Module,
-        eval_set: Any,
-        protocol: Optional[Protocol] = None,
-        *,
-        device: Union[str, torch.device] = 'cpu',
-        amp_dtype: Optional[Union[torch.dtype, str]] = None,
-        progress: Union[bool, str] = 'auto',
-        model_name: Optional[str] = None,
-        **settings: Any,
-) -> RobustReport:
+def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = None, *,
+             device: Union[str, torch.device] = 'cpu', amp_dtype: Optional[Union[torch.dtype, str]] = None,
+             progress: Union[bool, str] = 'auto', model_name: Optional[str] = None, **settings: Any) -> RobustReport:
     """Clean and robust accuracy of ``model`` on ``eval_set`` under ``protocol``, per attack and threat model,
     plus the per-example worst case and the protocol's sanity checks.
 
@@ -60,9 +52,8 @@ def evaluate(
     model = unwrap_model(model).to(device).eval()
     pixel_model = PixelModel.from_model(model, eval_set.mean, eval_set.std)  # a ValueError before any work
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
-    batches = -(-len(eval_set) // protocol.batch_size)
-    counter, xs, ys = _attack_all(pixel_model, eval_set, protocol, device, amp,
-                                  EvalProgress(progress, batches, f'evaluating {name}'))
+    bar = EvalProgress(progress, -(-len(eval_set) // protocol.batch_size), f'evaluating {name}')
+    counter, xs, ys = _attack_all(pixel_model, eval_set, protocol, device, amp, bar)
     flags = _sanity_flags(pixel_model, counter, protocol, xs, ys, amp) if protocol.sanity else []
     report = RobustReport(
         model=name, dataset=eval_set.source, norm=protocol.norm, eps=[t.eps for t in protocol.threats],
@@ -87,8 +78,7 @@ def _attack_all(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, 
     """Every batch through the engine; the first ``sanity_examples`` correctly classified images for the checks."""
     counter = RobustCounter(pixel_model, protocol.specs, protocol.threats, cascade=protocol.cascade,
                             seed=protocol.seed, amp_dtype=amp, active_set=protocol.active_set)
-    kept_x: List[torch.Tensor] = []
-    kept_y: List[torch.Tensor] = []
+    kept_x, kept_y = [], []
     try:
         for x, y in eval_set.loader(protocol.batch_size):
             x, y = x.to(device), y.to(device)
@@ -100,7 +90,7 @@ def _attack_all(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, 
         bar.close()
     if counter.total == 0:
         raise ValueError('The dataset yielded no examples.')
-    if not kept_x or not sum(t.shape[0] for t in kept_x):
+    if not sum(t.shape[0] for t in kept_x):
         return counter, None, None
     n = protocol.sanity_examples
     return counter, torch.cat(kept_x)[:n], torch.cat(kept_y)[:n]

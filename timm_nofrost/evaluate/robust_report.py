@@ -1,11 +1,10 @@
 """``RobustReport``: robust-evaluation results as JSON, a Markdown table and an accuracy-vs-eps plot."""
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..attacks.threat import ThreatModel
-from ..files import atomic_write
+from ..files import atomic_json
 
 __all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
@@ -50,7 +49,7 @@ class RobustReport:
 
     def save_json(self, path: Union[str, Path]) -> Path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + '\n')
+        return atomic_json(path, self.to_dict(), sort_keys=False)
 
     def to_markdown(self) -> str:
         labels = self.eps_labels
@@ -85,8 +84,7 @@ class RobustReport:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install 'timm-nofrost[eval]'") from None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         xs = [0.0] + list(self.eps)
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for attack in self.attacks + [WORST_CASE]:
@@ -99,7 +97,7 @@ class RobustReport:
         ax.set_xticks(xs, ['0'] + self.eps_labels)
         ax.set(xlabel=f'eps ({self.norm})', ylabel='accuracy (%)', ylim=(0, 100),
                title=f'{self.model}: robust accuracy, {self.n_examples} examples')
-        return save_figure(plt, fig, ax, path)
+        return save_figure(plt, fig, ax, Path(path))
 
 
 def save_figure(plt: Any, fig: Any, ax: Any, path: Path, legend_size: Optional[float] = None) -> Path:

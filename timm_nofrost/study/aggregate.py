@@ -35,15 +35,13 @@ def _run_metrics(ev: Dict[str, Any]) -> Dict[str, Any]:
     protocol = ev['protocol']
     label = ThreatModel(protocol['eps'][0], protocol['norm']).label
     accuracy = protocol['accuracy'][label]
-    metrics: Dict[str, Any] = {'clean': 100.0 * protocol['clean_accuracy']}
-    for attack in protocol['attacks']:
-        if attack != 'clean' and accuracy.get(attack) is not None:
-            metrics[attack] = 100.0 * accuracy[attack]
-    metrics.update({WORST_CASE: 100.0 * accuracy[WORST_CASE], 'train_time_s': ev['train_time_s'],
-                    'eval_time_s': ev['eval_time_s']})
-    metrics.update({key: protocol['analysis'][key] for key, _ in _ANALYSIS if key in protocol.get('analysis', {})})
     failed = [f['name'] for f in protocol.get('sanity', []) if not f['ok']]
-    return {**metrics, 'sanity_failed': len(failed),
+    return {'clean': 100.0 * protocol['clean_accuracy'],
+            **{a: 100.0 * accuracy[a] for a in protocol['attacks'] if a != 'clean' and accuracy.get(a) is not None},
+            WORST_CASE: 100.0 * accuracy[WORST_CASE], 'train_time_s': ev['train_time_s'],
+            'eval_time_s': ev['eval_time_s'],
+            **{key: protocol['analysis'][key] for key, _ in _ANALYSIS if key in protocol.get('analysis', {})},
+            'sanity_failed': len(failed),
             'catastrophic_overfitting': bool(ev.get('catastrophic_overfitting')), 'sanity_flags': failed}
 
 
@@ -51,10 +49,9 @@ def _curve(ev: Dict[str, Any]) -> Dict[float, float]:
     """eps multiple -> accuracy (%) of the curve attack; 0 -> clean accuracy."""
     curve = ev['curve']
     attack = [a for a in curve['attacks'] if a != 'clean'][0]
-    points = {0.0: 100.0 * curve['clean_accuracy']}
-    for multiple, eps in zip(ev['curve_eps_multiples'], curve['eps']):
-        points[float(multiple)] = 100.0 * curve['accuracy'][ThreatModel(eps, curve['norm']).label][attack]
-    return points
+    return {0.0: 100.0 * curve['clean_accuracy'],
+            **{float(multiple): 100.0 * curve['accuracy'][ThreatModel(eps, curve['norm']).label][attack]
+               for multiple, eps in zip(ev['curve_eps_multiples'], curve['eps'])}}
 
 
 def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:

@@ -24,8 +24,7 @@ def run_state(path: Path) -> Tuple[str, str]:
         return 'trained', 'trained, not evaluated yet'
     if (path / CHECKPOINT_LAST).is_file():
         try:  # the summary may lag the checkpoint by an epoch after a fault: the resumed run rewrites it
-            lines = (path / 'summary.jsonl').read_text().splitlines()
-            epoch = json.loads(lines[-1])['epoch']
+            epoch = json.loads((path / 'summary.jsonl').read_text().splitlines()[-1])['epoch']
         except (OSError, IndexError, KeyError, TypeError, ValueError):
             epoch = '?'
         return 'training', f'{epoch} epoch(s) done: still running, or interrupted (run the study again to resume)'

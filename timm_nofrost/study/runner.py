@@ -139,8 +139,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
             raise StudyError(f'Seeds must be integers >= 0, got {seed!r}.')
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise StudyError(f'Seeds repeat: {cfg.seeds}.')
-    for name in ('eval_examples', 'eval_batch_size'):
-        value = getattr(cfg, name)
+    for name, value in (('eval_examples', cfg.eval_examples), ('eval_batch_size', cfg.eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise StudyError(f'{name} must be a positive integer, got {value!r}.')
     for name in cfg.eval_attacks.split(','):
@@ -151,12 +150,6 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     if not curve or curve[0] <= 0:
         raise StudyError(f'curve_eps must be positive multiples of eps, got {list(cfg.curve_eps)}.')
     return replace(cfg, train=t, curve_eps=tuple(curve), arms=list(arms), seeds=list(cfg.seeds))
-
-
-def _arm_train_config(cfg: StudyConfig, arm: Arm, seed: int) -> TrainConfig:
-    study_adv = {f.name: getattr(cfg.train.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
-    return replace(cfg.train, adv=arm.adversarial(**study_adv), seed=seed,
-                   out_dir=str(run_dir(Path(cfg.out_dir), arm.name, seed)), final_attacks='clean')
 
 
 class _Models:
@@ -182,8 +175,10 @@ class _Models:
 
     def build(self, arm: Arm, seed: int) -> Tuple[Optional[nn.Module], TrainConfig]:
         """(ready model or None, the run's TrainConfig); None: ``train`` builds ``cfg.model`` itself."""
-        cfg = _arm_train_config(self.cfg, arm, seed)
         t = self.cfg.train
+        study_adv = {f.name: getattr(t.adv, f.name) for f in iter_settings(AdversarialConfig, PER_ARM)}
+        cfg = replace(t, adv=arm.adversarial(**study_adv), seed=seed, final_attacks='clean',
+                      out_dir=str(run_dir(Path(self.cfg.out_dir), arm.name, seed)))
         torch.manual_seed(seed)  # a ready model is initialised from the seed, as train() initialises its own
         if arm.family == 'nf' or self.study_has_bn:
             cfg.convert = arm.family == 'nf' and self.study_has_bn  # train builds the BatchNorm model, converts it
@@ -276,8 +271,7 @@ def _parse_only(only: Optional[str], cfg: StudyConfig) -> List[Tuple[Arm, int]]:
             raise StudyError(f'--only {only!r}: seed {seed_text!r} is not an integer.') from None
         if seed not in cfg.seeds:
             raise StudyError(f'--only {only!r}: seed {seed} is not among the seeds {cfg.seeds}.')
-        return [(arm, s) for arm, s in pairs if arm.name == name and s == seed]
-    return [(arm, s) for arm, s in pairs if arm.name == name]
+    return [(arm, s) for arm, s in pairs if arm.name == name and (not seed_text or s == seed)]
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -311,7 +305,6 @@ def run_study(cfg: StudyConfig, only: Optional[str] = None, report: bool = True)
     primary = int(os.environ.get('RANK', '0')) == 0
     _claim_folder(cfg, models, primary)
     eval_set = _study_eval_set(cfg, models, source)
-
     for i, (arm, seed) in enumerate(pairs):
         _run_one(cfg, models, eval_set, arm, seed, f'[study {i + 1}/{len(pairs)}] {arm.name} seed {seed}', primary)
     if not (report and primary):
@@ -328,8 +321,7 @@ def _claim_folder(cfg: StudyConfig, models: _Models, primary: bool) -> None:
     if primary:
         try:
             manifest = _check_folder(cfg)
-            manifest['arm_models'] = {**manifest.get('arm_models', {}),
-                                      **{arm.name: models.describe(arm) for arm in cfg.arms}}
+            manifest['arm_models'] = {arm.name: models.describe(arm) for arm in cfg.arms}
             out.mkdir(parents=True, exist_ok=True)
             atomic_json(out / STUDY_FILE, manifest)
         except ValueError as e:  # StudyError, or an unreadable study.json
@@ -353,34 +345,28 @@ def _run_one(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, see
     # one process per run folder: two studies on one folder never train or evaluate a run twice
     with hold_folder(path, f'timm-nofrost study --out {cfg.out_dir}, {arm.name} seed {seed}') if primary \
             else nullcontext():
-        _train_and_evaluate(cfg, models, eval_set, arm, seed, tag, primary, path)
-
-
-def _train_and_evaluate(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm, seed: int, tag: str,
-                        primary: bool, path: Path) -> None:
-    state, _ = run_state(path)
-    if state == 'evaluated':
-        _log(f'{tag}: finished, skipped')
-        return
-    if state in ('missing', 'training'):
-        _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
-        model, run_cfg = models.build(arm, seed)
-        if state == 'training':
-            run_cfg.resume = 'auto'
-        training_run.train(run_cfg, model=model)
-    if primary:
-        _log(f'{tag}: evaluating ({cfg.eval_attacks} at {cfg.train.adv.threat}; curve: {cfg.curve_attack})')
-        _evaluate_run(cfg, models, eval_set, arm, seed, path)
+        state, _ = run_state(path)
+        if state == 'evaluated':
+            _log(f'{tag}: finished, skipped')
+            return
+        if state in ('missing', 'training'):
+            _log(f'{tag}: {"resuming" if state == "training" else "training"} {models.describe(arm)} into {path}')
+            model, run_cfg = models.build(arm, seed)
+            if state == 'training':
+                run_cfg.resume = 'auto'
+            training_run.train(run_cfg, model=model)
+        if primary:
+            _log(f'{tag}: evaluating ({cfg.eval_attacks} at {cfg.train.adv.threat}; curve: {cfg.curve_attack})')
+            _evaluate_run(cfg, models, eval_set, arm, seed, path)
 
 
 def _study_eval_set(cfg: StudyConfig, models: _Models, source) -> EvalSet:
     """The protocol's images: the same validation subset, in the same pixels, for every model."""
     # pixels from the study model's data config: one eval transform for all arms (a twin may crop otherwise)
     model = models.for_evaluation(next((a for a in cfg.arms if a.family == 'nf'), cfg.arms[0]), 0)
-    val = source.val
-    val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
-    indices = spread_indices(cfg.eval_examples, len(val))
-    return EvalSet(Subset(val, indices), cfg.train.data, 'validation',
+    source.val.transform = pixel_eval_transform(source_data_config(cfg.train.data, model, cfg.train.img_size))
+    indices = spread_indices(cfg.eval_examples, len(source.val))
+    return EvalSet(Subset(source.val, indices), cfg.train.data, 'validation',
                    {'kind': 'spread', 'n': len(indices), 'indices': indices})
 
 

@@ -1,12 +1,12 @@
 """What a finished run reports: the final table, results JSON, and the follow-up evaluation command."""
 import json
-import os
 import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
 
 from ..attacks.threat import ThreatModel
+from ..files import atomic_json  # re-exported: the one atomic JSON writer
 from .train_config import CHECKPOINT_BEST, TrainConfig
 
 __all__ = ['final_table', 'atomic_json', 'eval_command', 'config_to_json', 'jsonable_kwargs']
@@ -15,11 +15,11 @@ __all__ = ['final_table', 'atomic_json', 'eval_command', 'config_to_json', 'json
 def final_table(results: Dict[str, Any]) -> str:
     """A Markdown table: one row per trained model, one column per final attack; a run whose history shows
     catastrophic overfitting is marked in its row and gets a warning line with what to do under the table."""
-    runs = results['runs']
-    attacks = next(iter(runs.values()))['final']['attacks']
+    runs = list(results['runs'].values())
+    attacks = runs[0]['final']['attacks']
     lines = ['| model | ' + ' | '.join(attacks) + ' |', '|' + '---|' * (len(attacks) + 1)]
     warnings = []
-    for run in runs.values():
+    for run in runs:
         overfit = run.get('catastrophic_overfitting')
         name = f"{run['name']} (catastrophic overfitting)" if overfit else run['name']
         lines.append(f'| {name} | ' + ' | '.join(f"{run['final']['accuracy'][a]:.1f} %" for a in attacks) + ' |')
@@ -29,15 +29,9 @@ def final_table(results: Dict[str, Any]) -> str:
     method = adv.get('method', 'nofrost')
     trained = ('standard training' if method == 'nofrost' and adv.get('adv_weight') == 0
                else f"trained with {method} on {adv.get('attack', 'pgd')} examples")
-    return (f"Accuracy on {next(iter(runs.values()))['final']['n_examples']} validation images (spread evenly over the set), "
+    return (f"Accuracy on {runs[0]['final']['n_examples']} validation images (spread evenly over the set), "
             f"{ThreatModel(adv['eps'], adv['norm'])} (worst case = lowest over attacks per image; "
             f"{trained}):\n" + '\n'.join(lines + warnings))
-
-
-def atomic_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def jsonable_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import timm
@@ -61,10 +61,9 @@ def init_distributed(device_pref: Optional[str]) -> tuple:
     use_cuda = torch.cuda.is_available() if device_pref is None else device_pref.startswith('cuda')
     if world <= 1:
         return _Dist(), torch.device(device_pref or ('cuda' if use_cuda else 'cpu'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if not dist.is_initialized():
         dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+    device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}' if use_cuda else 'cpu')
     if use_cuda:
         torch.cuda.set_device(device)
     return _Dist(dist.get_rank(), dist.get_world_size()), device
@@ -144,10 +143,10 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], primary: bool) -> Dict[
         bn_model, bn_name = create_bn_twin(cfg.model, num_classes, cfg.model_kwargs, cfg.baseline_model)
         bn_cfg = replace(cfg, adv=replace(cfg.adv, batch_mode='separate'), convert=False, resume=None)
         bn_dir = out_dir / 'bn-at'
-        bn_resume = bn_dir / CHECKPOINT_LAST if resume_path is not None and (bn_dir / CHECKPOINT_LAST).exists() else None
-        if info.primary and bn_resume is None:
-            check_out_dir(bn_dir, resume=False, overwrite=True)
+        bn_resume = bn_dir / CHECKPOINT_LAST if resume_path and (bn_dir / CHECKPOINT_LAST).exists() else None
         if info.primary:
+            if bn_resume is None:
+                check_out_dir(bn_dir, resume=False, overwrite=True)
             remove_stale_temporaries(bn_dir)
         bn_run = _Run(bn_cfg, source, bn_model, num_classes, info, device, bn_dir, f'BN-AT ({bn_name})')
         results['runs']['bn-at'] = bn_run.fit(bn_resume)
@@ -173,8 +172,8 @@ class _Run:
         from timm.data import create_loader
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
-        self.cfg, self.source, self.info, self.device, self.out_dir, self.name = cfg, source, info, device, out_dir, name
-        self.num_classes = num_classes
+        self.cfg, self.source, self.info, self.device = cfg, source, info, device
+        self.out_dir, self.name, self.num_classes = out_dir, name, num_classes
         self.model = model.to(device)  # Module.to works in place and returns the module
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -205,16 +204,14 @@ class _Run:
         # evaluation progress: bars with --progress (on a terminal), else a line at most every 10 s
         self.eval_progress = 'auto' if cfg.progress else 'lines'
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)  # disabled: plain steps
-        self.start_epoch = 0
-        self.best = None
-        self.history: List[Dict[str, Any]] = []
+        self.start_epoch, self.best, self.history = 0, None, []
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def state(self, epoch: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        task_state = self.task.get_task_state()
+        task_state, net = self.task.get_task_state(), unwrap_model(self.model)
         return {
-            'state_dict': unwrap_model(self.model).state_dict(),
-            'arch': self.cfg.model if self.name == 'nofrost' else unwrap_model(self.model).pretrained_cfg.get('architecture'),
+            'state_dict': net.state_dict(),
+            'arch': self.cfg.model if self.name == 'nofrost' else net.pretrained_cfg.get('architecture'),
             'num_classes': self.num_classes,
             'model_kwargs': json.dumps(jsonable_kwargs(self.cfg.model_kwargs) if self.name == 'nofrost' else {}),
             'epoch': epoch,
@@ -272,7 +269,8 @@ class _Run:
         adv = cfg.adv
         method = ('standard training (no adversarial examples)' if adv.method == 'nofrost' and adv.adv_weight == 0
                   else f'method {adv.describe()}')
-        _log(info, f'[{self.name}] {self.source.description}; model {cfg.model if self.name == "nofrost" else self.name}, '
+        _log(info, f'[{self.name}] {self.source.description}; model '
+                   f'{cfg.model if self.name == "nofrost" else self.name}, '
                    f'{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, batch mode '
                    f'{self.task.batch_mode}; {method}; '
                    f'{cfg.epochs} epochs, batch {cfg.batch_size} x {info.world_size}, {cfg.opt} lr {self.lr:.4g}')
@@ -285,13 +283,11 @@ class _Run:
     def train_epoch(self, epoch: int) -> None:
         cfg, info = self.cfg, self.info
         _seed_everything(cfg.seed + 10007 * epoch + info.rank)  # every epoch replays exactly after --resume
-        sampler = getattr(self.loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        if hasattr(getattr(self.loader, 'sampler', None), 'set_epoch'):
+            self.loader.sampler.set_epoch(epoch)
         self.model.train()
         start = time.time()
-        sums = dict.fromkeys(_EPOCH_SUMS, 0.0)
-        steps = 0
+        sums, steps = dict.fromkeys(_EPOCH_SUMS, 0.0), 0
         from tqdm import tqdm
         bar = tqdm(self.loader, total=len(self.loader), desc=f'[{self.name}] epoch {epoch + 1}/{cfg.epochs}',
                    unit='batch', leave=False, dynamic_ncols=True, file=sys.stderr,
@@ -356,8 +352,7 @@ class _Run:
 
     def _save(self, epoch: int, metrics: Dict[str, Any]) -> None:
         improved = self.best is None or metrics['val_robust_top1'] >= self.best
-        if improved:
-            self.best = metrics['val_robust_top1']
+        self.best = metrics['val_robust_top1'] if improved else self.best
         last = atomic_save(self.state(epoch, metrics), self.out_dir / CHECKPOINT_LAST)
         if improved:
             atomic_copy(last, self.out_dir / CHECKPOINT_BEST)

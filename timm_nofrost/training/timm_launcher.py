@@ -58,14 +58,9 @@ _RUN_MANAGEMENT_ARGS = frozenset({
 
 @dataclass
 class RobustValidationConfig:
-    """Robust accuracy measured after each of timm's validations.
-
-    Args:
-        attacks: Attack names as ``timm-nofrost eval`` spells them (``pgd-10``, ``pgd-20``, ``apgd-ce``,
-            ``clean`` for the subset's clean accuracy, ...), a list or a comma-separated string.
-        examples: Attack this many validation images, spread evenly over the set (indices ``floor(i * size / n)``);
-            0 turns robust validation off.
-    """
+    """Robust accuracy measured after each of timm's validations: ``attacks`` (named as ``timm-nofrost eval``
+    names them; a list or a comma-separated string) on ``examples`` validation images spread evenly over the set
+    (indices ``floor(i * size / n)``; 0 turns robust validation off)."""
     attacks: Union[str, Sequence[str]] = setting(
         'pgd-10', group='robust-validation', flag='--adv-val-attacks',
         metavar='LIST', help="comma-separated attacks run at the training eps and norm, e.g. pgd-20,apgd-ce (clean "
@@ -148,29 +143,22 @@ class SubsetCollector:
     Subset members of each batch are kept as pixels in [0, 1] (the loader's ``mean`` / ``std`` undone; 8-bit
     when the pipeline quantised them, as timm's do). Under timm's ordered distributed sampler rank ``r`` sees
     dataset positions ``r, r + W, r + 2W, ...`` (past the dataset: padding), so the ranks together keep each
-    subset image exactly once.
-
-    Args:
-        loader: The eval loader; its ``dataset`` length places the subset (without one: the first N images).
-        n_examples: Subset size.
-        mean, std: The loader's normalisation.
-        rank, world_size: This process's place in distributed validation.
+    subset image exactly once. The length of ``loader.dataset`` places the subset of ``n_examples`` images
+    (without one: the first ones); ``mean`` / ``std`` are the loader's normalisation.
     """
 
     def __init__(self, loader: Any, n_examples: int, mean: Sequence[float], std: Sequence[float], rank: int = 0,
                  world_size: int = 1):
         self.loader = loader
         try:
-            size = len(loader.dataset)
-        except (AttributeError, TypeError):
-            size = None
-        self.subset = set(spread_indices(n_examples, size) if size is not None else range(n_examples))
+            self.subset = set(spread_indices(n_examples, len(loader.dataset)))
+        except (AttributeError, TypeError):  # no sized dataset: the first images
+            self.subset = set(range(n_examples))
         self.mean, self.std = resolve_mean_std(None, mean, std)  # validated: one value per channel, std > 0
         self.rank, self.world_size = rank, world_size
         self.pixels, self.targets = [], []  # the kept images (uint8 or float pixels) and their labels
-        self.batch_size = 0
+        self.batch_size = self._seen = 0
         self.unsupported: Optional[str] = None
-        self._seen = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -261,13 +249,9 @@ class LaunchedAdversarialTrainer(AdversarialTrainer):
 
 # -- launching -----------------------------------------------------------------------------------------------
 class TimmTrainLauncher:
-    """Swaps NoFrost adversarial training and robust validation into a loaded timm ``train.py``.
-
-    Args:
-        module: The loaded script (see :func:`load_train_script`).
-        adv_cfg: Adversarial training settings (the NoFrost recipe by default).
-        robust_val: Robust validation settings; its attacks run at the training eps and norm.
-    """
+    """Swaps NoFrost adversarial training (``adv_cfg``, default: the NoFrost recipe) and robust validation
+    (``robust_val``, its attacks at the training eps and norm) into a timm ``train.py`` loaded by
+    :func:`load_train_script`."""
 
     def __init__(self, module: ModuleType, adv_cfg: Optional[AdversarialConfig] = None,
                  robust_val: Optional[RobustValidationConfig] = None):
@@ -363,9 +347,8 @@ class TimmTrainLauncher:
         device = torch.device(call.get('device') or getattr(args, 'device', 'cpu'))
         if collector.unsupported:
             _logger.warning(f'Robust validation skipped: the eval loader yields {collector.unsupported}.')
-            pixels, targets = torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)  # counts 0, joins the sum
-        else:
-            pixels, targets = collector.examples()
+            collector.pixels, collector.targets = [], []  # counts 0, joins the sum
+        pixels, targets = collector.examples()
         counts, n = robust_correct(
             call['model'], pixels.to(device), targets.to(device), self.robust_val, threat=self.adv_cfg.threat,
             mean=mean, std=std, batch_size=max(collector.batch_size, 1), model_dtype=call.get('model_dtype'),

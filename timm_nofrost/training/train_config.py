@@ -3,7 +3,7 @@ run before any training starts."""
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import timm
 import torch.nn as nn
@@ -76,8 +76,9 @@ class TrainConfig(RunSettings, ModelSettings, DataSettings):
                                          'path is given')
     overwrite: bool = setting(False, group='run', help='start over in an OUT that holds a previous run')
     seed: int = setting(0, group='run', type=int, metavar='SEED', help='random seed')
-    deterministic: bool = setting(False, group='run', outcome=False, help='deterministic algorithms: a resumed run ends with the '
-                                                           'same weights as an uninterrupted one')
+    deterministic: bool = setting(False, group='run', outcome=False,
+                                  help='deterministic algorithms: a resumed run ends with the same weights as an '
+                                       'uninterrupted one')
     channels_last: bool = setting(False, group='run', help='channels_last memory format')
     initial_checkpoint: Optional[str] = setting(
         None, group='run', metavar='CHECKPOINT',
@@ -90,16 +91,30 @@ class TrainConfig(RunSettings, ModelSettings, DataSettings):
         return self.seed if self.split_seed is None else self.split_seed
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# resolve_config's checks, in order: (setting, what it must be, test); optional settings' tests accept None
+_CHECKS: Tuple[Tuple[str, str, Callable[[Any], bool]], ...] = (
+    ('split_seed', 'an integer', lambda v: v is None or _is_int(v)),
+    *((name, 'a positive integer', lambda v: v is None or _is_int(v) and v >= 1)
+      for name in ('epochs', 'batch_size', 'robust_examples', 'img_size', 'num_classes')),
+    ('workers', 'an integer >= 0', lambda v: _is_int(v) and v >= 0),
+    ('lr', 'a positive number', lambda v: v is None or math.isfinite(v) and v > 0),
+    ('val_fraction', 'in (0, 1)', lambda v: 0 < v < 1),
+    ('scale', 'two numbers 0 < MIN <= MAX <= 1 (the RandomResizedCrop area range)',
+     lambda v: v is None or len(v) == 2 and 0 < v[0] <= v[1] <= 1),
+    ('color_jitter', '>= 0', lambda v: v is None or 0 <= v),
+    ('hflip', 'a probability in [0, 1]', lambda v: 0 <= v <= 1),
+    ('smoothing', 'in [0, 1)', lambda v: 0 <= v < 1),
+)
 
 
 def apply_presets(cfg: TrainConfig, presets: Tuple[str, ...]) -> TrainConfig:
     """Fill ``cfg``'s unset settings from ``presets`` (``timm_nofrost.training.presets.resolve``), in place;
     an unset ``adv`` becomes the presets' ``AdversarialConfig``."""
-    values = resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != 'adv'}, presets)
-    for name, value in values.items():
+    for name, value in resolve({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != 'adv'}, presets).items():
         setattr(cfg, name, value)
     if cfg.adv is None:
         cfg.adv = AdversarialConfig(steps=resolve({'steps': None}, presets)['steps'])
@@ -120,27 +135,11 @@ def resolve_config(cfg: TrainConfig, model: Optional[nn.Module] = None,
     apply_presets(cfg, presets or chain(cfg.data))
     if cfg.opt not in OPTIMIZERS:
         raise ValueError(f'Unknown optimizer {cfg.opt!r}; accepted: {", ".join(OPTIMIZERS)}.')
-    if cfg.split_seed is not None and (isinstance(cfg.split_seed, bool) or not isinstance(cfg.split_seed, int)):
-        raise ValueError(f'split_seed must be an integer, got {cfg.split_seed!r}.')
-    for name in ('epochs', 'batch_size', 'robust_examples', 'img_size', 'num_classes'):
-        _positive_int(name, getattr(cfg, name))
-    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
-        raise ValueError(f'workers must be an integer >= 0, got {cfg.workers!r}.')
-    if cfg.lr is not None and (not math.isfinite(cfg.lr) or cfg.lr <= 0):
-        raise ValueError(f'lr must be a positive number, got {cfg.lr!r}.')
-    if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f'val_fraction must be in (0, 1), got {cfg.val_fraction!r}.')
+    for name, what, valid in _CHECKS:
+        if not valid(getattr(cfg, name)):
+            raise ValueError(f'{name} must be {what}, got {getattr(cfg, name)!r}.')
     if cfg.scale is not None:
-        if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
-            raise ValueError(f'scale must be two numbers 0 < MIN <= MAX <= 1 (the RandomResizedCrop area range), '
-                             f'got {cfg.scale!r}.')
         cfg.scale = (float(cfg.scale[0]), float(cfg.scale[1]))
-    if cfg.color_jitter is not None and not 0 <= cfg.color_jitter:
-        raise ValueError(f'color_jitter must be >= 0, got {cfg.color_jitter!r}.')
-    if not 0 <= cfg.hflip <= 1:
-        raise ValueError(f'hflip must be a probability in [0, 1], got {cfg.hflip!r}.')
-    if not 0 <= cfg.smoothing < 1:
-        raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}.')
     cfg.amp = None if amp_dtype(cfg.amp) is None else cfg.amp  # 'none' and None are both off; else a ValueError
     if parse_attack(cfg.eval_attack).kind == 'clean':
         raise ValueError(f'eval_attack must be an attack, not {cfg.eval_attack!r} (e.g. pgd-10, apgd-ce).')

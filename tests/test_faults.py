@@ -334,3 +334,12 @@ def test_only_launches_for_different_runs_proceed_in_parallel(data_root, tmp_pat
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
     assert json.loads((out / 'report.json').read_text())['arms']['nofrost']['clean']['n'] == 2
+
+
+def test_a_study_grown_by_an_arm_keeps_the_models_of_the_earlier_arms(data_root, tmp_path):
+    out = tmp_path / 'study'
+    assert main(study_args(data_root, out, arms='standard')) == 0
+    assert main(study_args(data_root, out, arms='nofrost')) == 0
+    manifest = json.loads((out / 'study.json').read_text())
+    assert sorted(manifest['arm_models']) == ['nofrost', 'standard'] and all(manifest['arm_models'].values())
+    assert 'standard' in (out / 'report.md').read_text() and manifest['arm_order'] == ['standard', 'nofrost']

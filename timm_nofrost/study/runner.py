@@ -242,7 +242,7 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     order = old.get('arm_order') or list(old.get('arms', {}))
     order += [name for name in arms if name not in order]
     return {**identity, 'arms': {**old.get('arms', {}), **arms}, 'arm_order': order,
-            'seeds': sorted(set(old.get('seeds', [])) | set(cfg.seeds))}
+            'seeds': sorted(set(old.get('seeds', [])) | set(cfg.seeds)), 'arm_models': old.get('arm_models', {})}
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
@@ -321,7 +321,7 @@ def _claim_folder(cfg: StudyConfig, models: _Models, primary: bool) -> None:
     if primary:
         try:
             manifest = _check_folder(cfg)
-            manifest['arm_models'] = {arm.name: models.describe(arm) for arm in cfg.arms}
+            manifest['arm_models'].update({arm.name: models.describe(arm) for arm in cfg.arms})
             out.mkdir(parents=True, exist_ok=True)
             atomic_json(out / STUDY_FILE, manifest)
         except ValueError as e:  # StudyError, or an unreadable study.json

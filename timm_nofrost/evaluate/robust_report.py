@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..attacks.threat import ThreatModel
-from ..files import atomic_json
+from ..files import atomic_json, atomic_write
 
 __all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
@@ -105,6 +105,6 @@ def save_figure(plt: Any, fig: Any, ax: Any, path: Path, legend_size: Optional[f
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip('.') or 'png'))
     plt.close(fig)
-    return path
+    return Path(path)

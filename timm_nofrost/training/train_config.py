@@ -73,7 +73,8 @@ class TrainConfig(RunSettings, ModelSettings, DataSettings):
                            help='output folder: checkpoints, summary.jsonl, results.json')
     resume: Optional[str] = setting(None, group='run', nargs='?', const='auto', metavar='CHECKPOINT',
                                     help='continue a run: from CHECKPOINT, or from OUT/checkpoint-last.pth when no '
-                                         'path is given')
+                                         'path is given (starting it when OUT holds none yet); every setting that '
+                                         'can change the result must be the recorded one')
     overwrite: bool = setting(False, group='run', help='start over in an OUT that holds a previous run')
     seed: int = setting(0, group='run', type=int, metavar='SEED', help='random seed')
     deterministic: bool = setting(False, group='run', outcome=False,

@@ -72,3 +72,11 @@ def interrupt_after_epochs(monkeypatch, epochs: int) -> None:
                 monkeypatch.setattr(files, 'WRITE_HOOK', None)
                 raise OSError(errno.ENOSPC, 'No space left on device (injected)')
     monkeypatch.setattr(files, 'WRITE_HOOK', full_disk)
+
+
+def image_folders(root: Path, train: int, val: int, img_size: int = 16) -> Path:
+    """``root`` holding ``train/`` and ``val/`` class folders of generated shape images."""
+    from timm_nofrost.data import write_image_folder
+    write_image_folder(root / 'train', 'train', num_samples=train, img_size=img_size)
+    write_image_folder(root / 'val', 'val', num_samples=val, img_size=img_size)
+    return root

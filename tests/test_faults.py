@@ -13,8 +13,9 @@ import torch
 
 from timm_nofrost import files
 from timm_nofrost.cli import main
-from timm_nofrost.data import write_image_folder
 from timm_nofrost.training.checkpointing import load_training_checkpoint
+
+from conftest import image_folders
 
 REPO = Path(__file__).parents[1]
 KWARGS = json.dumps({'channels': [8, 8, 16, 16], 'stem_chs': 8, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
@@ -27,10 +28,7 @@ WRITES = [*[(name, stage) for _ in range(2) for name in ('checkpoint-last.pth', 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('shapes')
-    write_image_folder(root / 'train', 'train', num_samples=20, img_size=16)
-    write_image_folder(root / 'val', 'val', num_samples=10, img_size=16)
-    return root
+    return image_folders(tmp_path_factory.mktemp('shapes'), train=20, val=10)
 
 
 def train_args(data_root: Path, out: Path, *extra: str) -> list:
@@ -125,11 +123,10 @@ sys.exit(main(sys.argv[2:]))
 @pytest.mark.parametrize('n', [1, 5, 11, 16])
 def test_killed_at_a_write_then_the_same_command_finishes_the_same_run(data_root, tmp_path, reference, n):
     out = tmp_path / 'run'
-    env = {**os.environ, 'PYTHONPATH': str(REPO)}
     args = train_args(data_root, out, '--resume')
-    killed = subprocess.run([sys.executable, '-c', _KILL_AT, str(n), *args], env=env, capture_output=True)
+    killed = subprocess.run([sys.executable, '-c', _KILL_AT, str(n), *args], env=ENV, capture_output=True)
     assert killed.returncode == 9
-    again = subprocess.run([sys.executable, '-m', 'timm_nofrost', *args], env=env, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, '-m', 'timm_nofrost', *args], env=ENV, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert not list(out.glob('.*.tmp'))  # the killed writer's temporary file was removed
     assert record(out) == reference
@@ -174,27 +171,10 @@ def test_resume_refuses_other_settings_and_initial_checkpoint_starts_a_new_run(d
 def test_two_processes_never_train_one_folder(data_root, tmp_path):
     """A second train into a folder a live process holds is refused in one line; the first finishes alone."""
     out = tmp_path / 'run'
-    env = {**os.environ, 'PYTHONPATH': str(REPO)}
-    slow_first = ("import sys, time\nfrom timm_nofrost import files\nfrom timm_nofrost.cli import main\n"
-                  "files.WRITE_HOOK = lambda p, s: time.sleep(30) if p.name == 'results.json' and s == 'begin' "
-                  "else None\nsys.exit(main(sys.argv[1:]))")
-    first = subprocess.Popen([sys.executable, '-c', slow_first, *train_args(data_root, out)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / 'robustness.md').exists():  # the first is in its final write, holding the folder
-            assert first.poll() is None and time.time() < deadline, first.communicate()
-            time.sleep(0.2)
-        second = subprocess.run([sys.executable, '-m', 'timm_nofrost', *train_args(data_root, out, '--resume')],
-                                env=env, capture_output=True, text=True)
-        assert second.returncode == 2
-        assert second.stderr.strip().splitlines() == [
-            f'timm-nofrost train: error: {out.resolve()} is in use by process {first.pid} (timm-nofrost train --out '
-            f'{out}); wait for it to finish (or stop it), or choose another folder.']
-    finally:
-        _, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err
-    assert [json.loads(x)['epoch'] for x in (out / 'summary.jsonl').read_text().splitlines()] == [1, 2]
+    first = _start_slow(train_args(data_root, out))
+    _second_is_refused(first, train_args(data_root, out, '--resume'), out, out,
+                       f'timm-nofrost train: error: {out.resolve()} is in use by process {first.pid} (timm-nofrost '
+                       f'train --out {out})')
 
 
 def test_checkpoint_file_modes_are_the_same(data_root, tmp_path, reference):
@@ -286,9 +266,16 @@ def test_study_report_names_the_file_and_entry_it_cannot_use(data_root, tmp_path
     assert f"{out / 'study.json'} is incomplete: it has no 'seeds' entry" in capsys.readouterr().err
 
 
-_SLOW_STUDY = ("import sys, time\nfrom timm_nofrost import files\nfrom timm_nofrost.cli import main\n"
-               "files.WRITE_HOOK = lambda p, s: time.sleep(25) if p.name == 'results.json' and s == 'begin' "
-               "else None\nsys.exit(main(sys.argv[1:]))")
+# the first process stops for 25 s before its last write (results.json), holding its run folder meanwhile
+_SLOW = ("import sys, time\nfrom timm_nofrost import files\nfrom timm_nofrost.cli import main\n"
+         "files.WRITE_HOOK = lambda p, s: time.sleep(25) if p.name == 'results.json' and s == 'begin' "
+         "else None\nsys.exit(main(sys.argv[1:]))")
+ENV = {**os.environ, 'PYTHONPATH': str(REPO)}
+
+
+def _start_slow(argv: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, '-c', _SLOW, *argv], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
@@ -298,21 +285,16 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_two_studies_on_one_folder_never_do_a_run_twice(data_root, tmp_path):
-    out = tmp_path / 'study'
-    env = {**os.environ, 'PYTHONPATH': str(REPO)}
-    first = subprocess.Popen([sys.executable, '-c', _SLOW_STUDY, *study_args(data_root, out)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = out / 'runs' / 'nofrost' / 'seed-0'
+def _second_is_refused(first: subprocess.Popen, argv: list, out: Path, run: Path, holder: str) -> None:
+    """While ``first`` holds ``run`` (in its last write), the same command is refused in one line naming it;
+    ``first`` then finishes alone, every epoch once."""
     try:
-        _wait_for(run / 'robustness.md', first)  # the first holds the run, in its final write
-        second = subprocess.run([sys.executable, '-m', 'timm_nofrost', *study_args(data_root, out)], env=env,
-                                capture_output=True, text=True)
+        _wait_for(run / 'robustness.md', first)
+        second = subprocess.run([sys.executable, '-m', 'timm_nofrost', *argv], env=ENV, capture_output=True,
+                                text=True)
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
-            f'timm-nofrost study: error: {run.resolve()} is in use by process {first.pid} (timm-nofrost study --out '
-            f'{out}, nofrost seed 0); wait for it to finish (or stop it), or choose another folder.']
+            f'{holder}; wait for it to finish (or stop it), or choose another folder.']
     finally:
         _, err = first.communicate(timeout=180)
     assert first.returncode == 0, err
@@ -320,13 +302,19 @@ def test_two_studies_on_one_folder_never_do_a_run_twice(data_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_studies_on_one_folder_never_do_a_run_twice(data_root, tmp_path):
+    out = tmp_path / 'study'
+    run = out / 'runs' / 'nofrost' / 'seed-0'
+    first = _start_slow(study_args(data_root, out))
+    _second_is_refused(first, study_args(data_root, out), out, run,
+                       f'timm-nofrost study: error: {run.resolve()} is in use by process {first.pid} (timm-nofrost '
+                       f'study --out {out}, nofrost seed 0)')
+
+
+@pytest.mark.slow
 def test_only_launches_for_different_runs_proceed_in_parallel(data_root, tmp_path):
     out = tmp_path / 'study'
-    env = {**os.environ, 'PYTHONPATH': str(REPO)}
-    launches = [subprocess.Popen([sys.executable, '-c', _SLOW_STUDY,
-                                  *study_args(data_root, out, '--only', f'nofrost:{seed}', seeds='0,1')],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for seed in (0, 1)]
+    launches = [_start_slow(study_args(data_root, out, '--only', f'nofrost:{seed}', seeds='0,1')) for seed in (0, 1)]
     for seed, proc in enumerate(launches):
         _wait_for(out / 'runs' / 'nofrost' / f'seed-{seed}' / 'robustness.md', proc)
     assert all(proc.poll() is None for proc in launches)  # both hold their own run at once

@@ -9,17 +9,14 @@ from pathlib import Path
 import pytest
 
 from timm_nofrost.cli import main
-from timm_nofrost.data.demo import write_image_folder
+from conftest import image_folders
 from timm_nofrost.study import ARMS, Arm, load_arms_file, parse_arm_spec, resolve_arms, verdict
 from timm_nofrost.study.aggregate import collect_study
 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('study_data')
-    write_image_folder(root / 'train', 'train', num_samples=48, img_size=16)
-    write_image_folder(root / 'val', 'val', num_samples=20, img_size=16)
-    return root
+    return image_folders(tmp_path_factory.mktemp('study_data'), train=48, val=20)
 
 
 def study_args(data_root: Path, out: Path, *extra: str, arms='nofrost,bn-at', seeds='0,1', epochs='2') -> list:

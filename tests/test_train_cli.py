@@ -15,12 +15,11 @@ import torch.nn as nn
 
 from timm_nofrost import AdversarialConfig
 from timm_nofrost.cli import main
-from timm_nofrost.data import write_image_folder
 from timm_nofrost.training import checkpointing
 from timm_nofrost.training.checkpointing import atomic_save, load_training_checkpoint
 from timm_nofrost.training.run import TrainConfig, TrainingDiverged, train
 
-from conftest import TINY_ARGS, TINY_MODEL, interrupt_after_epochs
+from conftest import TINY_ARGS, TINY_MODEL, image_folders, interrupt_after_epochs
 
 TESTS = Path(__file__).parent
 TINY_KWARGS = json.dumps({**TINY_ARGS, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
@@ -28,10 +27,7 @@ TINY_KWARGS = json.dumps({**TINY_ARGS, 'drop_rate': 0.0, 'drop_path_rate': 0.0})
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('shapes')
-    write_image_folder(root / 'train', 'train', num_samples=40, img_size=16)
-    write_image_folder(root / 'val', 'val', num_samples=15, img_size=16)
-    return root
+    return image_folders(tmp_path_factory.mktemp('shapes'), train=40, val=15)
 
 
 def tiny_args(data_dir: Path, out: Path, *extra: str) -> list:

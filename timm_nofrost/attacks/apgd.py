@@ -77,18 +77,15 @@ class APGD(Attack):
         checkpoints = set(apgd_checkpoints(self.steps))
         x, y, eps = x[idx], y[idx], eps[idx]
         target = None if target is None else target[idx]
-        eta = 2 * eps.clone()
+        eta = 2 * eps
 
         x_cur = x + start[idx]
         loss, grad, fooled = self._score(x_cur, y, target, idx, best, counts)
-        best_loss = loss.clone()
-        x_best, grad_best = x_cur.clone(), grad.clone()  # highest loss so far: restart point after a halving
-        x_prev = x_cur.clone()
-        loss_prev = loss.clone()
+        # state tensors are replaced, never changed in place (n_increase aside), so they may start as one
+        x_prev, loss_prev = x_cur, loss
+        x_best, grad_best, best_loss = x_cur, grad, loss  # highest loss so far: restart point after a halving
         n_increase = torch.zeros(x.shape[0], device=x.device)
-        eta_at_check = eta.clone()
-        best_at_check = best_loss.clone()
-        last_check = 0
+        eta_at_check, best_at_check, last_check = eta, best_loss, 0
         for k in range(self.steps):
             if self.active_set and bool(fooled.any()):
                 keep = (~fooled).nonzero()[:, 0]
@@ -114,8 +111,7 @@ class APGD(Attack):
                 # neither the step size nor the best loss changed since then
                 halve = (n_increase < self.rho * (k + 1 - last_check)) | (
                     (eta_at_check == eta) & (best_at_check == best_loss))
-                eta_at_check = eta.clone()
-                best_at_check = best_loss.clone()
+                eta_at_check, best_at_check = eta, best_loss
                 eta = torch.where(halve, eta / 2, eta)
                 # halved rows go on from their best point, with that point's gradient (kept, not recomputed)
                 x_cur = torch.where(halve.view(view), x_best, x_cur)

@@ -23,10 +23,11 @@ from .threat import ThreatModel
 __all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'unwrap_model']
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` if it is an integer >= 1, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (1: a positive integer), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{name} must be ' + ('a positive integer' if minimum == 1 else f'an integer >= {minimum}')
+                         + f', got {value!r}.')
     return value
 
 
@@ -223,7 +224,6 @@ class Attack:
         self.restarts = check_positive_int('restarts', restarts)
         self.loss_name, self.loss_fn = loss, get_loss(loss)
 
-    # -- to implement -------------------------------------------------------------------------------------
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                 active: torch.Tensor) -> Tuple:
         """Attack the rows of ``x`` where ``active`` is True; the others are left as they are.
@@ -237,7 +237,6 @@ class Attack:
         """
         raise NotImplementedError
 
-    # -- shared -------------------------------------------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:
             return self.model(x)
@@ -296,12 +295,12 @@ class Attack:
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
               mask: Optional[torch.Tensor] = None) -> AttackResult:
+        x = x.detach()
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
+        if not bool(active.any()):  # nothing to attack: no model work at all
+            return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
+                                correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         with attack_mode(self.model, self.cache_standardized_weights):
-            x = x.detach()
-            active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
-            if not bool(active.any()):
-                return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
-                                    correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
             self._labels_checked = False
             x_adv, zero_frac, *logits = self.perturb(x, y, target, active)
             logits = logits[0] if logits else None

@@ -14,8 +14,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
-from .losses import get_loss, targeted_dlr
+from .base import Attack, BestIterate, project, random_delta, steepest_step
+from .losses import targeted_dlr
 
 __all__ = ['APGD', 'APGDTargeted', 'apgd_checkpoints']
 
@@ -45,29 +45,25 @@ class APGD(Attack):
             **kwargs,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        check_positive_int('steps', steps)
-        check_positive_int('restarts', restarts)
-        self.steps = steps
-        self.restarts = restarts
+        self._iterative(steps, restarts, loss)
         self.rho = rho
         self.momentum = momentum
-        self.loss_name = loss
-        self.loss_fn = get_loss(loss)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                 active: torch.Tensor) -> Tuple[torch.Tensor, float, torch.Tensor]:
-        generator = self.generator(x.device)
         eps = self.eps_tensor(x)
         best = BestIterate(x)
         counts = [0, 0]
-        for _ in range(self.restarts):
-            start = random_delta(x, eps, self.norm, generator)  # whole batch: independent of the rows attacked
-            rows = (active & ~best.fooled) if self.active_set else active
-            idx = rows.nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
-            self._run(x, y, target, eps, start, idx, best, counts)
+        starts = ((random_delta(x, eps, self.norm, generator), run_target)
+                  for generator, run_target in self._runs(x, y, target, active))
+        for (start, run_target), idx in self.restart_rows(active, best, starts):
+            self._run(x, y, run_target, eps, start, idx, best, counts)
         return best.x, counts[0] / max(counts[1], 1), best.logits
+
+    def _runs(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+              active: torch.Tensor) -> List[Tuple[torch.Generator, Optional[torch.Tensor]]]:
+        """``(generator of the random start, target)`` per run: ``restarts`` runs continuing one seeded stream."""
+        return [(self.generator(x.device), target)] * self.restarts
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
              start: torch.Tensor, idx: torch.Tensor, best: BestIterate, counts: List[int]) -> None:
@@ -81,18 +77,15 @@ class APGD(Attack):
         checkpoints = set(apgd_checkpoints(self.steps))
         x, y, eps = x[idx], y[idx], eps[idx]
         target = None if target is None else target[idx]
-        eta = 2 * eps.clone()
+        eta = 2 * eps
 
         x_cur = x + start[idx]
         loss, grad, fooled = self._score(x_cur, y, target, idx, best, counts)
-        best_loss = loss.clone()
-        x_best, grad_best = x_cur.clone(), grad.clone()  # highest loss so far: restart point after a halving
-        x_prev = x_cur.clone()
-        loss_prev = loss.clone()
+        # state tensors are replaced, never changed in place (n_increase aside), so they may start as one
+        x_prev, loss_prev = x_cur, loss
+        x_best, grad_best, best_loss = x_cur, grad, loss  # highest loss so far: restart point after a halving
         n_increase = torch.zeros(x.shape[0], device=x.device)
-        eta_at_check = eta.clone()
-        best_at_check = best_loss.clone()
-        last_check = 0
+        eta_at_check, best_at_check, last_check = eta, best_loss, 0
         for k in range(self.steps):
             if self.active_set and bool(fooled.any()):
                 keep = (~fooled).nonzero()[:, 0]
@@ -114,9 +107,11 @@ class APGD(Attack):
             best_loss = torch.where(improved, loss, best_loss)
 
             if k + 1 in checkpoints:
-                halve = self._halve(n_increase, k + 1 - last_check, eta, eta_at_check, best_loss, best_at_check)
-                eta_at_check = eta.clone()
-                best_at_check = best_loss.clone()
+                # halve where fewer than rho of the steps since the last checkpoint raised the loss, or where
+                # neither the step size nor the best loss changed since then
+                halve = (n_increase < self.rho * (k + 1 - last_check)) | (
+                    (eta_at_check == eta) & (best_at_check == best_loss))
+                eta_at_check, best_at_check = eta, best_loss
                 eta = torch.where(halve, eta / 2, eta)
                 # halved rows go on from their best point, with that point's gradient (kept, not recomputed)
                 x_cur = torch.where(halve.view(view), x_best, x_cur)
@@ -142,12 +137,6 @@ class APGD(Attack):
         x_next = x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev)
         return x + project(x_next - x, x, eps, self.norm)
 
-    def _halve(self, n_increase: torch.Tensor, window: int, eta: torch.Tensor, eta_at_check: torch.Tensor,
-               best_loss: torch.Tensor, best_at_check: torch.Tensor) -> torch.Tensor:
-        """Rows whose step size halves at a checkpoint: fewer than ``rho`` of the ``window`` steps since the last one
-        raised the loss, or neither the step size nor the best loss changed since then."""
-        return (n_increase < self.rho * window) | ((eta_at_check == eta) & (best_at_check == best_loss))
-
 
 class APGDTargeted(APGD):
     """APGD-T: APGD on the targeted DLR loss, once per target among the top wrong classes."""
@@ -164,8 +153,9 @@ class APGDTargeted(APGD):
         """Success is a misclassification, whatever class it lands in (as in the official APGD-T)."""
         return logits.argmax(dim=1) != y
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
-                active: torch.Tensor) -> Tuple[torch.Tensor, float, torch.Tensor]:
+    def _runs(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+              active: torch.Tensor) -> List[Tuple[torch.Generator, Optional[torch.Tensor]]]:
+        """One run per target among each row's top wrong classes, each with its own seed."""
         rows = active.nonzero()[:, 0]
         with torch.no_grad():
             top = self.logits(x[rows]).sort(dim=1, descending=True).indices
@@ -174,18 +164,7 @@ class APGDTargeted(APGD):
         ranked[rows] = top
         # the wrong classes of each row in rank order (the true class removed wherever it ranks)
         others = ranked[ranked != y[:, None]].view(x.shape[0], n_classes - 1) if n_classes > 1 else None
-        eps = self.eps_tensor(x)
-        best = BestIterate(x)
-        counts = [0, 0]
-        for i in range(min(self.n_target_classes, n_classes - 1)):
-            generator = torch.Generator(device=x.device).manual_seed(self.seed + i)
-            start = random_delta(x, eps, self.norm, generator)
-            attack_rows = (active & ~best.fooled) if self.active_set else active
-            idx = attack_rows.nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
-            self._run(x, y, others[:, i], eps, start, idx, best, counts)
-        return best.x, counts[0] / max(counts[1], 1), best.logits
+        return [(self.generator(x.device, i), others[:, i]) for i in range(min(self.n_target_classes, n_classes - 1))]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
                  eps: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):

@@ -15,6 +15,7 @@ keeps them quiet unless ``verbose=True``, and limits the targeted attacks (APGD-
 in the standard version) to the ``num_classes - 1`` classes that exist, as the official code indexes
 past the logits otherwise.
 """
+import importlib
 import inspect
 import sys
 from typing import Any, Optional, Tuple, Union
@@ -33,16 +34,12 @@ _VERSIONS = ('standard', 'plus', 'rand')
 
 def _official_class() -> Any:
     """The official ``AutoAttack`` class: ``pyautoattack`` (PyPI) first, then ``autoattack`` (GitHub)."""
-    try:
-        from pyautoattack import AutoAttack as official
-        return official
-    except ImportError:
-        pass
-    try:
-        from autoattack import AutoAttack as official
-        return official
-    except ImportError:
-        raise ImportError(_INSTALL_HINT) from None
+    for module in ('pyautoattack', 'autoattack'):
+        try:
+            return importlib.import_module(module).AutoAttack
+        except ImportError:
+            pass
+    raise ImportError(_INSTALL_HINT)
 
 
 def autoattack_available() -> bool:

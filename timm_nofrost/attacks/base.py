@@ -9,7 +9,7 @@ Everything is restored afterwards.
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,15 +17,17 @@ import torch.nn.functional as F
 
 from ..layers import WS_CONV_TYPES, standardized_weight
 from ..pixels import PixelModel, unwrap_model  # re-exported: PixelModel lives in timm_nofrost.pixels
+from .losses import get_loss
 from .threat import ThreatModel
 
 __all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'unwrap_model']
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` if it is an integer >= 1, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (1: a positive integer), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{name} must be ' + ('a positive integer' if minimum == 1 else f'an integer >= {minimum}')
+                         + f', got {value!r}.')
     return value
 
 
@@ -134,15 +136,12 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) 
 
 def random_delta(x: torch.Tensor, eps: torch.Tensor, norm: str, generator: torch.Generator) -> torch.Tensor:
     """Uniform start in the Linf ball; uniform direction and radius in the L2 ball."""
+    like = dict(generator=generator, device=x.device, dtype=x.dtype)
     if norm == 'Linf':
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        delta = (2 * u - 1) * eps.view(-1, 1, 1, 1)
-    else:
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        g = g / (g.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1) + 1e-12)
-        r = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
-        delta = g * r * eps.view(-1, 1, 1, 1)
-    return project(delta, x, eps, norm)
+        delta = 2 * torch.rand(x.shape, **like) - 1
+    else:  # a normalised Gaussian (uniform direction) times a uniform radius
+        delta = steepest_step(torch.randn(x.shape, **like), 'L2') * torch.rand((x.shape[0], 1, 1, 1), **like)
+    return project(delta * eps.view(-1, 1, 1, 1), x, eps, norm)
 
 
 def steepest_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -219,7 +218,12 @@ class Attack:
     eps = property(lambda self: self.threat.eps, doc='The radius of the threat model.')
     norm = property(lambda self: self.threat.norm, doc="The threat model's norm.")
 
-    # -- to implement -------------------------------------------------------------------------------------
+    def _iterative(self, steps: int, restarts: int, loss: str) -> None:
+        """The settings PGD and APGD share: ``steps`` and ``restarts`` (checked) and the attack loss by name."""
+        self.steps = check_positive_int('steps', steps)
+        self.restarts = check_positive_int('restarts', restarts)
+        self.loss_name, self.loss_fn = loss, get_loss(loss)
+
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                 active: torch.Tensor) -> Tuple:
         """Attack the rows of ``x`` where ``active`` is True; the others are left as they are.
@@ -233,7 +237,6 @@ class Attack:
         """
         raise NotImplementedError
 
-    # -- shared -------------------------------------------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.amp_dtype is None:
             return self.model(x)
@@ -292,16 +295,15 @@ class Attack:
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
               mask: Optional[torch.Tensor] = None) -> AttackResult:
+        x = x.detach()
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
+        if not bool(active.any()):  # nothing to attack: no model work at all
+            return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
+                                correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         with attack_mode(self.model, self.cache_standardized_weights):
-            x = x.detach()
-            active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
-            if not bool(active.any()):
-                return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
-                                    correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
             self._labels_checked = False
-            out = self.perturb(x, y, target, active)
-            x_adv, zero_frac = out[0], out[1]
-            logits = out[2] if len(out) > 2 else None
+            x_adv, zero_frac, *logits = self.perturb(x, y, target, active)
+            logits = logits[0] if logits else None
             if logits is None:
                 idx = active.nonzero()[:, 0]
                 with torch.no_grad():
@@ -311,8 +313,19 @@ class Attack:
         correct = ~self.is_fooled(logits, y, target) & active
         return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed)
+    def generator(self, device: torch.device, offset: int = 0) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed + offset)
+
+    def restart_rows(self, active: torch.Tensor, best: 'BestIterate',
+                     starts: Iterable) -> Iterator[Tuple[Any, torch.Tensor]]:
+        """``(start, rows)`` per restart: the batch rows to attack, ``active`` and (with the active set) not fooled
+        yet; stops when none is left. Starts are drawn for the whole batch, so a row's start never depends on
+        which rows are still attacked."""
+        for start in starts:
+            idx = ((active & ~best.fooled) if self.active_set else active).nonzero()[:, 0]
+            if idx.numel() == 0:
+                return
+            yield start, idx
 
     def eps_tensor(self, x: torch.Tensor) -> torch.Tensor:
         batch_eps = getattr(self, '_batch_eps', None)

@@ -4,8 +4,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
-from .losses import get_loss
+from .base import Attack, BestIterate, project, random_delta, steepest_step
 from .threat import ThreatModel
 
 __all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
@@ -48,8 +47,7 @@ class PGD(Attack):
             **kwargs,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        check_positive_int('steps', steps)
-        check_positive_int('restarts', restarts)
+        self._iterative(steps, restarts, loss)
         if step_size is not None and step_fraction is not None:
             raise ValueError(f'Give step_size ({step_size!r}) or step_fraction ({step_fraction!r}), not both.')
         if step_fraction is None:
@@ -59,11 +57,7 @@ class PGD(Attack):
         self.step_fraction = float(step_fraction)
         if not self.step_fraction > 0 and self.eps > 0:
             raise ValueError(f'step_size must be > 0, got {step_size if step_size is not None else step_fraction!r}.')
-        self.steps = steps
         self.random_start = random_start
-        self.restarts = restarts
-        self.loss_name = loss
-        self.loss_fn = get_loss(loss)
 
     step_size = property(lambda self: self.step_fraction * self.eps, doc="The step at the attack's own eps.")
 
@@ -73,13 +67,9 @@ class PGD(Attack):
         eps = self.eps_tensor(x)
         zeros = torch.zeros((), device=x.device)
         computed = 0
-        for _ in range(self.restarts):
-            # drawn for the whole batch: a row's start never depends on which rows are still attacked
-            delta = random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
-            rows = (active & ~best.fooled) if self.active_set else active
-            idx = rows.nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
+        starts = (random_delta(x, eps, self.norm, generator) if self.random_start else torch.zeros_like(x)
+                  for _ in range(self.restarts))
+        for delta, idx in self.restart_rows(active, best, starts):
             _, restart_zeros, restart_computed = self._run(
                 x[idx], y[idx], None if target is None else target[idx], eps[idx], delta[idx], best, idx)
             zeros += restart_zeros

@@ -20,8 +20,8 @@ __all__ = ['AttackSpec', 'parse_attack', 'build_attack', 'ATTACK_NAMES']
 ATTACK_NAMES = ('clean', 'fgsm', 'fgsm-rs', 'pgd-<steps>[-margin|-dlr]', 'apgd-ce[-<steps>]', 'apgd-dlr[-<steps>]',
                 'apgd-t[-<steps>]', 'autoattack')
 
-_PGD = re.compile(r'^pgd(?:-(\d+))?(?:-(ce|margin|dlr))?$')
-_APGD = re.compile(r'^apgd-(ce|dlr|t)(?:-(\d+))?$')
+_PGD = re.compile(r'^pgd(?:-(?P<steps>\d+))?(?:-(?P<loss>ce|margin|dlr))?$')
+_APGD = re.compile(r'^apgd-(?P<loss>ce|dlr|t)(?:-(?P<steps>\d+))?$')
 
 
 @dataclass(frozen=True)
@@ -46,23 +46,20 @@ def parse_attack(name: str) -> AttackSpec:
         return AttackSpec(text, 'fgsm', steps=1, random_start=text == 'fgsm-rs')
     if text in ('autoattack', 'aa'):
         return AttackSpec('autoattack', 'autoattack')
-    m = _PGD.match(text)
-    if m:
-        steps = int(m.group(1) or 10)
-        loss = m.group(2) or 'ce'
-        if steps < 1:
-            raise ValueError(f'Invalid attack {name!r}: steps must be >= 1.')
+    pgd, apgd = _PGD.match(text), _APGD.match(text)
+    if not (pgd or apgd):
+        raise ValueError(f'Unknown attack {name!r}; accepted: {", ".join(ATTACK_NAMES)}.')
+    match = pgd or apgd
+    steps = int(match['steps'] or (10 if pgd else 100))
+    loss = match['loss'] or 'ce'
+    if steps < 1:
+        raise ValueError(f'Invalid attack {name!r}: steps must be >= 1.')
+    if pgd:
         return AttackSpec(f'pgd-{steps}' + ('' if loss == 'ce' else f'-{loss}'), 'pgd', steps=steps, loss=loss)
-    m = _APGD.match(text)
-    if m:
-        variant, steps = m.group(1), int(m.group(2) or 100)
-        if steps < 1:
-            raise ValueError(f'Invalid attack {name!r}: steps must be >= 1.')
-        canonical = f'apgd-{variant}' + ('' if steps == 100 else f'-{steps}')
-        if variant == 't':
-            return AttackSpec(canonical, 'apgd-t', steps=steps, loss='dlr')
-        return AttackSpec(canonical, 'apgd', steps=steps, loss=variant)
-    raise ValueError(f'Unknown attack {name!r}; accepted: {", ".join(ATTACK_NAMES)}.')
+    canonical = f'apgd-{loss}' + ('' if steps == 100 else f'-{steps}')
+    if loss == 't':
+        return AttackSpec(canonical, 'apgd-t', steps=steps, loss='dlr')
+    return AttackSpec(canonical, 'apgd', steps=steps, loss=loss)
 
 
 def build_attack(spec: AttackSpec, model: nn.Module, eps: Optional[Union[float, str]] = None,
@@ -73,10 +70,8 @@ def build_attack(spec: AttackSpec, model: nn.Module, eps: Optional[Union[float, 
         return None
     if spec.kind == 'fgsm':
         return FGSM(model, random_start=spec.random_start, **options)
-    if spec.kind == 'pgd':
-        return PGD(model, steps=spec.steps, loss=spec.loss, **options)
-    if spec.kind == 'apgd':
-        return APGD(model, steps=spec.steps, loss=spec.loss, **options)
+    if spec.kind in ('pgd', 'apgd'):
+        return (PGD if spec.kind == 'pgd' else APGD)(model, steps=spec.steps, loss=spec.loss, **options)
     if spec.kind == 'apgd-t':
         return APGDTargeted(model, steps=spec.steps, **options)
     options.pop('amp_dtype', None)

@@ -44,11 +44,9 @@ def local_smoothness(model: PixelModel, x: torch.Tensor, y: torch.Tensor, eps: f
         x0 = x.detach().requires_grad_(True)
         loss0 = F.cross_entropy(model(x0), y, reduction='none')
         grad, = torch.autograd.grad(loss0.sum(), x0)
-    result = PGD(model, eps=eps, steps=steps, norm=norm, seed=seed)(x, y)
-    with torch.no_grad():
-        loss_adv = F.cross_entropy(result.logits, y, reduction='none')
+    loss_adv = F.cross_entropy(PGD(model, eps=eps, steps=steps, norm=norm, seed=seed)(x, y).logits, y, reduction='none')
     dual = grad.flatten(1).abs().sum(1) if norm == 'Linf' else grad.flatten(1).norm(p=2, dim=1)
-    return {'loss_increase': (loss_adv - loss0.detach()), 'grad_dual_norm': dual}
+    return {'loss_increase': loss_adv - loss0.detach(), 'grad_dual_norm': dual}
 
 
 def margin_and_smoothness(model: PixelModel, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = 'Linf',

@@ -137,8 +137,7 @@ class RobustCounter:
             ``{'clean': bool (N,), '<eps label>': {attack or 'worst-case': bool (N,)}}`` for this batch (in
             cascade mode only the worst case per radius).
         """
-        x = check_inputs(x, y, model=self.model)
-        self.last_pixels = x
+        x = self.last_pixels = check_inputs(x, y, model=self.model)
         clean = self.clean(x, y)
         self.total += x.shape[0]
         self.clean_correct += int(clean.sum())
@@ -151,12 +150,9 @@ class RobustCounter:
                 n_attacked = int(mask.sum())
                 if progress is not None:
                     progress.attack_started(spec.name, label, n_attacked)
-                if n_attacked:
-                    result = self.attacks[(label, spec.name)](x, y, mask=mask)
-                    correct = result.correct & mask
-                    self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
-                else:
-                    correct = torch.zeros_like(clean)
+                result = self.attacks[(label, spec.name)](x, y, mask=mask)  # empty mask: all False, no model work
+                correct = result.correct  # rows outside the mask count as not robust
+                self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
                 self.attacked[label][spec.name] += n_attacked
                 survived &= correct
                 if not self.cascade:
@@ -191,7 +187,6 @@ class RobustCounter:
             table[label][name] = cast(value)
         self.per_example = {}  # per-example outcomes stay on their rank
 
-    # -- results -------------------------------------------------------------------------------------------
     def accuracy(self) -> Dict[str, Dict[str, Optional[float]]]:
         """eps label -> attack (and ``worst-case``) -> accuracy; ``None`` where a cascade did not measure it."""
         if self.total == 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ..attacks import ATTACK_NAMES, NORMS, AttackSpec, ThreatModel, parse_attack
+from ..attacks.base import check_positive_int
 from ..settings import setting
 
 __all__ = ['Protocol', 'EvalSubset']
@@ -43,9 +44,7 @@ class Protocol:
         if not self.threats:
             raise ValueError('No eps given.')
         for name in ('batch_size', 'sanity_examples'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+            check_positive_int(name, getattr(self, name))
 
     @property
     def specs(self) -> List[AttackSpec]:

@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Union
 
+from ..attacks.base import check_positive_int
 from ..attacks.pgd import default_step_size, nofrost_step_size
 from ..attacks.threat import NORMS, ThreatModel
 from ..pixels import amp_dtype
@@ -153,9 +154,7 @@ class AdversarialConfig:
                                  f'back onto the ball. Leave step_size unset for the default.')
             if self.step_size == 0 and self.eps > 0 and self.steps > 0:
                 raise ValueError('step_size must be > 0.')
-        if isinstance(self.eps_warmup_steps, bool) or not isinstance(self.eps_warmup_steps, int) \
-                or self.eps_warmup_steps < 0:
-            raise ValueError(f'eps_warmup_steps must be an integer >= 0, got {self.eps_warmup_steps!r}.')
+        check_positive_int('eps_warmup_steps', self.eps_warmup_steps, minimum=0)
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f'Unknown batch_mode {self.batch_mode!r}; accepted: {", ".join(BATCH_MODES)}.')
         if self.attack_dtype is not None:
@@ -173,8 +172,7 @@ class AdversarialConfig:
         single_step = self.attack in SINGLE_STEP_ATTACKS
         if self.steps is None:
             self.steps = 1 if single_step else 10
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f'steps must be an integer >= 0, got {self.steps!r}.')
+        check_positive_int('steps', self.steps, minimum=0)
         if single_step and self.steps > 1:
             raise ValueError(f'attack={self.attack!r} takes one step, got steps={self.steps}; leave steps unset, '
                              f"or use attack='pgd' for multi-step attacks.")

@@ -20,7 +20,7 @@ from ..attacks.base import attack_mode, check_inputs, random_delta
 from ..pixels import PixelModel, amp_dtype, denormalize, normalize, resolve_mean_std, unwrap_model
 from ..attacks.pgd import PGD
 from .batch_stats import batch_statistics_layers, has_split_batchnorm
-from .adversarial import NFGSM_NOISE, AdversarialConfig
+from .adversarial import BETA_METHODS, NFGSM_NOISE, AdversarialConfig
 
 __all__ = ['AdversarialTrainer', 'resolve_batch_mode']
 
@@ -166,7 +166,6 @@ class AdversarialTrainer(ClassificationTask):
         if verbose:
             _logger.info(f'AdversarialTrainer: {adv_cfg.describe()}, batch mode {self.batch_mode}')
 
-    # -- attack ------------------------------------------------------------------------------------------
     def attack(self) -> PGD:
         """The training attack (PGD, or one step of it) on the current (unwrapped) trainable module."""
         module = unwrap_model(self.get_trainable_module())
@@ -177,15 +176,6 @@ class AdversarialTrainer(ClassificationTask):
                 step_fraction=cfg.step_fraction, random_start=cfg.random_start, loss='ce')
         return self._attack
 
-    def _attack_start(self, pixels: torch.Tensor, eps: torch.Tensor) -> Optional[torch.Tensor]:
-        """The attack's start ``delta``; None for ``generate``'s own (uniform in the eps ball, or zero)."""
-        cfg = self.adv_cfg
-        if cfg.attack == 'n-fgsm':  # uniform noise in the k * eps ball (kept in [0, 1])
-            return random_delta(pixels, NFGSM_NOISE * eps, cfg.norm, None)
-        if cfg.attack == 'pgd' and cfg.method in ('trades', 'mart') and cfg.random_start:
-            return 0.001 * torch.randn_like(pixels)  # the reference codes' start, neither projected nor clamped
-        return None
-
     def make_adversarial(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Adversarial versions of ``input`` (in the same normalisation and memory format) and attack stats.
 
@@ -195,41 +185,36 @@ class AdversarialTrainer(ClassificationTask):
         """
         cfg = self.adv_cfg
         eps = cfg.eps_at(self.adv_batches)
-        pixels = denormalize(input, self.mean, self.std) if self.input_normalized else input
         # random erasing / noise can leave the [0, 1] range: the attack's ball lives in valid images
-        pixels = pixels.detach().clamp(0, 1)
+        pixels = (denormalize(input, self.mean, self.std) if self.input_normalized else input).detach().clamp(0, 1)
         attack = self.attack()
-        device_type = input.device.type
-        if cfg.attack_dtype is not None:
-            attack.amp_dtype = amp_dtype(cfg.attack_dtype)
-        elif torch.is_autocast_enabled(device_type):
-            attack.amp_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            attack.amp_dtype = None
+        device_type = input.device.type  # the attack's autocast: its own dtype, or the caller's
+        attack.amp_dtype = amp_dtype(cfg.attack_dtype) or (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
         eps_t = torch.full((input.shape[0],), eps, device=input.device, dtype=pixels.dtype)
         # N-FGSM projects onto its wider radius; a multiple of eps, it scales with the warm-up like the step does
         radius = None if cfg.radius_fraction == 1 else eps_t * cfg.radius_fraction
-        delta = self._attack_start(pixels, eps_t)
+        if cfg.attack == 'n-fgsm':  # uniform noise in the k * eps ball (kept in [0, 1])
+            delta = random_delta(pixels, NFGSM_NOISE * eps_t, cfg.norm, None)
+        elif cfg.attack == 'pgd' and cfg.method in BETA_METHODS and cfg.random_start:
+            delta = 0.001 * torch.randn_like(pixels)  # the reference codes' start, neither projected nor clamped
+        else:
+            delta = None  # generate's own start: uniform in the eps ball, or zero
+        labels = _hard_labels(target) if cfg.method == 'mart' else target
         with attack_mode(attack.model):
             if cfg.method == 'trades':
                 with torch.no_grad():
                     labels = torch.softmax(attack.logits(pixels).to(pixels.dtype), dim=1)
-            elif cfg.method == 'mart':
-                labels = _hard_labels(target)
-            else:
-                labels = target
             x_adv, zeros = attack.generate(pixels, labels, eps=eps_t, delta=delta, radius=radius)
         x_adv = normalize(x_adv, self.mean, self.std) if self.input_normalized else x_adv
         if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
             x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-        x_adv = x_adv.to(input.dtype).detach()
         return {
-            'input_adv': x_adv,
+            'input_adv': x_adv.to(input.dtype).detach(),
             'adv_eps': torch.tensor(eps, device=input.device),
             'attack_zero_grad_frac': zeros.float() / max(input.numel() * cfg.steps, 1),
         }
 
-    # -- training forward -----------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Attack the batch, then one training forward (or two, for shared BN) and the method's loss. A batch
         ``check_inputs`` refuses (NaN, pixels outside [0, 1] with ``input_normalized=False``, ...) is a ValueError
@@ -245,14 +230,13 @@ class AdversarialTrainer(ClassificationTask):
         self.adv_batches += 1
         x_adv = adv.pop('input_adv')
         module = self.trainable_module
-        n = input.shape[0]
         out_clean = None
         if not cfg.uses_clean_forward and self.batch_mode != 'split':
             out_adv = module(x_adv)  # Madry AT: the clean half would carry no weight
         elif self.batch_mode == 'separate':
             out_clean, out_adv = module(input), module(x_adv)
         else:  # concat (normalizer-free) or split BN: one forward on both halves
-            out_clean, out_adv = module(torch.cat([input, x_adv], dim=0)).split(n)
+            out_clean, out_adv = module(torch.cat([input, x_adv], dim=0)).split(input.shape[0])
         labels = _hard_labels(target)
         result = dict(adv)
         if cfg.method == 'trades':
@@ -261,21 +245,18 @@ class AdversarialTrainer(ClassificationTask):
             loss = loss_clean + loss_robust
             with torch.no_grad():
                 loss_adv = self.criterion(out_adv, target)
-            result['loss_robust'] = loss_robust.detach()
         elif cfg.method == 'mart':
             loss_adv, robust = mart_terms(out_clean, out_adv, labels)
             loss_robust = cfg.beta * robust
             loss = loss_adv + loss_robust
             with torch.no_grad():
                 loss_clean = F.cross_entropy(out_clean, labels)
-            result['loss_robust'] = loss_robust.detach()
         else:
             loss_adv = self.criterion(out_adv, target)
-            if out_clean is not None:
-                loss_clean = self.criterion(out_clean, target)
-                loss = (1 - cfg.adv_weight) * loss_clean + cfg.adv_weight * loss_adv
-            else:
-                loss_clean, loss = None, loss_adv
+            loss_clean = None if out_clean is None else self.criterion(out_clean, target)
+            loss = loss_adv if out_clean is None else (1 - cfg.adv_weight) * loss_clean + cfg.adv_weight * loss_adv
+        if cfg.method in BETA_METHODS:
+            result['loss_robust'] = loss_robust.detach()
         if loss_clean is not None:
             result['loss_clean'] = loss_clean.detach()
         result.update(

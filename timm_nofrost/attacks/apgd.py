@@ -147,7 +147,7 @@ class APGDTargeted(APGD):
         kwargs.pop('loss', None)
         super().__init__(model, eps=eps, steps=steps, loss='dlr', **kwargs)
         self.n_target_classes = n_target_classes
-        self.loss_fn = lambda logits, y, target: targeted_dlr(logits, y, target)
+        self.loss_fn = targeted_dlr
 
     def is_fooled(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
         """Success is a misclassification, whatever class it lands in (as in the official APGD-T)."""

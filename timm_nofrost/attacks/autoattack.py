@@ -50,10 +50,6 @@ def autoattack_available() -> bool:
         return False
 
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 class AutoAttack(Attack):
     """AutoAttack from the official implementation; ``version='standard'``: APGD-CE, APGD-T, FAB-T, Square.
 
@@ -77,11 +73,12 @@ class AutoAttack(Attack):
         self.batch_size = batch_size
         self.verbose = verbose
         options = dict(norm=self.norm, eps=self.eps, version=version, seed=self.seed, device='cpu')
-        if _accepts(official.__init__, 'verbose'):  # GitHub package
+        if 'verbose' in inspect.signature(official.__init__).parameters:  # GitHub package
             options['verbose'] = verbose
         self._official = official(self.model, **options)
         self._official.verbose = verbose  # pyautoattack: attribute only (debug-level log messages)
-        self._batch_arg = 'batch_size' if _accepts(self._official.run_standard_evaluation, 'batch_size') else 'bs'
+        run_parameters = inspect.signature(self._official.run_standard_evaluation).parameters
+        self._batch_arg = 'batch_size' if 'batch_size' in run_parameters else 'bs'
         self._n_targets = {name: getattr(self._official, name).n_target_classes
                            for name in ('apgd_targeted', 'fab') if hasattr(getattr(self._official, name, None),
                                                                           'n_target_classes')}
@@ -131,5 +128,4 @@ class AutoAttack(Attack):
         finally:
             if sys.gettrace() is not trace:
                 sys.settrace(trace)
-        x_adv = out[0] if isinstance(out, (tuple, list)) else out
-        return x_adv.detach().to(x.dtype)
+        return (out[0] if isinstance(out, (tuple, list)) else out).detach().to(x.dtype)  # pyautoattack: (x, y)

@@ -1,10 +1,7 @@
-"""Shared attack machinery: pixel-space model wrapper, attack mode, threat-model geometry, input checks.
+"""Shared attack machinery: the ``Attack`` base class, ``attack_mode``, the geometry of the ball, ``check_inputs``.
 
 Attacks take images in [0, 1] and normalise inside ``PixelModel``, the convention of the field (RobustBench,
-AutoAttack). While an attack runs, ``attack_mode`` puts the model in eval mode, freezes its parameters (so
-backward computes input gradients only, with no weight-gradient work and no DDP all-reduce) and computes
-each weight-standardised kernel once instead of at every step (the weights do not change during an attack).
-Everything is restored afterwards.
+AutoAttack).
 """
 import contextlib
 import math
@@ -43,7 +40,9 @@ def _fixed_ws_forward(conv: nn.Conv2d, weight: torch.Tensor):
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, cache_standardized_weights: bool = True) -> Iterator[nn.Module]:
-    """Eval mode, frozen parameters and (optionally) weight standardisation computed once; all restored."""
+    """Eval mode, frozen parameters (backward computes input gradients only: no weight-gradient work, no DDP
+    all-reduce) and, optionally, each weight-standardised kernel computed once instead of at every step (the
+    weights do not change during an attack); all restored afterwards."""
     modules = list(model.modules())
     training = [m.training for m in modules]
     params = list(model.parameters())
@@ -226,10 +225,9 @@ class Attack:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                 active: torch.Tensor) -> Tuple:
-        """Attack the rows of ``x`` where ``active`` is True; the others are left as they are.
-
-        Random starts are drawn for the whole batch, so a row's start does not depend on which rows are
-        attacked (a cascade and a full run attack each row identically).
+        """Attack the rows of ``x`` where ``active`` is True; the others are left as they are. Random starts are
+        drawn for the whole batch, so a row's start does not depend on which rows are attacked (a cascade and a
+        full run attack each row identically).
 
         Returns:
             ``(adversarial images, fraction of zero input-gradient entries[, logits at them])``; logits of
@@ -318,9 +316,8 @@ class Attack:
 
     def restart_rows(self, active: torch.Tensor, best: 'BestIterate',
                      starts: Iterable) -> Iterator[Tuple[Any, torch.Tensor]]:
-        """``(start, rows)`` per restart: the batch rows to attack, ``active`` and (with the active set) not fooled
-        yet; stops when none is left. Starts are drawn for the whole batch, so a row's start never depends on
-        which rows are still attacked."""
+        """``(start, rows)`` per restart (starts drawn for the whole batch, see ``perturb``): the rows ``active``
+        and, with the active set, not fooled yet; stops when none is left."""
         for start in starts:
             idx = ((active & ~best.fooled) if self.active_set else active).nonzero()[:, 0]
             if idx.numel() == 0:

@@ -9,9 +9,7 @@ __all__ = ['LOSSES', 'get_loss', 'cross_entropy', 'margin', 'dlr', 'targeted_dlr
 
 def _top_other(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Largest logit among the classes other than ``y``."""
-    masked = logits.clone()
-    masked.scatter_(1, y[:, None], float('-inf'))
-    return masked.max(dim=1).values
+    return logits.scatter(1, y[:, None], float('-inf')).max(dim=1).values
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -81,22 +81,19 @@ class PGD(Attack):
                  radius: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Training path: the last iterate of one PGD run, as adversarial training uses it (Madry et al.).
 
-        Unlike ``__call__``, nothing is validated and nothing waits on the device (no host syncs), no best
-        iterate is kept, every example is attacked for every step (no active set: a training batch needs
-        them all), and ``y`` may be soft targets (``(N, num_classes)`` probabilities, e.g. from mixup, or a
-        model's own softmax for TRADES' KL, whose input gradient is the soft-target CE's) with the ``'ce'``
-        loss. The caller must hold ``attack_mode(attack.model)``. Random starts come from ``generator``, or
-        torch's global generator (seeded per process by training scripts) when None.
+        Unlike ``__call__``: no validation, no host syncs, no best iterate, every example for every step (a
+        training batch needs them all), and ``y`` may be soft targets (``(N, num_classes)`` probabilities: mixup,
+        TRADES' p(x)) with the ``'ce'`` loss. The caller holds ``attack_mode(attack.model)``. Random starts come
+        from ``generator``, or torch's global generator (seeded per process by training scripts) when None.
 
         Args:
-            delta: The start ``x + delta`` (used as given, e.g. TRADES' unprojected 0.001 Gaussian, N-FGSM's
-                2 eps noise); None: uniform in the eps ball with ``random_start``, else ``x``.
-            radius: Per-example radius projected onto after each step (default ``eps``; N-FGSM: 3 eps, i.e.
-                no projection back onto the eps ball). The step still scales with ``eps``.
+            delta: The start ``x + delta``, used as given (TRADES' 0.001 Gaussian, N-FGSM's 2 eps noise); None:
+                uniform in the eps ball with ``random_start``, else ``x``.
+            radius: Per-example radius projected onto after each step (default ``eps``; N-FGSM: 3 eps, i.e. no
+                projection back onto the eps ball). The step still scales with ``eps``.
 
         Returns:
-            ``(x_adv, zero_count)``: adversarial images and the number of exactly-zero input-gradient
-            entries (a 0-dim tensor on the device).
+            ``(x_adv, zero_count)``: the adversarial images, and the exactly-zero input-gradient entries (0-dim).
         """
         self._labels_checked = True
         x = x.detach()
@@ -109,17 +106,13 @@ class PGD(Attack):
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], eps: torch.Tensor,
              delta: torch.Tensor, best: Optional[BestIterate], idx: Optional[torch.Tensor],
              radius: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """The one PGD loop: ``steps`` steepest-ascent steps from ``x + delta``, projected onto the ball.
+        """The one PGD loop: ``steps`` steps of ``step_fraction`` times each row's ``eps`` from ``x + delta``, each
+        projected onto the ball of ``radius`` (per row; default ``eps``) and [0, 1].
 
-        The step is ``step_fraction`` times each row's ``eps``; the projection is onto the ball of ``radius``
-        (per row; default ``eps``) and [0, 1].
-
-        Evaluation (``best`` given, ``idx`` the batch rows of ``x``): every iterate, and the last one after the
-        final step, is scored into ``best``; with the active set, rows leave the loop at their first fooling
-        iterate. Training (``best`` None): all rows, all steps, no host syncs; the final delta is returned.
-
-        Returns:
-            ``(final delta, zero input-gradient entries (0-dim tensor), input-gradient entries computed)``.
+        Evaluation (``best`` given, ``idx`` the batch rows of ``x``): every iterate, and the last one, is scored
+        into ``best``; with the active set, rows leave at their first fooling iterate. Training (``best`` None):
+        all rows, all steps, no host syncs. Returns ``(final delta, zero input-gradient entries (0-dim tensor),
+        input-gradient entries computed)``.
         """
         zeros = torch.zeros((), device=x.device)
         computed = 0

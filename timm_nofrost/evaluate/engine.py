@@ -9,8 +9,8 @@ all go through :class:`RobustCounter`, so every robust number the package prints
   protocol): the worst case is identical, per-attack accuracies are not measured;
 * inside each attack, fooled examples leave the attack's loop (the active set, see ``Attack``).
 
-Attacks get the whole batch and a mask of the rows to attack, so each row draws the same random start whether
-it is attacked alone, in a cascade or in a full run. Under DDP, ``reduce()`` sums the counts across ranks.
+Attacks get the whole batch and a mask of the rows to attack (see ``Attack.__call__``: each row's outcome is
+the same alone, in a cascade or in a full run). Under DDP, ``reduce()`` sums the counts across ranks.
 """
 import sys
 import time

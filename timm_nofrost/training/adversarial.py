@@ -62,9 +62,8 @@ class AdversarialConfig:
             steps`` for trades/mart (2/255 for PGD-10 at 8/255, their codes' 0.007), 1.25 eps for
             ``'fgsm-rs'`` and eps for ``'n-fgsm'``. At most ``eps`` for PGD, 2 eps for fgsm-rs.
         norm: ``'Linf'`` or ``'L2'``.
-        random_start: Start from a random point: uniform in the ball (``'pgd'`` with nofrost/madry, fgsm-rs),
-            in the 2 eps ball (n-fgsm), ``0.001 * N(0, I)`` (``'pgd'`` with trades/mart). Required by the
-            single-step attacks and by trades (the KL's input gradient is zero at the clean point).
+        random_start: Start from a random point (each attack's, see above). Required by the single-step attacks
+            and by trades (the KL's input gradient is zero at the clean point).
         adv_weight: lambda, for ``method='nofrost'`` only; None: 0.5 (1.0 for ``'madry'``). 1.0 is Madry-style
             AT on adversarial examples only, 0.0 standard training. Stays None for trades/mart (refused there).
         eps_warmup_steps: Ramp eps linearly from 0 over this many training batches (0: no warm-up).
@@ -129,19 +128,16 @@ class AdversarialConfig:
              'overfitting reported)')
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f'Unknown method {self.method!r}; accepted: {", ".join(METHODS)}.')
-        if self.attack not in TRAIN_ATTACKS:
-            raise ValueError(f'Unknown training attack {self.attack!r}; accepted: {", ".join(TRAIN_ATTACKS)}.')
+        for what, value, accepted in (('method', self.method, METHODS), ('training attack', self.attack, TRAIN_ATTACKS),
+                                      ('batch_mode', self.batch_mode, BATCH_MODES)):
+            if value not in accepted:
+                raise ValueError(f'Unknown {what} {value!r}; accepted: {", ".join(accepted)}.')
         self.eps = ThreatModel(self.eps, self.norm).eps  # parsed and checked (norm too) by the threat model
         if self.attack == 'n-fgsm' and self.norm != 'Linf':
             raise ValueError(f"attack='n-fgsm' is defined for the Linf norm only (de Jorge et al. 2022), got "
                              f"norm={self.norm!r}; use attack='fgsm-rs' or 'pgd' with L2.")
         self._check_steps()
-        if self.method in BETA_METHODS:
-            self._check_beta()
-        else:
-            self._check_adv_weight()
+        (self._check_beta if self.method in BETA_METHODS else self._check_adv_weight)()
         if self.attack in SINGLE_STEP_ATTACKS and not self.random_start:
             raise ValueError(f'attack={self.attack!r} starts from random noise by definition, got random_start=False; '
                              f"for plain FGSM use attack='pgd' with steps=1.")
@@ -155,8 +151,6 @@ class AdversarialConfig:
             if self.step_size == 0 and self.eps > 0 and self.steps > 0:
                 raise ValueError('step_size must be > 0.')
         check_positive_int('eps_warmup_steps', self.eps_warmup_steps, minimum=0)
-        if self.batch_mode not in BATCH_MODES:
-            raise ValueError(f'Unknown batch_mode {self.batch_mode!r}; accepted: {", ".join(BATCH_MODES)}.')
         if self.attack_dtype is not None:
             try:  # any AMP name (bf16, fp16, ...), kept as torch's: the spelling args.yaml and checkpoints record
                 dtype = amp_dtype(self.attack_dtype)

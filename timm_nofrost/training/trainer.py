@@ -1,12 +1,9 @@
 """``AdversarialTrainer``: NoFrost adversarial training as a timm ``ClassificationTask``.
 
-Each ``forward(input, target)`` makes adversarial examples with the attacks' own PGD loop (eval mode, frozen
-parameters, input-only gradients, weight standardisation once per attack, on the module under any DDP /
-compile wrapper) and returns the method's loss: by default NoFrost's mixed loss
-``(1 - lambda) * loss(clean) + lambda * loss(adv)``; Madry, TRADES or MART with ``method`` (see
-``timm_nofrost.training.adversarial`` for the formulas), with PGD, FGSM-RS or N-FGSM examples (``attack``). A model
-without batch-statistics layers gets both halves in ONE forward on the concatenated batch; BatchNorm models
-get the paper's baselines (shared BN with two forwards, or split BN).
+Each ``forward(input, target)`` makes adversarial examples with the attacks' own PGD loop (in ``attack_mode``,
+on the module under any DDP / compile wrapper) and returns the method's loss (formulas and attacks:
+``timm_nofrost.training.adversarial``). A model without batch-statistics layers gets both halves in ONE forward
+on the concatenated batch; BatchNorm models get the paper's baselines (shared BN with two forwards, or split BN).
 """
 import logging
 from typing import Any, Callable, Dict, Optional, Sequence, Union
@@ -38,9 +35,7 @@ def resolve_batch_mode(model: nn.Module, batch_mode: str) -> str:
     """
     layers = batch_statistics_layers(model)
     if batch_mode == 'auto':
-        if not layers:
-            return 'concat'
-        return 'split' if has_split_batchnorm(model) else 'separate'
+        return ('split' if has_split_batchnorm(model) else 'separate') if layers else 'concat'
     if batch_mode == 'concat' and layers:
         shown = ', '.join(layers[:3]) + (f' and {len(layers) - 3} more' if len(layers) > 3 else '')
         raise ValueError(
@@ -69,18 +64,12 @@ def trades_kl(out_clean: torch.Tensor, out_adv: torch.Tensor) -> torch.Tensor:
     Gradients flow through both outputs, as in the reference code (its target p(x) is not detached).
     """
     out_clean, out_adv = _float(out_clean), _float(out_adv)
-    kl = F.kl_div(F.log_softmax(out_adv, dim=1), F.softmax(out_clean, dim=1), reduction='sum')
-    return kl / out_clean.shape[0]
+    return F.kl_div(F.log_softmax(out_adv, dim=1), F.softmax(out_clean, dim=1), reduction='sum') / out_clean.shape[0]
 
 
 def mart_terms(out_clean: torch.Tensor, out_adv: torch.Tensor, labels: torch.Tensor):
-    """MART's boosted CE on the adversarial outputs and its (unweighted) robust term, as the reference code.
-
-    Returns:
-        ``(CE(out_adv, y) + NLL(log(1.0001 - q + 1e-12), y'), (1/B) * sum_i KL(p_i || q_i + 1e-12) *
-        (1.0000001 - p_i,y))`` with ``q``/``p`` the adversarial/clean softmax and ``y'`` the most likely
-        wrong class under ``q``.
-    """
+    """MART's boosted CE on the adversarial outputs and its unweighted robust term, as the reference code: the
+    two terms of the formula in ``timm_nofrost.training.adversarial`` (``y'``: the most likely wrong class under q)."""
     out_clean, out_adv = _float(out_clean), _float(out_adv)
     q = F.softmax(out_adv, dim=1)
     top2 = q.topk(2, dim=1).indices
@@ -141,8 +130,8 @@ class AdversarialTrainer(ClassificationTask):
         try:
             adv_cfg = adv_cfg or AdversarialConfig(**adv_kwargs)
         except TypeError as e:
-            raise TypeError(f'{e}; accepted adversarial settings: {", ".join(AdversarialConfig.__dataclass_fields__)}.') \
-                from None
+            accepted = ', '.join(AdversarialConfig.__dataclass_fields__)
+            raise TypeError(f'{e}; accepted adversarial settings: {accepted}.') from None
         if criterion is None and criterion_kwargs is None:
             criterion_kwargs = dict(NOFROST_CRITERION_KWARGS)
         if input_normalized:  # the inputs' normalisation: given, the model's timm pretrained_cfg, or a ValueError
@@ -224,8 +213,7 @@ class AdversarialTrainer(ClassificationTask):
         cfg = self.adv_cfg
         if cfg.method == 'nofrost' and cfg.adv_weight == 0:
             result = super().forward(input, target)
-            result['loss_clean'] = result['loss'].detach()
-            return result
+            return {**result, 'loss_clean': result['loss'].detach()}
         adv = self.make_adversarial(input, target)
         self.adv_batches += 1
         x_adv = adv.pop('input_adv')
@@ -280,9 +268,8 @@ class AdversarialTrainer(ClassificationTask):
 
     # -- task state (resume keeps the warm-up position) -------------------------------------------------
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        if ema:
-            return {}
-        return {'adv_batches': self.adv_batches, 'adv_cfg': self.adv_cfg.to_dict(), 'batch_mode': self.batch_mode}
+        return {} if ema else {'adv_batches': self.adv_batches, 'adv_cfg': self.adv_cfg.to_dict(),
+                               'batch_mode': self.batch_mode}
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
                         ema: bool = False) -> None:

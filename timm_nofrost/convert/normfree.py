@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from ..layers import WS_CONV_TYPES, is_preact_nf_block
 from .layers import (
-    NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
-    is_std_conv, norm_classes, norm_replacement, normed_convs, to_scaled_std_conv,
+    NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, eval_mode, is_attention,
+    is_container, is_std_conv, norm_classes, norm_replacement, normed_convs, to_scaled_std_conv,
 )
 from .conversion_report import BlockReport, ConversionReport
 from .concrete import ConcreteResidual, find_residual_concrete
@@ -219,10 +219,8 @@ class _Converter:
         x = torch.rand(1, first.in_channels if first is not None else 3, *size,
                        generator=torch.Generator().manual_seed(0))
         handle = block.register_forward_pre_hook(grab)
-        training = [m.training for m in root.modules()]
         try:
-            root.eval()
-            with torch.no_grad():
+            with eval_mode(root), torch.no_grad():
                 root(x)
         except _Captured:
             pass
@@ -230,8 +228,6 @@ class _Converter:
             return None
         finally:
             handle.remove()
-            for m, flag in zip(root.modules(), training):
-                m.training = flag
         return captured[0] if captured else None
 
 

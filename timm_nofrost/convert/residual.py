@@ -160,13 +160,10 @@ def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphM
     gm = info.graph_module
     graph = gm.graph
     x = next(n for n in graph.nodes if n.op == 'placeholder')
+    readers = _input_readers(info, x)
     with graph.inserting_after(x):
         scaled = graph.call_function(operator.mul, (x, float(beta)))
-    for user in list(x.users):
-        if user is scaled:
-            continue
-        if not info.transition and (user is info.add or user in info.shortcut_only):
-            continue  # an identity shortcut carries the unscaled input
+    for user in readers:
         user.replace_input_with(x, scaled)
     with graph.inserting_before(info.add):
         branch = graph.call_function(operator.mul, (info.branch, float(alpha)))
@@ -179,6 +176,12 @@ def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphM
     return gm
 
 
+def _input_readers(info: ResidualInfo, x: fx.Node) -> List[fx.Node]:
+    """The users of the block input ``x`` that must see ``beta * x``: all but an identity shortcut (which carries
+    the unscaled input)."""
+    return [u for u in x.users if info.transition or not (u is info.add or u in info.shortcut_only)]
+
+
 def hook_sites(info: ResidualInfo):
     """``(beta modules, alpha module)``: where hooks scale the block exactly, as qualified names; or, when they
     cannot, the reason (a string) the forward has to be rewritten (see ``scale_sites``)."""
@@ -189,9 +192,7 @@ def hook_sites(info: ResidualInfo):
         if node.op == 'call_module':
             return node.target, '', ok
         return None, f'{node.op} {getattr(node.target, "__name__", node.target)}', ok
-    # every user of the block input but an identity shortcut must see beta * x
-    readers = [site(u, u.args == (x,) and not u.kwargs) for u in x.users
-               if info.transition or not (u is info.add or u in info.shortcut_only)]
+    readers = [site(u, u.args == (x,) and not u.kwargs) for u in _input_readers(info, x)]
     calls = Counter(n.target for n in gm.graph.nodes if n.op == 'call_module')
     return scale_sites(readers, site(info.branch, set(info.branch.users) == {info.add}), calls)
 

@@ -290,15 +290,10 @@ def list_nofrost_models(pattern: str = '*nofrost*', pretrained: bool = False) ->
         with torch.device('meta'):
             model = timm.create_model(arch)
         infos.append(ModelInfo(
-            name=name,
-            num_params=sum(p.numel() for p in model.parameters()),
-            input_size=list(cfg.input_size),
-            num_classes=cfg.num_classes,
-            pretrained=bool(cfg.has_weights),
-            hf_hub_id=cfg.hf_hub_id,
+            name=name, num_params=sum(p.numel() for p in model.parameters()), input_size=list(cfg.input_size),
+            num_classes=cfg.num_classes, pretrained=bool(cfg.has_weights), hf_hub_id=cfg.hf_hub_id,
             description=cfg.description,
-            tags=[] if pretrained else [n.split('.', 1)[1] for n in timm.list_pretrained(arch) if '.' in n],
-        ))
+            tags=[] if pretrained else [n.split('.', 1)[1] for n in timm.list_pretrained(arch) if '.' in n]))
     return infos
 
 

@@ -7,6 +7,7 @@ looked through, as in the fx trace). The recorded data flow gives the same answe
 residual add, the branch and shortcut sides, their convolutions, and where hooks can apply beta and alpha. It
 describes the path this input took; the hooks sit on modules, so they act on whichever path runs.
 """
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
@@ -15,8 +16,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import is_container
-from .residual import residual_sides
+from .layers import eval_mode, is_container
+from .residual import ancestors, conv_names, last_conv, residual_sides, scale_sites
 
 __all__ = ['ConcreteResidual', 'find_residual_concrete']
 
@@ -88,7 +89,6 @@ def _trace(block: nn.Module, x: torch.Tensor) -> Tuple[List[_Node], int]:
     producer, keep = {id(x): 0}, [x]
     recorder = _Recorder(nodes, producer, keep)
     leaves = _leaves(block)
-    handles = []
 
     def pre(module: nn.Module, args: Any) -> None:
         recorder.depth += 1
@@ -98,55 +98,35 @@ def _trace(block: nn.Module, x: torch.Tensor) -> Tuple[List[_Node], int]:
         if recorder.depth == 0:
             recorder.record('module', leaves[module], args, output)
 
-    for leaf in leaves:
-        handles.append(leaf.register_forward_pre_hook(pre, prepend=True))
-        handles.append(leaf.register_forward_hook(post))
-    training = [m.training for m in block.modules()]
+    handles = [h for leaf in leaves for h in (leaf.register_forward_pre_hook(pre, prepend=True),
+                                              leaf.register_forward_hook(post))]
     try:
-        block.eval()
-        with torch.no_grad(), recorder:
+        with eval_mode(block), torch.no_grad(), recorder:
             out = block(x)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in zip(block.modules(), training):
-            m.training = flag
     if not isinstance(out, torch.Tensor) or id(out) not in producer:
         raise ValueError('the block does not return a tensor computed from its input')
     return nodes, producer[id(out)]
 
 
-def _ancestors(nodes: List[_Node], start: int) -> Set[int]:
-    seen: Set[int] = set()
-    stack = [start]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(nodes[n].inputs)
-    return seen
-
-
 def _convs(block: nn.Module, nodes: List[_Node], indices: Set[int]) -> List[str]:
-    names = []
-    for i in sorted(indices):
-        if nodes[i].kind == 'module':
-            module = block.get_submodule(nodes[i].target)
-            names += [f'{nodes[i].target}.{n}' if n else nodes[i].target
-                      for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
-    return names
+    return [c for i in sorted(indices) if nodes[i].kind == 'module' for c in conv_names(block, nodes[i].target)]
 
 
 def find_residual_concrete(block: nn.Module, x: torch.Tensor) -> Optional[ConcreteResidual]:
     """The residual structure of ``block`` on input ``x`` (one forward, no gradients); None without one."""
     nodes, output = _trace(block, x)
-    live = _ancestors(nodes, output)
+
+    def inputs(n: int) -> List[int]:
+        return nodes[n].inputs
     found = None
-    for i in sorted(live):
+    for i in sorted(ancestors(output, inputs)):
         node = nodes[i]
         if node.kind != 'function' or node.target not in _ADDS or len(node.inputs) < 2:
             continue
-        sides = residual_sides(node.inputs[0], node.inputs[1], 0, lambda n: _ancestors(nodes, n),
+        sides = residual_sides(node.inputs[0], node.inputs[1], 0, lambda n: ancestors(n, inputs),
                                lambda indices: _convs(block, nodes, indices))
         if sides is not None:
             found = (i, sides)  # the last such add, as in the fx analysis
@@ -154,42 +134,16 @@ def find_residual_concrete(block: nn.Module, x: torch.Tensor) -> Optional[Concre
         return None
     add, (branch, _, branch_only, shortcut_only, branch_convs, shortcut_convs) = found
     transition = bool(shortcut_convs)
-    last = None
-    frontier, seen = [branch], set()
-    while frontier and last is None:
-        n = frontier.pop(0)
-        if n in seen or n not in branch_only:
-            continue
-        seen.add(n)
-        if nodes[n].kind == 'module':
-            convs = _convs(block, nodes, {n})
-            last = convs[-1] if convs else None
-        frontier.extend(nodes[n].inputs)
+    last = last_conv(branch, branch_only, inputs, lambda n: _convs(block, nodes, {n}))
     return ConcreteResidual(transition, branch_convs, shortcut_convs, last,
                             _sites(nodes, add, branch, shortcut_only, transition))
 
 
 def _sites(nodes: List[_Node], add: int, branch: int, shortcut_only: Set[int], transition: bool):
     """As ``residual.hook_sites``, on the recorded data flow."""
-    calls: Dict[str, int] = {}
-    for node in nodes:
-        if node.kind == 'module':
-            calls[node.target] = calls.get(node.target, 0) + 1
-    beta_on = []
-    for user in dict.fromkeys(nodes[0].users):
-        if not transition and (user == add or user in shortcut_only):
-            continue
-        node = nodes[user]
-        if node.kind != 'module':
-            return f'the block input goes through function {node.target}'
-        if calls[node.target] != 1 or node.inputs != [0]:
-            return f'module {node.target} is called more than once or with more than the block input'
-        beta_on.append(node.target)
-    node = nodes[branch]
-    if node.kind != 'module':
-        return f'the branch ends in function {node.target}, not a module'
-    if calls[node.target] != 1 or set(node.users) != {add}:
-        return f'the branch output of module {node.target} is used elsewhere or the module runs twice'
-    if node.target in beta_on:
-        return f'module {node.target} both reads the block input and ends the branch'
-    return beta_on, node.target
+    def site(i: int, ok: bool) -> Tuple[Optional[str], str, bool]:
+        return (nodes[i].target, '', ok) if nodes[i].kind == 'module' else (None, f'function {nodes[i].target}', ok)
+    readers = [site(u, nodes[u].inputs == [0]) for u in dict.fromkeys(nodes[0].users)
+               if transition or not (u == add or u in shortcut_only)]
+    calls = Counter(n.target for n in nodes if n.kind == 'module')
+    return scale_sites(readers, site(branch, set(nodes[branch].users) == {add}), calls)

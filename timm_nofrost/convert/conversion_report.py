@@ -1,4 +1,5 @@
 """What ``convert_to_normfree`` did to a model, as data and as text."""
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -78,21 +79,11 @@ class ConversionReport:
                    f'beta on {", ".join(block.beta_on)}, alpha on {block.alpha_on}')
             lines.append(f'    {block.name:<24} {block.source_type:<16} {kind:<10} beta={block.beta:.4f} '
                          f'expected_var={block.expected_var:.3f}  {how}')
-        for name, why in self.unscaled:
-            lines.append(f'  UNSCALED {name}: {why}')
-        for name, why in self.kept:
-            lines.append(f'  kept {name}: {why}')
-        for name, why in self.skipped:
-            lines.append(f'  skipped {name}: {why}')
-        for name, why in self.unchanged:
-            lines.append(f'  UNCHANGED {name}: {why}')
-        for note in self.notes:
-            lines.append(f'  note: {note}')
-        return '\n'.join(lines)
+        for label, items in (('UNSCALED', self.unscaled), ('kept', self.kept), ('skipped', self.skipped),
+                             ('UNCHANGED', self.unchanged)):
+            lines += [f'  {label} {name}: {why}' for name, why in items]
+        return '\n'.join(lines + [f'  note: {note}' for note in self.notes])
 
 
 def _count_types(items: List[Tuple[str, str]]) -> str:
-    counts: Dict[str, int] = {}
-    for _, type_name in items:
-        counts[type_name] = counts.get(type_name, 0) + 1
-    return ', '.join(f'{n} {t}' for t, n in sorted(counts.items()))
+    return ', '.join(f'{n} {t}' for t, n in sorted(Counter(t for _, t in items).items()))

@@ -1,7 +1,10 @@
 """Which layers the converter touches, and what replaces them."""
+import contextlib
 import re
-from typing import Dict, Optional, Set, Tuple, Type
+from collections import Counter
+from typing import Dict, Iterator, Optional, Set, Tuple, Type
 
+import torch
 import torch.nn as nn
 from timm.layers import Conv2dSame
 from timm.models.nfnet import _nonlin_gamma
@@ -58,6 +61,17 @@ def is_attention(module: nn.Module) -> bool:
     return bool(_ATTENTION_NAME.search(type(module).__name__))
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration; every submodule's own train flag restored afterwards."""
+    training = [m.training for m in module.modules()]
+    try:
+        yield module.eval()
+    finally:
+        for m, flag in zip(module.modules(), training):
+            m.training = flag
+
+
 def norm_replacement(norm: nn.Module) -> nn.Module:
     """``nn.Identity`` for a plain normalizer; the activation (and dropout) of timm's norm+act layers."""
     act = getattr(norm, 'act', None)
@@ -82,10 +96,7 @@ def to_scaled_std_conv(conv: nn.Conv2d, gamma: float) -> nn.Conv2d:
         groups=conv.groups, bias=True, gamma=gamma, eps=STD_CONV_EPS,
         device=conv.weight.device, dtype=conv.weight.dtype, **kwargs)
     new.weight.data.copy_(conv.weight.data)
-    if conv.bias is not None:
-        new.bias.data.copy_(conv.bias.data)
-    else:
-        new.bias.data.zero_()
+    new.bias.data.copy_(conv.bias.data if conv.bias is not None else torch.zeros_like(new.bias))
     new.weight.requires_grad_(conv.weight.requires_grad)
     new.train(conv.training)
     return new
@@ -116,11 +127,9 @@ _ACT_NAMES: Dict[str, str] = {
 
 def detect_activation(model: nn.Module) -> Optional[str]:
     """The most common activation module of ``model``, by timm's name for it; ``None`` if none is found."""
-    counts: Dict[str, int] = {}
-    for module in model.modules():
-        name = _ACT_NAMES.get(type(module).__name__.lower())
-        if name and name != 'identity':
-            counts[name] = counts.get(name, 0) + 1
+    counts = Counter(_ACT_NAMES.get(type(module).__name__.lower()) for module in model.modules())
+    counts.pop(None, None)
+    counts.pop('identity', None)
     return max(counts, key=counts.get) if counts else None
 
 

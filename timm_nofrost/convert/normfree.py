@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from ..layers import WS_CONV_TYPES, is_preact_nf_block
 from .layers import (
-    NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, is_attention, is_container,
-    is_std_conv, norm_classes, norm_replacement, normed_convs, to_scaled_std_conv,
+    NORM_KINDS, OTHER_NORMS, activation_gamma, convertible_conv, detect_activation, eval_mode, is_attention,
+    is_container, is_std_conv, norm_classes, norm_replacement, normed_convs, to_scaled_std_conv,
 )
 from .conversion_report import BlockReport, ConversionReport
 from .concrete import ConcreteResidual, find_residual_concrete
@@ -48,14 +48,8 @@ def _unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
 class _Converter:
     """One pass over the model in module order, tracking the expected variance of the residual stream."""
 
-    def __init__(
-            self,
-            report: ConversionReport,
-            norm_kinds: Tuple[str, ...],
-            alpha: float,
-            gamma: float,
-            zero_init_last: bool,
-    ):
+    def __init__(self, report: ConversionReport, norm_kinds: Tuple[str, ...], alpha: float, gamma: float,
+                 zero_init_last: bool):
         self.report = report
         self.norm_kinds = norm_kinds
         self.norms = norm_classes(norm_kinds)
@@ -140,18 +134,23 @@ class _Converter:
         # convert the layers of the block, then find its residual structure again on the converted layers
         self.visit(child, qual + '.', in_block=True)
         info = find_residual(child)
-        beta = 1.0 / math.sqrt(self.expected_var)
-        report = self.block_report(qual, child, info, beta)
         placed = None if _FORCE_REWRITE else hook_sites(info)
         if isinstance(placed, tuple):  # the user's block stays; hooks apply beta and alpha
-            block = child
-            report.beta_on, report.alpha_on = placed
-            attach_scales(block, report.beta_on, report.alpha_on, self.alpha, beta, info.transition)
-        else:  # the forward has to be rewritten for an exact scaling: a GraphModule, reported (strict refuses)
-            block = rescale_residual(info, self.alpha, beta)
-            report.scaled_by, report.rewrite_reason = 'rewrite', placed or 'forced'
-            setattr(parent, name, block)
+            return self.scale_with_hooks(child, qual, info, placed)
+        # the forward has to be rewritten for an exact scaling: a GraphModule, reported (strict refuses)
+        beta = 1.0 / math.sqrt(self.expected_var)
+        report = self.block_report(qual, child, info, beta, scaled_by='rewrite', rewrite_reason=placed or 'forced')
+        block = rescale_residual(info, self.alpha, beta)
+        setattr(parent, name, block)
         return self.finish_block(block, report)
+
+    def scale_with_hooks(self, block: nn.Module, qual: str, found: Union[ResidualInfo, ConcreteResidual],
+                         sites: Tuple[List[str], str]) -> bool:
+        """Scale a block by hooks on its own modules (``sites``: the beta modules, the alpha module)."""
+        beta = 1.0 / math.sqrt(self.expected_var)
+        attach_scales(block, *sites, self.alpha, beta, found.transition)
+        return self.finish_block(block, self.block_report(qual, block, found, beta, beta_on=sites[0],
+                                                          alpha_on=sites[1]))
 
     def block_report(self, qual: str, block: nn.Module, found: Union[ResidualInfo, ConcreteResidual], beta: float,
                      **fields: Any) -> BlockReport:
@@ -194,13 +193,9 @@ class _Converter:
             self.report.unscaled.append((qual, f'{type(child).__name__}: {reason}, so no residual scaling'))
             return False
         self.visit(child, qual + '.', in_block=True)
-        beta = 1.0 / math.sqrt(self.expected_var)
-        beta_on, alpha_on = found.sites
-        attach_scales(child, beta_on, alpha_on, self.alpha, beta, found.transition)
         self.report.notes.append(f'{qual} ({type(child).__name__}): {why}; its structure was found on a sample '
                                  f'input and is scaled by hooks, its forward (control flow included) kept')
-        return self.finish_block(child, self.block_report(qual, child, found, beta, scaled_by='hooks',
-                                                          beta_on=beta_on, alpha_on=alpha_on))
+        return self.scale_with_hooks(child, qual, found, found.sites)
 
     def sample_input(self, block: nn.Module) -> Optional[torch.Tensor]:
         """The input ``block`` receives when the (partly converted) model runs on a random image; None if the
@@ -219,10 +214,8 @@ class _Converter:
         x = torch.rand(1, first.in_channels if first is not None else 3, *size,
                        generator=torch.Generator().manual_seed(0))
         handle = block.register_forward_pre_hook(grab)
-        training = [m.training for m in root.modules()]
         try:
-            root.eval()
-            with torch.no_grad():
+            with eval_mode(root), torch.no_grad():
                 root(x)
         except _Captured:
             pass
@@ -230,8 +223,6 @@ class _Converter:
             return None
         finally:
             handle.remove()
-            for m, flag in zip(root.modules(), training):
-                m.training = flag
         return captured[0] if captured else None
 
 

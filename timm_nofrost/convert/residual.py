@@ -15,8 +15,9 @@ enters the add). Where that is not exact (the input or the branch output goes th
 module called once, see ``hook_sites``), ``rescale_residual`` rewrites the forward instead (a GraphModule).
 """
 import operator
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -61,15 +62,15 @@ def trace_block(block: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(block, graph, class_name=f'NormFree{type(block).__name__}')
 
 
-def _ancestors(node: fx.Node) -> Set[fx.Node]:
-    seen: Set[fx.Node] = set()
+def ancestors(node: Any, inputs: Callable[[Any], Iterable[Any]] = lambda n: n.all_input_nodes) -> Set[Any]:
+    """``node`` and every node it is computed from, in any graph (``inputs``: a node's direct inputs)."""
+    seen: Set[Any] = set()
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(inputs(n))
     return seen
 
 
@@ -79,33 +80,31 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == 'call_method' and node.target in _ADD_METHODS and len(node.args) >= 2
 
 
-def _conv_modules(gm: fx.GraphModule, nodes: Set[fx.Node], order: Dict[fx.Node, int]) -> List[str]:
-    """Qualified names of the convs run by ``nodes`` (in graph order), looking inside leaf modules."""
-    names = []
-    for node in sorted(nodes, key=order.get):
-        if node.op != 'call_module':
-            continue
-        module = gm.get_submodule(node.target)
-        names += [f'{node.target}.{n}' if n else node.target
-                  for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
-    return names
+def conv_names(block: nn.Module, target: str) -> List[str]:
+    """Qualified names of the convs of ``block``'s submodule ``target`` (itself included)."""
+    return [f'{target}.{n}' if n else target
+            for n, m in block.get_submodule(target).named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def _last_conv(gm: fx.GraphModule, branch: fx.Node, allowed: Set[fx.Node]) -> Optional[str]:
-    """The conv closest to the end of the branch (the one whose gain is zero-initialised)."""
+def _node_convs(gm: fx.GraphModule, node: fx.Node) -> List[str]:
+    return conv_names(gm, node.target) if node.op == 'call_module' else []
+
+
+def last_conv(branch: Any, allowed: Set[Any], inputs: Callable[[Any], Iterable[Any]],
+              convs: Callable[[Any], List[str]]) -> Optional[str]:
+    """The conv closest to the end of the branch (the one whose gain is zero-initialised), in any graph: breadth
+    first from ``branch`` back through ``allowed`` nodes, ``convs`` naming the convs a node runs."""
     frontier = [branch]
-    seen: Set[fx.Node] = set()
+    seen: Set[Any] = set()
     while frontier:
         node = frontier.pop(0)
         if node in seen or node not in allowed:
             continue
         seen.add(node)
-        if node.op == 'call_module':
-            module = gm.get_submodule(node.target)
-            convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
-            if convs:
-                return f'{node.target}.{convs[-1]}' if convs[-1] else node.target
-        frontier.extend(node.all_input_nodes)
+        found = convs(node)
+        if found:
+            return found[-1]
+        frontier.extend(inputs(node))
     return None
 
 
@@ -136,7 +135,7 @@ def find_residual(block: nn.Module) -> Optional[ResidualInfo]:
     x = placeholders[0]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     output = next(n for n in gm.graph.nodes if n.op == 'output')
-    live = _ancestors(output)
+    live = ancestors(output)
     candidates = []
     for node in gm.graph.nodes:
         if node not in live or not _is_add(node):
@@ -144,14 +143,15 @@ def find_residual(block: nn.Module) -> Optional[ResidualInfo]:
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        sides = residual_sides(a, b, x, _ancestors, lambda nodes: _conv_modules(gm, nodes, order))
+        sides = residual_sides(a, b, x, ancestors, lambda nodes: [
+            c for n in sorted(nodes, key=order.get) for c in _node_convs(gm, n)])
         if sides is None:
             continue
         branch, shortcut, branch_only, shortcut_only, bc, sc = sides
         candidates.append(ResidualInfo(
             graph_module=gm, add=node, branch=branch, shortcut=shortcut, branch_only=branch_only,
             shortcut_only=shortcut_only, branch_convs=bc, shortcut_convs=sc,
-            last_conv=_last_conv(gm, branch, branch_only)))
+            last_conv=last_conv(branch, branch_only, lambda n: n.all_input_nodes, lambda n: _node_convs(gm, n))))
     return candidates[-1] if candidates else None
 
 
@@ -160,13 +160,10 @@ def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphM
     gm = info.graph_module
     graph = gm.graph
     x = next(n for n in graph.nodes if n.op == 'placeholder')
+    readers = _input_readers(info, x)
     with graph.inserting_after(x):
         scaled = graph.call_function(operator.mul, (x, float(beta)))
-    for user in list(x.users):
-        if user is scaled:
-            continue
-        if not info.transition and (user is info.add or user in info.shortcut_only):
-            continue  # an identity shortcut carries the unscaled input
+    for user in readers:
         user.replace_input_with(x, scaled)
     with graph.inserting_before(info.add):
         branch = graph.call_function(operator.mul, (info.branch, float(alpha)))
@@ -179,40 +176,51 @@ def rescale_residual(info: ResidualInfo, alpha: float, beta: float) -> fx.GraphM
     return gm
 
 
-def _scaled_input_users(info: ResidualInfo) -> List[fx.Node]:
-    """The nodes that must see ``beta * x``: every user of the block input but an identity shortcut."""
-    x = next(n for n in info.graph_module.graph.nodes if n.op == 'placeholder')
+def _input_readers(info: ResidualInfo, x: fx.Node) -> List[fx.Node]:
+    """The users of the block input ``x`` that must see ``beta * x``: all but an identity shortcut (which carries
+    the unscaled input)."""
     return [u for u in x.users if info.transition or not (u is info.add or u in info.shortcut_only)]
 
 
 def hook_sites(info: ResidualInfo):
     """``(beta modules, alpha module)``: where hooks scale the block exactly, as qualified names; or, when they
-    cannot, the reason (a string) the forward has to be rewritten.
-
-    Exact means: every consumer of the scaled input is a module called once, on that input alone; the branch
-    output comes from a module called once whose only consumer is the residual add.
-    """
+    cannot, the reason (a string) the forward has to be rewritten (see ``scale_sites``)."""
     gm = info.graph_module
     x = next(n for n in gm.graph.nodes if n.op == 'placeholder')
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
+
+    def site(node: fx.Node, ok: bool) -> Tuple[Optional[str], str, bool]:
         if node.op == 'call_module':
-            calls[node.target] = calls.get(node.target, 0) + 1
+            return node.target, '', ok
+        return None, f'{node.op} {getattr(node.target, "__name__", node.target)}', ok
+    readers = [site(u, u.args == (x,) and not u.kwargs) for u in _input_readers(info, x)]
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == 'call_module')
+    return scale_sites(readers, site(info.branch, set(info.branch.users) == {info.add}), calls)
+
+
+def scale_sites(readers: List[Tuple[Optional[str], str, bool]], branch: Tuple[Optional[str], str, bool],
+                calls: Dict[str, int]):
+    """``(beta modules, alpha module)`` in any graph, or why hooks cannot scale the block exactly.
+
+    ``readers`` are the nodes that read the scaled input and ``branch`` the node that ends the branch, each as
+    ``(module name or None, what it is otherwise, called on the block input alone / read by the add alone)``;
+    ``calls`` counts the calls of each module. Exact means: every consumer of the scaled input is a module called
+    once, on that input alone; the branch output comes from a module called once whose only consumer is the add.
+    """
     beta_on = []
-    for user in _scaled_input_users(info):
-        if user.op != 'call_module':
-            return f'the block input goes through {user.op} {getattr(user.target, "__name__", user.target)}'
-        if calls[user.target] != 1 or user.args != (x,) or user.kwargs:
-            return f'module {user.target} is called more than once or with more than the block input'
-        beta_on.append(user.target)
-    branch = info.branch
-    if branch.op != 'call_module':
-        return f'the branch ends in {branch.op} {getattr(branch.target, "__name__", branch.target)}, not a module'
-    if calls[branch.target] != 1 or set(branch.users) != {info.add}:
-        return f'the branch output of module {branch.target} is used elsewhere or the module runs twice'
-    if branch.target in beta_on:
-        return f'module {branch.target} both reads the block input and ends the branch'
-    return beta_on, branch.target
+    for module, what, alone in readers:
+        if module is None:
+            return f'the block input goes through {what}'
+        if calls[module] != 1 or not alone:
+            return f'module {module} is called more than once or with more than the block input'
+        beta_on.append(module)
+    module, what, alone = branch
+    if module is None:
+        return f'the branch ends in {what}, not a module'
+    if calls[module] != 1 or not alone:
+        return f'the branch output of module {module} is used elsewhere or the module runs twice'
+    if module in beta_on:
+        return f'module {module} both reads the block input and ends the branch'
+    return beta_on, module
 
 
 def attach_scales(block: nn.Module, beta_on: List[str], alpha_on: str, alpha: float, beta: float,

@@ -294,27 +294,26 @@ def pixel_eval_transform(data_config: Dict[str, Any]) -> Callable:
     return timm.data.create_transform(**data_config, is_training=False, normalize=False)
 
 
+def _base_index(dataset: Dataset) -> Tuple[Dataset, Callable[[int], int]]:
+    """The dataset under any ``Subset`` wrappers, and index in ``dataset`` -> index in it."""
+    if not isinstance(dataset, Subset):
+        return dataset, int
+    base, index = _base_index(dataset.dataset)
+    indices = dataset.indices
+    return base, lambda i: index(int(indices[i]))
+
+
 def _name_fn(dataset: Dataset) -> Optional[Callable[[int], str]]:
     """index -> image path relative to the dataset root, or ``None`` for datasets without file names."""
-    if isinstance(dataset, Subset):
-        inner = _name_fn(dataset.dataset)
-        indices = dataset.indices
-        return None if inner is None else (lambda i: inner(int(indices[i])))
-    filename = getattr(dataset, 'filename', None)  # timm's ImageDataset, NoFrostShapes
+    base, index = _base_index(dataset)
+    filename = getattr(base, 'filename', None)  # timm's ImageDataset, NoFrostShapes
     if callable(filename):
-        return lambda i: str(filename(i, basename=False, absolute=False))
-    samples, root = getattr(dataset, 'samples', None), getattr(dataset, 'root', None)
+        return lambda i: str(filename(index(i), basename=False, absolute=False))
+    samples, root = getattr(base, 'samples', None), getattr(base, 'root', None)
     if isinstance(samples, list) and samples and isinstance(samples[0], (tuple, list)) \
             and isinstance(samples[0][0], str):  # torchvision ImageFolder
-        return lambda i: os.path.relpath(samples[i][0], root) if root else samples[i][0]
+        return lambda i: os.path.relpath(samples[index(i)][0], root) if root else samples[index(i)][0]
     return None
-
-
-def _indices(dataset: Dataset) -> List[int]:
-    if isinstance(dataset, Subset):
-        inner = _indices(dataset.dataset)
-        return [inner[int(i)] for i in dataset.indices]
-    return list(range(len(dataset)))
 
 
 def image_names(dataset: Dataset) -> Optional[List[str]]:
@@ -341,7 +340,8 @@ def image_fingerprint(dataset: Dataset) -> Dict[str, Any]:
         return {}
     names = image_names(dataset)
     hashed = 'paths' if names is not None else 'indices'
-    items = names if names is not None else [str(i) for i in _indices(dataset)]
+    index = _base_index(dataset)[1]
+    items = names if names is not None else [str(index(i)) for i in range(n)]
     return {'n_images': n, 'images_sha256': hashlib.sha256('\n'.join(items).encode()).hexdigest(), 'hashed': hashed}
 
 

@@ -163,10 +163,6 @@ class _WnidFolder(Dataset):
         return self.transform(default_loader(str(path))), target
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith('.') and path.suffix.lower() in IMG_EXTENSIONS
-
-
 def _scan_wnid_folders(
         root: Path,
         layout: str,
@@ -175,8 +171,7 @@ def _scan_wnid_folders(
         max_per_class: Optional[int] = None,
 ) -> List[Tuple[Path, int]]:
     """Sorted ``(path, ImageNet-1k index)`` samples of every ``root/<wnid>/`` folder, validated."""
-    if not root.is_dir():
-        raise FileNotFoundError(f'{benchmark} folder {str(root)!r} does not exist; expected layout {layout}')
+    _check_root(root, benchmark, layout)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
     if not class_dirs:
         raise ValueError(f'{benchmark} folder {str(root)!r} holds no class folders; expected layout {layout}')
@@ -192,15 +187,19 @@ def _scan_wnid_folders(
             raise ValueError(
                 f'folder {str(class_dir)!r}: {wnid!r} is an ImageNet-1k wnid but not one of the '
                 f'{len(allowed_set)} {benchmark} classes; expected layout {layout}')
-        files = sorted((p for p in class_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
-        if max_per_class is not None:
-            files = files[:max_per_class]
-        samples.extend((p, index_of[wnid]) for p in files)
+        files = sorted((p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith('.')
+                        and p.suffix.lower() in IMG_EXTENSIONS), key=lambda p: p.name)
+        samples.extend((p, index_of[wnid]) for p in files[:max_per_class])
     if not samples:
         raise ValueError(
             f'{benchmark} folder {str(root)!r} holds no images (extensions {IMG_EXTENSIONS}); '
             f'expected layout {layout}')
     return samples
+
+
+def _check_root(root: Path, benchmark: str, layout: str) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(f'{benchmark} folder {str(root)!r} does not exist; expected layout {layout}')
 
 
 def _count_correct(model: nn.Module, samples: List[Tuple[Path, int]], transform: Callable, batch_size: int,
@@ -240,20 +239,14 @@ def _evaluate_imagenet_c(
     sevs = tuple(int(s) for s in severities)
     if not sevs or len(set(sevs)) != len(sevs) or any(s not in IMAGENET_C_SEVERITIES for s in sevs):
         raise ValueError(f'severities must be distinct values from {IMAGENET_C_SEVERITIES}, got {list(severities)}')
-    if not root.is_dir():
-        raise FileNotFoundError(f'imagenet-c folder {str(root)!r} does not exist; expected layout {layout}')
+    _check_root(root, 'imagenet-c', layout)
     # check the whole layout before the (long) evaluation starts
+    for c, s in ((c, s) for c in names for s in sevs if not (root / c / str(s)).is_dir()):
+        raise FileNotFoundError(f'imagenet-c: missing folder {str(root / c / str(s))!r} (corruption {c!r}, '
+                                f'severity {s}); expected layout {layout}')
+    accuracy: Dict[str, Dict[int, float]] = {c: {} for c in names}
+    counts: Dict[str, Dict[int, int]] = {c: {} for c in names}
     for c in names:
-        for s in sevs:
-            folder = root / c / str(s)
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f'imagenet-c: missing folder {str(folder)!r} (corruption {c!r}, severity {s}); '
-                    f'expected layout {layout}')
-    accuracy: Dict[str, Dict[int, float]] = {}
-    counts: Dict[str, Dict[int, int]] = {}
-    for c in names:
-        accuracy[c], counts[c] = {}, {}
         for s in sevs:
             samples = _scan_wnid_folders(root / c / str(s), layout, None, 'imagenet-c', max_per_class)
             correct = run(samples, None, f'imagenet-c {c}/{s}')
@@ -263,13 +256,8 @@ def _evaluate_imagenet_c(
     ces, mce = corruption_errors({c: [1.0 - a / 100.0 for a in accuracy[c].values()] for c in names})
     top1 = sum(mean_accuracy.values()) / len(names)
     details: Dict[str, Any] = {
-        'accuracy': accuracy,
-        'mean_accuracy': mean_accuracy,
-        'corruption_error': ces,
-        'mce': mce,
-        'mean_error_unnormalized': 100.0 - top1,
-        'n_examples_per_severity': counts,
-        'corruptions': list(names),
+        'accuracy': accuracy, 'mean_accuracy': mean_accuracy, 'corruption_error': ces, 'mce': mce,
+        'mean_error_unnormalized': 100.0 - top1, 'n_examples_per_severity': counts, 'corruptions': list(names),
         'severities': list(sevs),
         # mCE is the published benchmark number only over all 15 corruptions x 5 severities
         'mce_standard': set(names) == set(IMAGENET_C_CORRUPTIONS) and set(sevs) == set(IMAGENET_C_SEVERITIES),
@@ -344,10 +332,7 @@ def _evaluate_wnid_benchmark(name: str, root: Path, run: _Run, max_per_class: Op
     subset = _SUBSETS.get(name)
     samples = _scan_wnid_folders(root, _LAYOUTS[name], subset, name, max_per_class)
     correct = run(samples, subset, name)
-    details = {
-        'n_correct': correct,
-        'n_classes': len({label for _, label in samples}),
-        'class_subset_size': len(subset) if subset is not None else _NUM_CLASSES,
-        'logits_masked': subset is not None,
-    }
+    details = {'n_correct': correct, 'n_classes': len({label for _, label in samples}),
+               'class_subset_size': len(subset) if subset is not None else _NUM_CLASSES,
+               'logits_masked': subset is not None}
     return ShiftResult(name, 100.0 * correct / len(samples), len(samples), details)

@@ -6,17 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..evaluate.protocol import Protocol
+from ..evaluate import SHIFT_BENCHMARKS, Protocol, evaluate_shift
 from ..settings import ModelSettings, RunSettings, add_settings, build_settings, setting, settings_dict
 from ._common import OutputSettings, WeightsSettings, create_model_from_args, print_json
-
-_BENCHMARKS = ('imagenet-c', 'imagenet-r', 'imagenet-a', 'imagenet-sketch')
 
 
 @dataclass
 class ShiftSettings:
     """Which shift benchmark, where, and how much of it."""
-    benchmark: str = setting(None, group='benchmark', choices=_BENCHMARKS, help='which shift benchmark')
+    benchmark: str = setting(None, group='benchmark', choices=SHIFT_BENCHMARKS, help='which shift benchmark')
     root: str = setting(None, group='benchmark', metavar='DIR', help='local folder of the benchmark')
     max_per_class: Optional[int] = setting(None, group='benchmark', type=int, metavar='N',
                                            help='evaluate at most N images per class (the first N sorted files)',
@@ -43,7 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_shift
     model = create_model_from_args(args)
     corruptions = [c.strip() for c in args.corruptions.split(',')] if args.corruptions else None
     try:

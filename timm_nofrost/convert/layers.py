@@ -118,18 +118,16 @@ def normed_convs(model: nn.Module, norms: Tuple[Type[nn.Module], ...]) -> Set[nn
     return {m for m, after in zip(order, order[1:]) if isinstance(after, norms)}
 
 
+# activation module class names (lower case) -> timm's name; Identity is no activation
 _ACT_NAMES: Dict[str, str] = {
-    'relu': 'relu', 'relu6': 'relu6', 'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'elu': 'elu',
-    'celu': 'celu', 'selu': 'selu', 'sigmoid': 'sigmoid', 'tanh': 'tanh', 'softplus': 'softplus',
-    'leakyrelu': 'leaky_relu', 'identity': 'identity',
-}
+    **{n: n for n in ('relu', 'relu6', 'silu', 'gelu', 'elu', 'celu', 'selu', 'sigmoid', 'tanh', 'softplus')},
+    'swish': 'silu', 'leakyrelu': 'leaky_relu'}
 
 
 def detect_activation(model: nn.Module) -> Optional[str]:
     """The most common activation module of ``model``, by timm's name for it; ``None`` if none is found."""
     counts = Counter(_ACT_NAMES.get(type(module).__name__.lower()) for module in model.modules())
     counts.pop(None, None)
-    counts.pop('identity', None)
     return max(counts, key=counts.get) if counts else None
 
 

@@ -200,9 +200,7 @@ class _Converter:
     def sample_input(self, block: nn.Module) -> Optional[torch.Tensor]:
         """The input ``block`` receives when the (partly converted) model runs on a random image; None if the
         model cannot run on one."""
-        root = self.root
-        if root is None:
-            return None
+        root = self.root  # set by convert before any block is visited
         captured: List[torch.Tensor] = []
 
         def grab(module: nn.Module, args: tuple) -> None:

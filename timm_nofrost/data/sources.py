@@ -175,8 +175,7 @@ def _open_timm(spec: SourceSpec, split: str, **kwargs: Any) -> Dataset:
 
 
 def _num_classes(dataset: Dataset) -> Optional[int]:
-    if isinstance(dataset, Subset):
-        return _num_classes(dataset.dataset)
+    dataset = _base_index(dataset)[0]
     classes = getattr(dataset, 'classes', None) or getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
     return len(classes) if classes else None
 

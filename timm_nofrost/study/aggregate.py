@@ -2,13 +2,14 @@
 plots, and what is missing. Built only from the runs' own files (``results.json``, ``eval.json``), so it can
 aggregate a partly finished study, or one whose runs ran on different machines."""
 import math
+from contextlib import nullcontext
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
 from ..evaluate.robust_report import WORST_CASE, save_figure
-from ..files import atomic_json, atomic_write
+from ..files import atomic_json, atomic_write, hold_folder
 from .layout import EVAL_FILE, STUDY_FILE, read_record, reading, run_dir, run_state
 
 __all__ = ['collect_study', 'write_report', 'study_markdown', 'verdict']
@@ -287,12 +288,14 @@ def _plots(result: Dict[str, Any], out: Path) -> Dict[str, str]:
 
 
 def write_report(out_dir: Union[str, Path]) -> Dict[str, Any]:
-    """Write report.md, report.json and the plots into the study folder; returns the report's JSON."""
+    """Write report.md, report.json and the plots into the study folder; returns the report's JSON. Launches
+    finishing together take turns, so the report written last is built from every run finished by then."""
     out = Path(out_dir)
-    result = collect_study(out)
-    result.update(verdict=verdict(result), plots=_plots(result, out) if result['arms'] else {})
-    atomic_json(out / REPORT_JSON, _finite(result))
-    atomic_write(out / REPORT_MD, study_markdown(result, result['plots']))
+    with hold_folder(out, 'timm-nofrost study report', wait=True) if out.is_dir() else nullcontext():
+        result = collect_study(out)
+        result.update(verdict=verdict(result), plots=_plots(result, out) if result['arms'] else {})
+        atomic_json(out / REPORT_JSON, _finite(result))
+        atomic_write(out / REPORT_MD, study_markdown(result, result['plots']))
     return result
 
 

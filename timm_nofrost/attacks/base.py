@@ -17,7 +17,8 @@ from ..pixels import PixelModel, unwrap_model  # re-exported: PixelModel lives i
 from .losses import get_loss
 from .threat import ThreatModel
 
-__all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'unwrap_model']
+__all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'check_labels',
+           'unwrap_model']
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -104,8 +105,6 @@ def check_inputs(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_classes:
     stats = [*torch.aminmax(x.detach())]  # NaN and inf show in the extremes: one pass, one sync for everything
     if eps is not None:
         stats += torch.aminmax(torch.as_tensor(eps, dtype=torch.float32, device=x.device))
-    if num_classes is not None and hard:
-        stats += torch.aminmax(y)
     lo, hi, *rest = torch.stack([s.to(x.device, torch.float32) for s in stats]).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f'Images must be finite, got values in [{lo}, {hi}] (NaN or inf pixels).')
@@ -114,12 +113,21 @@ def check_inputs(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_classes:
                          f'images by 255; normalisation happens inside the model (AdversarialTrainer: '
                          f'input_normalized=True takes normalised inputs).')
     if eps is not None:
-        low, high, *rest = rest
+        low, high = rest
         if not (math.isfinite(high) and low >= 0):
             raise ValueError(f'Per-example eps must be finite and >= 0, got values in [{low:g}, {high:g}].')
-    if rest and (rest[0] < 0 or rest[1] >= num_classes):
-        raise ValueError(f'Labels must lie in [0, {num_classes - 1}], got values in [{rest[0]:g}, {rest[1]:g}].')
+    if num_classes is not None and hard:
+        check_labels(y, num_classes)
     return x
+
+
+def check_labels(y: torch.Tensor, num_classes: int) -> None:
+    """Hard labels within ``[0, num_classes)``: the class count is known after the first forward, so this is
+    checked then, without scanning the images again."""
+    if y.dtype in (torch.int64, torch.int32) and y.numel():
+        low, high = (int(v) for v in torch.aminmax(y))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f'Labels must lie in [0, {num_classes - 1}], got values in [{low}, {high}].')
 
 
 def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
@@ -254,7 +262,7 @@ class Attack:
         if not getattr(self, '_labels_checked', True):
             # label range needs the class count: checked on the first forward instead of an extra one
             for labels in (y,) if target is None else (y, target):
-                check_inputs(x_adv.detach(), labels, logits.shape[1])
+                check_labels(labels, logits.shape[1])
             self._labels_checked = True
         loss = loss_fn(logits, y, target)
         # fp16 gradients underflow to exactly 0 (sign(0) = 0, no step): scale the loss; the direction is unchanged

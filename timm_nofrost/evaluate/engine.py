@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..attacks import AttackSpec, ThreatModel, build_attack
-from ..attacks.base import check_inputs
+from ..attacks.base import check_inputs, check_labels
 from ..pixels import PixelModel, to_float_pixels
 from .eval_set import EvalSet
 from .robust_report import WORST_CASE
@@ -127,7 +127,7 @@ class RobustCounter:
     def clean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per example: classified correctly without attack (labels checked against the class count)."""
         logits = self.model(x)
-        check_inputs(x, y, logits.shape[1])
+        check_labels(y, logits.shape[1])
         return logits.argmax(dim=1) == y
 
     def update(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None) -> Dict[str, Any]:

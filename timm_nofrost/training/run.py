@@ -119,7 +119,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], primary: bool) -> Dict[
         if not resume_path.is_file() and cfg.resume != 'auto':
             raise FileNotFoundError(f'Nothing to resume: checkpoint {resume_path} does not exist.')
         if not resume_path.is_file():  # a run killed before its first checkpoint: the same command starts it
-            print(f'Nothing to resume in {out_dir} yet: starting the run.', flush=True)
+            if primary:
+                print(f'Nothing to resume in {out_dir} yet: starting the run.', flush=True)
             resume_path = None
     check_out_dir(out_dir, resume=resume_path is not None, overwrite=cfg.overwrite)  # every rank: none may hang
     if primary:

@@ -95,16 +95,24 @@ PGD_TARGETS = {'standard': ('torchattacks', 3.0), 'at-mid': ('torchattacks', 1.5
 PGD_STEPS = 20
 ALL_CONTENDERS = ('pgd', 'apgd', 'apgd-full', 'cascade', 'cascade-full')
 DEFAULT_CONTENDERS = ('pgd', 'apgd', 'cascade')
-OURS_PGD, OURS_PGD_FULL, TA_PGD = 'ours PGD-20, active set', 'ours PGD-20, no active set', 'torchattacks PGD-20'
+OURS_PGD, OURS_PGD_FULL, TA_PGD = ('ours PGD-20, active set + early stop', 'ours PGD-20, no active set, no early stop',
+                                  'torchattacks PGD-20')
+OURS_PGD_NO_ES = 'ours PGD-20, active set, no early stop'
 OURS_APGD, OURS_APGD_FULL, AA_APGD = 'ours APGD-CE, active set', 'ours APGD-CE, no active set', 'official APGD-CE'
 OURS_CASCADE, AA_CASCADE = 'ours APGD-CE + APGD-T cascade', 'official AutoAttack custom (apgd-ce, apgd-t)'
 OURS_CASCADE_FULL = 'ours cascade, no active set'
-REFERENCE = {OURS_PGD: TA_PGD, OURS_PGD_FULL: TA_PGD, TA_PGD: TA_PGD, OURS_APGD: AA_APGD, OURS_APGD_FULL: AA_APGD,
+REFERENCE = {OURS_PGD: TA_PGD, OURS_PGD_FULL: TA_PGD, OURS_PGD_NO_ES: TA_PGD, TA_PGD: TA_PGD, OURS_APGD: AA_APGD, OURS_APGD_FULL: AA_APGD,
              AA_APGD: AA_APGD, OURS_CASCADE: AA_CASCADE, OURS_CASCADE_FULL: AA_CASCADE,
              AA_CASCADE: AA_CASCADE}
 
 
 # -- environment -----------------------------------------------------------------------------------------
+def early_stop_supported() -> bool:
+    """Whether our attacks take ``early_stop=`` (PGD's exact early stopping on repeated iterates)."""
+    return 'early_stop' in inspect.signature(PGD.__init__).parameters or \
+        'early_stop' in inspect.signature(PGD.__mro__[1].__init__).parameters
+
+
 def active_set_supported() -> bool:
     """Whether our attacks take ``active_set=`` (False before the active set landed)."""
     return 'active_set' in inspect.signature(PGD.__init__).parameters or \
@@ -230,10 +238,12 @@ def build_contenders(model: torch.nn.Module, data: Dict[str, Tuple[torch.Tensor,
     active = active_set_supported()
     fns: Dict[str, Callable[[], torch.Tensor]] = {}
 
-    def ours(cls, on: Optional[bool], **kw):
+    def ours(cls, on: Optional[bool], early_stop: Optional[bool] = None, **kw):
         options = dict(kw, seed=seed)
         if active and on is not None:
             options['active_set'] = on
+        if early_stop_supported():  # early stopping follows the active set unless given
+            options['early_stop'] = bool(on) if early_stop is None else early_stop
         return cls(pixel, eps=eps, **options)
 
     def per_batch(attack, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -269,6 +279,9 @@ def build_contenders(model: torch.nn.Module, data: Dict[str, Tuple[torch.Tensor,
         pgd_active, pgd_full = ours(PGD, True, **settings), ours(PGD, False, **settings)
         if active:
             fns[OURS_PGD] = lambda: per_batch(pgd_active, x_p, y_p) & clean_p
+        if early_stop_supported():
+            pgd_no_es = ours(PGD, True, early_stop=False, **settings)
+            fns[OURS_PGD_NO_ES] = lambda: per_batch(pgd_no_es, x_p, y_p) & clean_p
         fns[OURS_PGD_FULL] = lambda: per_batch(pgd_full, x_p, y_p) & clean_p
         try:
             import torchattacks
@@ -427,7 +440,7 @@ def time_contenders(fns: Dict[str, Callable[[], torch.Tensor]], rounds: int, war
 
 
 # -- report ----------------------------------------------------------------------------------------------
-GROUP_OF = {OURS_PGD: 'pgd', OURS_PGD_FULL: 'pgd', TA_PGD: 'pgd', OURS_APGD: 'apgd', OURS_APGD_FULL: 'apgd',
+GROUP_OF = {OURS_PGD: 'pgd', OURS_PGD_FULL: 'pgd', OURS_PGD_NO_ES: 'pgd', TA_PGD: 'pgd', OURS_APGD: 'apgd', OURS_APGD_FULL: 'apgd',
             AA_APGD: 'apgd', OURS_CASCADE: 'cascade', OURS_CASCADE_FULL: 'cascade', AA_CASCADE: 'cascade'}
 
 
@@ -479,7 +492,8 @@ def measure_model(name: str, model: torch.nn.Module, meta: Dict[str, Any], image
                            'reference': ref, 'same_flags_every_round': stable[contender],
                            'fwd_bwd_images': work[contender][0], 'fwd_only_images': work[contender][1]}
     pairs = {}
-    for a, b in ((OURS_PGD, OURS_PGD_FULL), (OURS_APGD, OURS_APGD_FULL), (OURS_CASCADE, OURS_CASCADE_FULL)):
+    for a, b in ((OURS_PGD, OURS_PGD_FULL), (OURS_PGD_NO_ES, OURS_PGD_FULL), (OURS_APGD, OURS_APGD_FULL),
+                 (OURS_CASCADE, OURS_CASCADE_FULL)):
         if a in flags and b in flags:
             differ = int((flags[a] != flags[b]).sum())
             pairs[f'{a} vs {b}'] = {'identical': differ == 0, 'differing_images': differ,

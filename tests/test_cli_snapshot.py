@@ -127,6 +127,7 @@ CHANGED = {
     ('eval/*', '--sanity-examples'): (32, '<new>: Protocol.sanity_examples had no flag'),
     ('eval/*', '--no-active-set'): (False, '<new>: Protocol.active_set had no flag'),
     ('train/*', '--initial-checkpoint'): (None, '<new>: a new run from other weights; --resume refuses other settings'),
+    ('eval/*', '--no-early-stop'): (False, '<new>: Protocol.early_stop (exact early stopping in PGD)'),
 }
 # the study's split seed and BatchNorm model are the schedule's (train's) fields now: one definition each
 MOVED_TO_TRAIN = ('split_seed', 'baseline_model')

@@ -18,7 +18,7 @@ from .losses import get_loss
 from .threat import ThreatModel
 
 __all__ = ['PixelModel', 'AttackResult', 'Attack', 'BestIterate', 'attack_mode', 'check_inputs', 'check_labels',
-           'unwrap_model']
+           'count_passes', 'deterministic_device', 'unwrap_model']
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -68,6 +68,78 @@ def attack_mode(model: nn.Module, cache_standardized_weights: bool = True) -> It
             p.requires_grad_(flag)
         for m, flag in zip(modules, training):
             m.training = flag
+
+
+@contextlib.contextmanager
+def count_passes(model: nn.Module) -> Iterator[List[int]]:
+    """``[forward, backward]``: the images ``model`` ran forward and the images whose gradient flowed back through
+    its output, counted by hooks while the context is open (any attack, ours or the official code, counts the
+    same way; a batch of n images counts n)."""
+    passes = [0, 0]
+
+    def backward(grad: torch.Tensor) -> None:
+        passes[1] += grad.shape[0]
+
+    def forward(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
+        passes[0] += output.shape[0]
+        if output.requires_grad:
+            output.register_hook(backward)
+
+    handle = model.register_forward_hook(forward)
+    try:
+        yield passes
+    finally:
+        handle.remove()
+
+
+def deterministic_device(device: torch.device) -> bool:
+    """Whether the same input gives bit-identical logits and gradients on ``device``: on CPUs, or where
+    ``torch.use_deterministic_algorithms(True)`` forbids non-deterministic kernels (CUDA's atomics in pooling
+    backward, some cuDNN algorithms). Early stopping relies on it."""
+    return device.type == 'cpu' or (torch.are_deterministic_algorithms_enabled()
+                                    and not torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def rng_state(device: torch.device) -> List[torch.Tensor]:
+    """torch's global generator states that a model's forward could draw from (CPU, and ``device``'s)."""
+    states = [torch.random.get_rng_state()]
+    if device.type == 'cuda':
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+class IterateHashes:
+    """Per example, the iterates seen so far, as two 64-bit hashes of the perturbation's bits (exact equality
+    of the bits, not closeness: -0.0 and 0.0 differ, which can only miss a repeat, never invent one).
+
+    Each hash sums the perturbation's 16-bit pieces times fixed random odd 64-bit weights, modulo 2^64. Two
+    different perturbations differ in some piece by less than 2^16, so they share a hash with probability at most
+    2^-48, both with at most 2^-96. (Whole float words would not do: L-inf iterates flip between +eps and -eps,
+    a difference of 2^31 or 2^63 in the bits, and an even number of such flips would cancel.)
+    """
+
+    def __init__(self, delta: torch.Tensor, capacity: int):
+        pieces = delta[0].numel() * delta.element_size() // 2
+        generator = torch.Generator().manual_seed(0x5eed)
+        self.weights = (torch.randint(-2 ** 62, 2 ** 62, (2, pieces), generator=generator) * 2 + 1).to(delta.device)
+        self.seen = torch.zeros((delta.shape[0], capacity, 2), dtype=torch.int64, device=delta.device)
+        self.count = 0
+        self.add(delta)
+
+    def _hash(self, delta: torch.Tensor) -> torch.Tensor:
+        values = delta.contiguous().view(torch.int16).flatten(1).to(torch.int64)
+        return torch.stack([(values * w).sum(1) for w in self.weights], dim=1)
+
+    def add(self, delta: torch.Tensor) -> torch.Tensor:
+        """Record the rows' next iterate ``delta``; returns, per row, whether it repeats an earlier one."""
+        h = self._hash(delta)
+        repeated = (self.seen[:, :self.count] == h[:, None]).all(-1).any(1)
+        self.seen[:, self.count] = h
+        self.count += 1
+        return repeated
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.seen = self.seen[rows]
 
 
 def check_inputs(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_classes: Optional[int] = None, *,
@@ -166,6 +238,9 @@ class AttackResult:
     correct: torch.Tensor  # bool per example: still classified correctly (targeted: target not reached)
     zero_grad_frac: float = 0.0  # fraction of input-gradient entries that were exactly 0
     stats: Dict[str, float] = field(default_factory=dict)
+    # model work, in images: forward passes and input-gradient (backward) passes, comparable across machines
+    forward_passes: int = 0
+    backward_passes: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -187,6 +262,9 @@ class Attack:
         active_set: Stop spending forwards and backwards on an example once it is fooled (a fooled example can
             never count as robust again). Per-example outcomes are identical either way; ``False`` runs every
             step on every example (the reference the active set is tested against).
+        early_stop: Stop attacking an example once its iterate repeats an earlier one (PGD, FGSM): the rest of
+            the run would repeat too, so the outcome is exactly the full run's. Applied only where the model is
+            deterministic (see ``deterministic_device``; a model that draws random numbers turns it off).
         threat: The ``ThreatModel`` (radius and norm) to attack in.
     """
     name = 'attack'
@@ -202,6 +280,7 @@ class Attack:
             amp_dtype: Optional[torch.dtype] = None,
             cache_standardized_weights: bool = True,
             active_set: bool = True,
+            early_stop: bool = True,
             threat: Optional[ThreatModel] = None,
     ):
         if not isinstance(model, nn.Module):
@@ -221,6 +300,7 @@ class Attack:
         self.amp_dtype = amp_dtype
         self.cache_standardized_weights = cache_standardized_weights
         self.active_set = bool(active_set)
+        self.early_stop = bool(early_stop)
 
     eps = property(lambda self: self.threat.eps, doc='The radius of the threat model.')
     norm = property(lambda self: self.threat.norm, doc="The threat model's norm.")
@@ -306,7 +386,7 @@ class Attack:
         if not bool(active.any()):  # nothing to attack: no model work at all
             return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
                                 correct=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-        with attack_mode(self.model, self.cache_standardized_weights):
+        with attack_mode(self.model, self.cache_standardized_weights), count_passes(self.model) as passes:
             self._labels_checked = False
             x_adv, zero_frac, *logits = self.perturb(x, y, target, active)
             logits = logits[0] if logits else None
@@ -317,7 +397,8 @@ class Attack:
                 logits = rows.new_zeros((x.shape[0], rows.shape[1]))
                 logits[idx] = rows
         correct = ~self.is_fooled(logits, y, target) & active
-        return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac)
+        return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac,
+                            forward_passes=passes[0], backward_passes=passes[1])
 
     def generator(self, device: torch.device, offset: int = 0) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed + offset)

@@ -4,7 +4,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, BestIterate, project, random_delta, steepest_step
+from .base import (Attack, BestIterate, IterateHashes, deterministic_device, project, random_delta, rng_state,
+                   steepest_step)
 from .threat import ThreatModel
 
 __all__ = ['PGD', 'FGSM', 'default_step_size', 'nofrost_step_size']
@@ -116,8 +117,27 @@ class PGD(Attack):
         """
         zeros = torch.zeros((), device=x.device)
         computed = 0
-        for _ in range(self.steps):
+        # early stopping (evaluation only): a row whose iterate repeats an earlier one would repeat the whole cycle
+        # after it, every point of which is already scored into ``best``, so it leaves with the full run's outcome
+        seen = IterateHashes(delta, self.steps + 1) if best is not None and self.early_stop and \
+            deterministic_device(x.device) else None
+        for k in range(self.steps + 1):
+            if seen is not None and k > 0:
+                repeated = seen.add(delta)
+                if bool(repeated.any()):
+                    keep = (~repeated).nonzero()[:, 0]
+                    if keep.numel() == 0:
+                        return delta, zeros, computed
+                    x, y, eps, delta, idx = x[keep], y[keep], eps[keep], delta[keep], idx[keep]
+                    target = None if target is None else target[keep]
+                    radius = None if radius is None else radius[keep]
+                    seen.keep(keep)
+            if k == self.steps:
+                break
+            before = rng_state(x.device) if seen is not None and k == 0 else None
             loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
+            if before is not None and not all(map(torch.equal, before, rng_state(x.device))):
+                seen = None  # the model draws random numbers: an iterate's future is not determined by it
             zeros += (grad == 0).sum()
             computed += grad.numel()
             if best is not None:
@@ -129,6 +149,8 @@ class PGD(Attack):
                     x, y, eps, delta, grad, idx = x[keep], y[keep], eps[keep], delta[keep], grad[keep], idx[keep]
                     target = None if target is None else target[keep]
                     radius = None if radius is None else radius[keep]
+                    if seen is not None:
+                        seen.keep(keep)
             step = (eps * self.step_fraction).view(-1, 1, 1, 1)  # scales with each example's radius
             delta = project(delta + step * steepest_step(grad, self.norm), x, eps if radius is None else radius,
                             self.norm)

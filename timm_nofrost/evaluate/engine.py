@@ -24,9 +24,10 @@ from ..pixels import PixelModel, to_float_pixels
 from .eval_set import EvalSet
 from .robust_report import WORST_CASE
 
-__all__ = ['correct_per_image', 'RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S']
+__all__ = ['correct_per_image', 'RobustCounter', 'EvalProgress', 'WORST_CASE', 'PROGRESS_INTERVAL_S', 'COST_KEYS']
 
 PROGRESS_INTERVAL_S = 10.0  # at most one progress line per this many seconds when bars are off
+COST_KEYS = ('forward', 'backward', 'seconds')  # per attack: images through the model each way, wall time
 
 
 class EvalProgress:
@@ -120,6 +121,9 @@ class RobustCounter:
         self.attacked: Dict[str, Dict[str, int]] = {label: {a: 0 for a in self.attack_names} for label in self.labels}
         self.zero_sums: Dict[str, Dict[str, float]] = {label: {a: 0.0 for a in self.attack_names}
                                                        for label in self.labels}
+        # what each attack spent: images through the model forward and backward, and wall time
+        self.cost: Dict[str, Dict[str, Dict[str, float]]] = {
+            label: {a: dict.fromkeys(COST_KEYS, 0) for a in self.attack_names} for label in self.labels}
         self.per_example: Dict[str, Dict[str, List[int]]] = {
             label: {a: [] for a in ([WORST_CASE] if cascade else names)} for label in self.labels}
 
@@ -150,7 +154,12 @@ class RobustCounter:
                 n_attacked = int(mask.sum())
                 if progress is not None:
                     progress.attack_started(spec.name, label, n_attacked)
+                start = time.perf_counter()
                 result = self.attacks[(label, spec.name)](x, y, mask=mask)  # empty mask: all False, no model work
+                cost = self.cost[label][spec.name]
+                cost['seconds'] += time.perf_counter() - start
+                cost['forward'] += result.forward_passes
+                cost['backward'] += result.backward_passes
                 correct = result.correct  # rows outside the mask count as not robust
                 self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
                 self.attacked[label][spec.name] += n_attacked
@@ -178,6 +187,8 @@ class RobustCounter:
             return
         tables = ((self.correct, int), (self.attacked, int), (self.zero_sums, float))
         slots = [(table, label, name, cast) for table, cast in tables for label in self.labels for name in table[label]]
+        slots += [(self.cost[label], name, key, float if key == 'seconds' else int) for label in self.labels
+                  for name in self.attack_names for key in COST_KEYS]
         values = [self.total, self.clean_correct] + [table[label][name] for table, label, name, _ in slots]
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

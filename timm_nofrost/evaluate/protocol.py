@@ -35,6 +35,10 @@ class Protocol:
     active_set: bool = setting(True, group='protocol', negate=True,
                                help='attack every image for every step, even once it is fooled (same outcomes, more '
                                     'work; for timing comparisons)')
+    early_stop: bool = setting(True, group='protocol', negate=True,
+                               help="keep attacking an image after its PGD iterate repeats an earlier one (same "
+                                    'outcomes, more work; early stopping is off by itself on non-deterministic '
+                                    'devices and for models that draw random numbers)')
     analysis: bool = setting(False, group='protocol',
                              help="add decision-margin and local-smoothness statistics (the paper's analysis)")
 

@@ -59,10 +59,11 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
         model=name, dataset=eval_set.source, norm=protocol.norm, eps=[t.eps for t in protocol.threats],
         attacks=counter.attack_names, n_examples=counter.total, subset=dict(eval_set.subset),
         clean_accuracy=counter.clean_correct / counter.total, accuracy=counter.accuracy(),
-        zero_grad_frac=counter.zero_grad_fracs(), sanity=[f.to_dict() for f in flags],
+        zero_grad_frac=counter.zero_grad_fracs(), sanity=[f.to_dict() for f in flags], cost=counter.cost,
         per_example=counter.per_example, cascade=protocol.cascade,
         settings=dict(seed=protocol.seed, batch_size=protocol.batch_size, device=str(device), norm=protocol.norm,
-                      cascade=protocol.cascade, active_set=protocol.active_set, split=eval_set.split,
+                      cascade=protocol.cascade, active_set=protocol.active_set, early_stop=protocol.early_stop,
+                      split=eval_set.split,
                       amp_dtype=str(amp) if amp else None, timm=timm.__version__, torch=torch.__version__),
         data=eval_set.fingerprint())
     if protocol.analysis and xs is not None:
@@ -77,7 +78,8 @@ def _attack_all(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, 
                 ) -> Tuple[RobustCounter, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Every batch through the engine; the first ``sanity_examples`` correctly classified images for the checks."""
     counter = RobustCounter(pixel_model, protocol.specs, protocol.threats, cascade=protocol.cascade,
-                            seed=protocol.seed, amp_dtype=amp, active_set=protocol.active_set)
+                            seed=protocol.seed, amp_dtype=amp, active_set=protocol.active_set,
+                            early_stop=protocol.early_stop)
     kept_x, kept_y = [], []
     try:
         for x, y in eval_set.loader(protocol.batch_size):

@@ -35,6 +35,8 @@ class RobustReport:
     data: Dict[str, Any] = field(default_factory=dict)
     # cascade: each attack ran only on the survivors of the previous ones; per-attack accuracies are None
     cascade: bool = False
+    # eps label -> attack -> images through the model forward / backward (input gradients) and wall seconds
+    cost: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
 
     @property
     def eps_labels(self) -> List[str]:
@@ -64,6 +66,12 @@ class RobustReport:
             name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else \
                 (f'{attack} (ran on the survivors of the attacks above)' if self.cascade else attack)
             lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+        if self.cost:
+            lines += ['', '### Cost', '', 'Images sent through the model per attack (forward; backward: with input '
+                      'gradients), comparable across machines, and the wall time on this one.', '',
+                      '| eps | attack | forward | backward | seconds |', '|---|---|---:|---:|---:|']
+            lines += [f'| {label} | {attack} | {c["forward"]:,} | {c["backward"]:,} | {c["seconds"]:.1f} |'
+                      for label, by_attack in self.cost.items() for attack, c in by_attack.items()]
         if not any(a.startswith(_STRONG) for a in self.attacks):
             lines += ['', '> Only weak attacks were run: PGD alone overstates robustness. Add `apgd-ce`, `apgd-t` '
                           'or `autoattack` before quoting these numbers.']

@@ -6,7 +6,8 @@ At checkpoints ``w_j = ceil(p_j N)`` (``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max
 eta is halved, and the iterate restarts from the best point, when fewer than 75 % of the steps since the
 last checkpoint increased the loss, or when neither eta nor the best loss changed since then.
 ``APGD(loss='ce')`` is APGD-CE, ``loss='dlr'`` APGD-DLR, and ``APGDTargeted`` APGD-T (targeted DLR on the
-``n_target_classes`` highest-ranked wrong classes).
+``n_target_classes`` highest-ranked wrong classes: ranked by logit as in AutoAttack, or by the linearised distance
+to the decision boundary as in MALT, Melamed, Yehudai & Shamir 2024).
 """
 import math
 from typing import List, Optional, Tuple, Union
@@ -14,7 +15,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .base import Attack, BestIterate, project, random_delta, steepest_step
+from .base import Attack, BestIterate, check_positive_int, project, random_delta, steepest_step
 from .losses import targeted_dlr
 
 __all__ = ['APGD', 'APGDTargeted', 'apgd_checkpoints']
@@ -139,14 +140,26 @@ class APGD(Attack):
 
 
 class APGDTargeted(APGD):
-    """APGD-T: APGD on the targeted DLR loss, once per target among the top wrong classes."""
+    """APGD-T: APGD on the targeted DLR loss, once per target among the top wrong classes.
+
+    ``ranking='logit'`` (AutoAttack's) takes the wrong classes with the highest logits; ``ranking='linear'``
+    (MALT, Melamed, Yehudai & Shamir 2024) the ones whose decision boundary is closest to the clean image in the
+    model's linearisation there (``linear_scores``). As in MALT, only the ``n_candidates`` wrong classes with the
+    highest logits are ranked (100: every class up to CIFAR-100, a tenth of ImageNet's), since each costs one
+    forward-backward of the image; the classes after them follow in logit order.
+    """
     name = 'apgd-t'
+    RANKINGS = ('logit', 'linear')
 
     def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, steps: int = 100,
-                 n_target_classes: int = 9, **kwargs):
+                 n_target_classes: int = 9, ranking: str = 'logit', n_candidates: int = 100, **kwargs):
         kwargs.pop('loss', None)
         super().__init__(model, eps=eps, steps=steps, loss='dlr', **kwargs)
-        self.n_target_classes = n_target_classes
+        if ranking not in self.RANKINGS:
+            raise ValueError(f'Unknown target ranking {ranking!r}; accepted: {", ".join(self.RANKINGS)}.')
+        self.n_target_classes = check_positive_int('n_target_classes', n_target_classes)
+        self.ranking = ranking
+        self.n_candidates = check_positive_int('n_candidates', n_candidates)
         self.loss_fn = targeted_dlr
 
     def is_fooled(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
@@ -164,7 +177,41 @@ class APGDTargeted(APGD):
         ranked[rows] = top
         # the wrong classes of each row in rank order (the true class removed wherever it ranks)
         others = ranked[ranked != y[:, None]].view(x.shape[0], n_classes - 1) if n_classes > 1 else None
+        if self.ranking == 'linear' and others is not None:
+            candidates = others[rows, :self.n_candidates]
+            # closest boundary first; equal scores keep their logit order (stable sort)
+            order = self.linear_scores(x[rows], y[rows], candidates, chunk=x.shape[0]).argsort(dim=1, stable=True)
+            others[rows, :candidates.shape[1]] = candidates.gather(1, order)
         return [(self.generator(x.device, i), others[:, i]) for i in range(min(self.n_target_classes, n_classes - 1))]
+
+    def linear_scores(self, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor,
+                      chunk: Optional[int] = None) -> torch.Tensor:
+        """(N, M): for each row of ``x`` and each of its ``classes`` (N, M) c, the distance from ``x`` to the
+        boundary between ``y`` and c in the model's linearisation at ``x``, ``(z_y - z_c) / ||grad (z_y - z_c)||_q``
+        (q the dual norm of the threat model's: L1 for L-inf, L2 for L2); +inf where the gradient is 0.
+
+        One batched pass: each image is repeated once per class and the enlarged batch goes through one forward
+        and one backward of ``sum (z_y - z_c)``, whose gradient w.r.t. each copy is that copy's vector-Jacobian
+        product (replication works for any model, where vmap or batched gradients can fail on some ops). The
+        copies go in chunks of ``chunk`` images (default: the rows of ``x``), so memory stays that of one attack
+        step. Parameters get no gradients in ``attack_mode``, where ``perturb`` calls this.
+        """
+        n, m = classes.shape
+        row = torch.arange(n, device=x.device).repeat_interleave(m)
+        cls = classes.flatten()
+        dual = 1 if self.norm == 'Linf' else 2
+        # fp16 gradients underflow to exactly 0: scale the difference (as input_grad), the ratio is unchanged
+        scale = 1024.0 if self.amp_dtype == torch.float16 else 1.0
+        scores = []
+        for part in torch.arange(n * m, device=x.device).split(chunk or n):
+            copies = x[row[part]].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.logits(copies)
+                gap = logits.gather(1, y[row[part], None])[:, 0] - logits.gather(1, cls[part, None])[:, 0]
+                grad, = torch.autograd.grad(gap.sum() * scale, copies)
+            norm = grad.flatten(1).norm(p=dual, dim=1) / scale
+            scores.append(torch.where(norm > 0, gap.detach() / norm, float('inf')))
+        return torch.cat(scores).view(n, m)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
                  eps: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):

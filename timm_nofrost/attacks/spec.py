@@ -1,7 +1,12 @@
 """Attacks by name, as the CLI and the evaluation harness spell them.
 
 ``clean``, ``fgsm``, ``fgsm-rs``, ``pgd`` / ``pgd-<steps>`` (optionally ``-margin`` / ``-dlr``), ``apgd-ce`` /
-``apgd-dlr`` / ``apgd-t`` (optionally ``-<steps>``, default 100), ``autoattack`` (official, standard).
+``apgd-dlr`` (optionally ``-<steps>``, default 100), ``apgd-t[-<steps>[-<targets>]][-logit|-linear]`` (100 steps,
+9 targets ranked by logit as in AutoAttack unless given; ``-linear`` ranks them by the linearised distance to the
+decision boundary, as in MALT), ``autoattack`` (official, standard).
+
+Canonical names leave defaults out: ``apgd-t-100-9-logit`` is ``apgd-t``, ``apgd-t-50`` keeps its steps, and any
+other target count or ranking is written in full, ``apgd-t-<steps>-<targets>`` plus ``-linear`` when linear.
 """
 import re
 from dataclasses import dataclass
@@ -18,10 +23,11 @@ from .threat import ThreatModel
 __all__ = ['AttackSpec', 'parse_attack', 'build_attack', 'ATTACK_NAMES']
 
 ATTACK_NAMES = ('clean', 'fgsm', 'fgsm-rs', 'pgd-<steps>[-margin|-dlr]', 'apgd-ce[-<steps>]', 'apgd-dlr[-<steps>]',
-                'apgd-t[-<steps>]', 'autoattack')
+                'apgd-t[-<steps>[-<targets>]][-logit|-linear]', 'autoattack')
 
 _PGD = re.compile(r'^pgd(?:-(?P<steps>\d+))?(?:-(?P<loss>ce|margin|dlr))?$')
-_APGD = re.compile(r'^apgd-(?P<loss>ce|dlr|t)(?:-(?P<steps>\d+))?$')
+_APGD = re.compile(r'^apgd-(?P<loss>ce|dlr)(?:-(?P<steps>\d+))?$')
+_APGDT = re.compile(r'^apgd-(?P<loss>t)(?:-(?P<steps>\d+)(?:-(?P<targets>\d+))?)?(?:-(?P<ranking>logit|linear))?$')
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class AttackSpec:
     steps: int = 0
     loss: str = 'ce'
     random_start: bool = True
+    targets: int = 9  # apgd-t: target classes per example
+    ranking: str = 'logit'  # apgd-t: how they are chosen, 'logit' (AutoAttack) or 'linear' (MALT)
 
     @property
     def strength(self) -> int:
@@ -46,7 +54,7 @@ def parse_attack(name: str) -> AttackSpec:
         return AttackSpec(text, 'fgsm', steps=1, random_start=text == 'fgsm-rs')
     if text in ('autoattack', 'aa'):
         return AttackSpec('autoattack', 'autoattack')
-    pgd, apgd = _PGD.match(text), _APGD.match(text)
+    pgd, apgd = _PGD.match(text), _APGD.match(text) or _APGDT.match(text)
     if not (pgd or apgd):
         raise ValueError(f'Unknown attack {name!r}; accepted: {", ".join(ATTACK_NAMES)}.')
     match = pgd or apgd
@@ -58,7 +66,12 @@ def parse_attack(name: str) -> AttackSpec:
         return AttackSpec(f'pgd-{steps}' + ('' if loss == 'ce' else f'-{loss}'), 'pgd', steps=steps, loss=loss)
     canonical = f'apgd-{loss}' + ('' if steps == 100 else f'-{steps}')
     if loss == 't':
-        return AttackSpec(canonical, 'apgd-t', steps=steps, loss='dlr')
+        targets, ranking = int(match['targets'] or 9), match['ranking'] or 'logit'
+        if targets < 1:
+            raise ValueError(f'Invalid attack {name!r}: targets must be >= 1; accepted: {", ".join(ATTACK_NAMES)}.')
+        if (targets, ranking) != (9, 'logit'):
+            canonical = f'apgd-t-{steps}-{targets}' + ('-linear' if ranking == 'linear' else '')
+        return AttackSpec(canonical, 'apgd-t', steps=steps, loss='dlr', targets=targets, ranking=ranking)
     return AttackSpec(canonical, 'apgd', steps=steps, loss=loss)
 
 
@@ -73,7 +86,7 @@ def build_attack(spec: AttackSpec, model: nn.Module, eps: Optional[Union[float, 
     if spec.kind in ('pgd', 'apgd'):
         return (PGD if spec.kind == 'pgd' else APGD)(model, steps=spec.steps, loss=spec.loss, **options)
     if spec.kind == 'apgd-t':
-        return APGDTargeted(model, steps=spec.steps, **options)
+        return APGDTargeted(model, steps=spec.steps, n_target_classes=spec.targets, ranking=spec.ranking, **options)
     options.pop('amp_dtype', None)
     options.pop('cache_standardized_weights', None)
     return AutoAttack(model, **options)

@@ -10,4 +10,5 @@ from .losses import LOSSES, cross_entropy, dlr, margin, targeted_dlr
 from .pgd import FGSM, PGD, default_step_size, nofrost_step_size
 from .apgd import APGD, APGDTargeted, apgd_checkpoints
 from .autoattack import AutoAttack, autoattack_available
+from .worst_case import ESCALATION, FAST_STAGES, FAST_TARGETS, FastWorstCase
 from .spec import ATTACK_NAMES, AttackSpec, build_attack, parse_attack

@@ -18,18 +18,19 @@ past the logits otherwise.
 import importlib
 import inspect
 import sys
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .base import Attack, check_inputs, check_positive_int
 
-__all__ = ['AutoAttack', 'autoattack_available']
+__all__ = ['AutoAttack', 'autoattack_available', 'OFFICIAL_PARTS']
 
 _INSTALL_HINT = ("AutoAttack needs the optional 'pyautoattack' package (the official implementation): "
                  "pip install 'timm-nofrost[eval]' or pip install pyautoattack.")
 _VERSIONS = ('standard', 'plus', 'rand')
+OFFICIAL_PARTS = ('apgd-ce', 'apgd-t', 'fab-t', 'square')  # the standard version's attacks, in its order
 
 
 def _official_class() -> Any:
@@ -56,26 +57,45 @@ class AutoAttack(Attack):
     Args:
         model, eps, norm, threat, mean, std, seed: As for every ``Attack``.
         version: ``'standard'`` (the reported one), ``'plus'`` or ``'rand'`` (randomised defences).
+        parts: Run only these attacks of the standard version, in its order and with its settings (e.g.
+            ``('fab-t', 'square')``: FAB-T with 9 targets, Square with 5,000 queries).
+        square_queries: Square's query budget (5,000 in the standard version).
         batch_size: Images per official batch; defaults to the whole input.
         verbose: Let the official code report its progress.
     """
     name = 'autoattack'
 
     def __init__(self, model: nn.Module, eps: Optional[Union[float, str]] = None, norm: Optional[str] = None,
-                 version: str = 'standard', batch_size: Optional[int] = None, verbose: bool = False, **kwargs):
+                 version: str = 'standard', batch_size: Optional[int] = None, verbose: bool = False,
+                 parts: Optional[Sequence[str]] = None, square_queries: Optional[int] = None, **kwargs):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
         official = _official_class()
         if version not in _VERSIONS:
             raise ValueError(f'Unknown AutoAttack version {version!r}; accepted: {", ".join(_VERSIONS)}.')
+        unknown = sorted(set(parts or ()) - set(OFFICIAL_PARTS))
+        if unknown or parts is not None and not parts:
+            raise ValueError(f'Unknown AutoAttack parts {unknown or list(parts)}; accepted: a non-empty subset of '
+                             f'{", ".join(OFFICIAL_PARTS)}.')
         if batch_size is not None:
             check_positive_int('batch_size', batch_size)
         self.version = version
         self.batch_size = batch_size
         self.verbose = verbose
         options = dict(norm=self.norm, eps=self.eps, version=version, seed=self.seed, device='cpu')
-        if 'verbose' in inspect.signature(official.__init__).parameters:  # GitHub package
+        accepted = inspect.signature(official.__init__).parameters
+        if 'verbose' in accepted:  # GitHub package
             options['verbose'] = verbose
+        if parts:  # the custom version with the standard one's settings (set below)
+            options['version'] = 'custom'
+            options['attacks' if 'attacks' in accepted else 'attacks_to_run'] = \
+                [p for p in OFFICIAL_PARTS if p in parts]
         self._official = official(self.model, **options)
+        if parts:
+            self._official.apgd.n_restarts = self._official.fab.n_restarts = 1
+            self._official.apgd_targeted.n_target_classes = self._official.fab.n_target_classes = 9
+            self._official.square.n_queries = 5000
+        if square_queries is not None:
+            self._official.square.n_queries = check_positive_int('square_queries', square_queries)
         self._official.verbose = verbose  # pyautoattack: attribute only (debug-level log messages)
         run_parameters = inspect.signature(self._official.run_standard_evaluation).parameters
         self._batch_arg = 'batch_size' if 'batch_size' in run_parameters else 'bs'

@@ -5,6 +5,7 @@ AutoAttack).
 """
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -241,6 +242,7 @@ class AttackResult:
     # model work, in images: forward passes and input-gradient (backward) passes, comparable across machines
     forward_passes: int = 0
     backward_passes: int = 0
+    seconds: float = 0.0  # wall time of the call
 
     @property
     def accuracy(self) -> float:
@@ -381,7 +383,7 @@ class Attack:
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
               mask: Optional[torch.Tensor] = None) -> AttackResult:
-        x = x.detach()
+        x, start = x.detach(), time.perf_counter()
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
         if not bool(active.any()):  # nothing to attack: no model work at all
             return AttackResult(x_adv=x.clone(), logits=x.new_zeros((x.shape[0], 0)),
@@ -398,7 +400,7 @@ class Attack:
                 logits[idx] = rows
         correct = ~self.is_fooled(logits, y, target) & active
         return AttackResult(x_adv=x_adv.detach(), logits=logits, correct=correct, zero_grad_frac=zero_frac,
-                            forward_passes=passes[0], backward_passes=passes[1])
+                            forward_passes=passes[0], backward_passes=passes[1], seconds=time.perf_counter() - start)
 
     def generator(self, device: torch.device, offset: int = 0) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed + offset)

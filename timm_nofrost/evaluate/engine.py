@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..attacks import AttackSpec, ThreatModel, build_attack
+from ..attacks import FAST_STAGES, AttackSpec, ThreatModel, build_attack
 from ..attacks.base import check_inputs, check_labels
 from ..pixels import PixelModel, to_float_pixels
 from .eval_set import EvalSet
@@ -149,17 +149,19 @@ class RobustCounter:
         for label in self.labels:
             survived = clean.clone()
             batch: Dict[str, torch.Tensor] = {}
+            results: Dict[str, Any] = {}
             for spec in self.specs:
                 mask = survived if self.cascade else clean
                 n_attacked = int(mask.sum())
                 if progress is not None:
                     progress.attack_started(spec.name, label, n_attacked)
-                start = time.perf_counter()
-                result = self.attacks[(label, spec.name)](x, y, mask=mask)  # empty mask: all False, no model work
-                cost = self.cost[label][spec.name]
-                cost['seconds'] += time.perf_counter() - start
-                cost['forward'] += result.forward_passes
-                cost['backward'] += result.backward_passes
+                attack = self.attacks[(label, spec.name)]
+                if spec.kind == 'fast' and not self.cascade:  # an apgd-ce column is its first stage, on the same rows
+                    result = attack(x, y, mask=mask, first=results.get(FAST_STAGES[0]))
+                else:
+                    result = attack(x, y, mask=mask)  # empty mask: all False, no model work
+                results[spec.name] = result
+                self._add_cost(label, spec.name, result)
                 correct = result.correct  # rows outside the mask count as not robust
                 self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
                 self.attacked[label][spec.name] += n_attacked
@@ -179,6 +181,37 @@ class RobustCounter:
         if progress is not None:
             progress.batch_done()
         return out
+
+    def escalate(self, x: torch.Tensor, y: torch.Tensor, offset: int) -> None:
+        """Second pass of an evaluation: AutoAttack's FAB-T and Square on the images of this batch (the
+        evaluation's images ``offset`` on, as ``update`` saw them) that survived each ``fast-worst-case`` column;
+        what they break leaves that column's and the worst case's counts."""
+        x = check_inputs(x, y, model=self.model)
+        n = x.shape[0]
+        for label in self.labels:
+            for spec in (s for s in self.specs if s.kind == 'fast'):
+                key = spec.name if spec.name in self.per_example[label] else WORST_CASE  # cascade: worst case only
+                mask = torch.tensor(self.per_example[label][key][offset:offset + n], dtype=torch.bool, device=x.device)
+                if not bool(mask.any()):
+                    continue
+                result = self.attacks[(label, spec.name)].escalate(x, y, mask)
+                self._add_cost(label, spec.name, result)
+                for i in (mask & ~result.correct).nonzero()[:, 0].tolist():
+                    for name in {key, WORST_CASE}:
+                        if self.per_example[label][name][offset + i]:
+                            self.per_example[label][name][offset + i] = 0
+                            self.correct[label][name] -= 1
+
+    def stages(self) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
+        """eps label -> ``fast-worst-case`` column -> stage -> attacked, broken, forward, backward, seconds."""
+        return {label: {s.name: self.attacks[(label, s.name)].ledger for s in self.specs if s.kind == 'fast'}
+                for label in self.labels}
+
+    def _add_cost(self, label: str, name: str, result: Any) -> None:
+        cost = self.cost[label][name]
+        cost['forward'] += result.forward_passes
+        cost['backward'] += result.backward_passes
+        cost['seconds'] += result.seconds
 
     def reduce(self, device: Union[str, torch.device] = 'cpu') -> None:
         """Sum the counts over the ranks of an initialised process group (a no-op otherwise)."""

@@ -39,6 +39,9 @@ class Protocol:
                                help="keep attacking an image after its PGD iterate repeats an earlier one (same "
                                     'outcomes, more work; early stopping is off by itself on non-deterministic '
                                     'devices and for models that draw random numbers)')
+    escalate: bool = setting(False, group='protocol',
+                             help="fast-worst-case: run AutoAttack's FAB-T and Square on its survivors even when no "
+                                  'sanity check flags the model (they always run when one does)')
     analysis: bool = setting(False, group='protocol',
                              help="add decision-margin and local-smoothness statistics (the paper's analysis)")
 

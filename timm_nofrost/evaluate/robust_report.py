@@ -9,7 +9,7 @@ from ..files import atomic_json, atomic_write
 __all__ = ['RobustReport', 'WORST_CASE', 'save_figure']
 
 WORST_CASE = 'worst-case'
-_STRONG = ('apgd', 'autoattack')
+_STRONG = ('apgd', 'autoattack', 'fast-worst-case')
 
 
 @dataclass
@@ -37,6 +37,10 @@ class RobustReport:
     cascade: bool = False
     # eps label -> attack -> images through the model forward / backward (input gradients) and wall seconds
     cost: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+    # fast-worst-case: eps label -> column -> stage -> attacked, broken, forward, backward, seconds; and whether
+    # AutoAttack's FAB-T and Square ran on its survivors, and why
+    stages: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = field(default_factory=dict)
+    escalation: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def eps_labels(self) -> List[str]:
@@ -66,6 +70,17 @@ class RobustReport:
             name = f'**{attack}** (per example, all attacks)' if attack == WORST_CASE else \
                 (f'{attack} (ran on the survivors of the attacks above)' if self.cascade else attack)
             lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+        if self.escalation:
+            e = self.escalation
+            lines += ['', '### fast-worst-case', '',
+                      "APGD-CE, then targeted APGD on linearly ranked targets on its survivors; AutoAttack's "
+                      f"{' and '.join(e['attacks'])} {'ran' if e['ran'] else 'did not run'} on what survived: "
+                      f"{e['reason']}. This is not AutoAttack: quote it as the fast worst case.", '',
+                      '| eps | stage | attacked | broken | forward | backward | seconds |',
+                      '|---|---|---:|---:|---:|---:|---:|']
+            lines += [f'| {label} | {stage} | {c["attacked"]} | {c["broken"]} | {c["forward"]:,} | {c["backward"]:,} '
+                      f'| {c["seconds"]:.1f} |' for label, columns in self.stages.items() for ledger in columns.values()
+                      for stage, c in ledger.items()]
         if self.cost:
             lines += ['', '### Cost', '', 'Images sent through the model per attack (forward; backward: with input '
                       'gradients), comparable across machines, and the wall time on this one.', '',

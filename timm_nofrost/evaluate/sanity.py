@@ -8,13 +8,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..attacks import FGSM, PGD, ThreatModel
+from ..attacks import FGSM, PGD, AutoAttack, ThreatModel, autoattack_available
 from ..pixels import PixelModel
 
-__all__ = ['SanityFlag', 'check_monotone_in_eps', 'check_zero_gradients', 'run_attack_checks', 'LARGE_EPS']
+__all__ = ['SanityFlag', 'check_monotone_in_eps', 'check_zero_gradients', 'run_attack_checks', 'check_black_box',
+           'LARGE_EPS', 'BLACK_BOX_QUERIES']
 
 LARGE_EPS = {'Linf': 0.5, 'L2': 50.0}  # large enough to turn any image into any other
 ZERO_GRAD_LIMIT = 0.01
+BLACK_BOX_QUERIES = 1000  # Square's budget in the black-box check (5,000 in AutoAttack)
 
 
 @dataclass
@@ -91,3 +93,23 @@ def run_attack_checks(
                    'The same attack with the same seed must give the same examples; randomness in the model makes '
                    'robustness numbers irreproducible (and can hide behind expectation-over-transformation).'),
     ]
+
+
+def check_black_box(model: PixelModel, x: torch.Tensor, y: torch.Tensor, white_box_correct: torch.Tensor,
+                    threat: ThreatModel, seed: int = 0, queries: int = BLACK_BOX_QUERIES) -> SanityFlag:
+    """Square (the official code, ``queries`` queries) on the images of ``x`` that every white-box attack left
+    robust (``white_box_correct``): an image it breaks means the gradients misled the white-box attacks."""
+    name = 'black-box not stronger than white-box'
+    message = ('A black-box attack breaking images the gradient attacks could not points to masked or obfuscated '
+               'gradients: the white-box numbers overstate robustness.')
+    if not autoattack_available():
+        return SanityFlag(name, False, "not run: needs the 'pyautoattack' package (pip install pyautoattack)", message)
+    kept = white_box_correct.to(x.device)
+    n = int(kept.sum())
+    broken = 0
+    if n:
+        square = AutoAttack(PixelModel.from_model(model), threat=threat, parts=('square',), square_queries=queries,
+                            seed=seed)
+        broken = int((kept & ~square(x, y, mask=kept).correct).sum())
+    return SanityFlag(name, broken == 0, f'Square ({queries} queries) broke {broken} of the {n} sample images the '
+                      f'white-box attacks left robust', message)

@@ -128,7 +128,10 @@ CHANGED = {
     ('eval/*', '--no-active-set'): (False, '<new>: Protocol.active_set had no flag'),
     ('train/*', '--initial-checkpoint'): (None, '<new>: a new run from other weights; --resume refuses other settings'),
     ('eval/*', '--no-early-stop'): (False, '<new>: Protocol.early_stop (exact early stopping in PGD)'),
+    ('eval/*', '--escalate'): (False, "<new>: Protocol.escalate (fast-worst-case: FAB-T and Square even unflagged)"),
 }
+# the study's default evaluation is the fast protocol (issue: AutoAttack's verdict at a fifth of its cost)
+STUDY_EVAL_ATTACKS = 'clean,pgd-20,apgd-ce,fast-worst-case'
 # the study's split seed and BatchNorm model are the schedule's (train's) fields now: one definition each
 MOVED_TO_TRAIN = ('split_seed', 'baseline_model')
 # TrainConfig fields added since the recording, with their default
@@ -147,6 +150,7 @@ def _expected(recorded: Dict[str, Any]) -> Dict[str, Any]:
             for name in MOVED_TO_TRAIN:
                 value['train'][name] = value.pop(name)
             value['train'].update(NEW_TRAIN_FIELDS)
+            value['eval_attacks'] = STUDY_EVAL_ATTACKS
         elif key.startswith('train/resolved/'):
             value.update(NEW_TRAIN_FIELDS)
         elif isinstance(value, dict) and '/resolved/' not in key:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..attacks.threat import ThreatModel
+from ..attacks.worst_case import FastWorstCase
 from ..evaluate.robust_report import WORST_CASE, save_figure
 from ..files import atomic_json, atomic_write, hold_folder
 from .layout import EVAL_FILE, STUDY_FILE, read_record, reading, run_dir, run_state
@@ -20,6 +21,7 @@ STANDARD_ARM = 'standard'
 # arm -> seed -> a run's metrics / its eps curve (eps multiple -> accuracy)
 _PerRun = Dict[str, Dict[int, Dict[str, Any]]]
 _Curves = Dict[str, Dict[int, Dict[float, float]]]
+FAST = FastWorstCase.name
 _ANALYSIS = (('decision_margin_mean', 'decision margin (mean)'), ('loss_increase_mean', 'loss increase in the ball'),
              ('input_grad_dual_norm_mean', 'input-gradient dual norm'))
 
@@ -81,7 +83,7 @@ def collect_study(out_dir: Union[str, Path]) -> Dict[str, Any]:
         'study': {k: manifest[k] for k in ('schedule', 'adversarial', 'protocol') if k in manifest},
         'arm_order': arms,  # report.json sorts its keys: the study's order of arms
         'arm_definitions': {arm: manifest['arms'][arm] for arm in arms}, 'arm_models': manifest.get('arm_models', {}),
-        'seeds': seeds, 'attacks': attacks, 'robust_metric': 'autoattack' if 'autoattack' in attacks else WORST_CASE,
+        'seeds': seeds, 'attacks': attacks, 'robust_metric': next((m for m in ('autoattack', FAST) if m in attacks), WORST_CASE),
         'arms': summary, 'runs': {arm: {str(s): m for s, m in per_run[arm].items()} for arm in arms},
         'curves': curve_summary, 'missing': missing, 'notes': notes,
         'eps': manifest['adversarial']['eps'], 'norm': manifest['adversarial']['norm'],
@@ -96,7 +98,7 @@ def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _
     seed, the runs not evaluated yet, notes on what makes the runs incomparable, and the image counts evaluated."""
     per_run: _PerRun = {arm: {} for arm in arms}
     curves: _Curves = {arm: {} for arm in arms}
-    missing, notes, fingerprints, n_images, autoattack_notes = [], [], set(), set(), set()
+    missing, notes, fingerprints, n_images, autoattack_notes, escalated = [], [], set(), set(), set(), []
     for arm in arms:
         for seed in seeds:
             path = run_dir(out, arm, seed)
@@ -112,11 +114,15 @@ def _read_runs(out: Path, arms: List[str], seeds: List[int]) -> Tuple[_PerRun, _
                 n_images.add(ev['protocol']['n_examples'])
                 if ev.get('autoattack', 'run').startswith('not run'):
                     autoattack_notes.add(ev['autoattack'])
+                if ev['protocol'].get('escalation', {}).get('ran'):
+                    escalated.append(f'{arm} seed {seed} ({ev["protocol"]["escalation"]["reason"]})')
     if len(fingerprints) > 1:
         notes.append('The runs were NOT evaluated on the same images (different image fingerprints): their numbers '
                      'are not comparable.')
     if autoattack_notes:
         notes.append(f'AutoAttack: {"; ".join(sorted(autoattack_notes))}.')
+    if escalated:
+        notes.append(f"fast-worst-case ran AutoAttack's FAB-T and Square on its survivors for: {'; '.join(escalated)}.")
     return per_run, curves, missing, notes, n_images
 
 
@@ -145,7 +151,7 @@ def _compare(a: str, b: str, sa: Dict[str, Any], sb: Dict[str, Any]) -> Tuple[fl
 
 def _metric_label(metric: str) -> str:
     return {'clean': 'clean accuracy', WORST_CASE: 'worst-case robust accuracy',
-            'autoattack': 'AutoAttack accuracy'}.get(metric, f'{metric.upper()} accuracy')
+            'autoattack': 'AutoAttack accuracy', FAST: 'fast worst-case accuracy'}.get(metric, f'{metric.upper()} accuracy')
 
 
 def verdict(result: Dict[str, Any]) -> List[str]:
@@ -172,7 +178,11 @@ def verdict(result: Dict[str, Any]) -> List[str]:
     if STANDARD_ARM in arms and 'nofrost' in arms and 'clean_drop' in arms['nofrost']:
         drops = ', '.join(f'{a} {arms[a]["clean_drop"]["mean"]:.1f}' for a in arms if a != STANDARD_ARM)
         lines.append(f'Clean accuracy lost against standard training (points; the paper\'s headline): {drops}.')
-    if robust != 'autoattack':
+    if robust == FAST:
+        lines.append("AutoAttack did not run: the robust figures are the fast worst case (APGD-CE, then APGD-T on "
+                     "linearly ranked targets; AutoAttack's FAB-T and Square only where a sanity check flagged a "
+                     'model), not AutoAttack; add autoattack to --eval-attacks to run the official one.')
+    elif robust != 'autoattack':
         lines.append('AutoAttack was not part of this evaluation: the robust figures are PGD / APGD only and may '
                      'overstate robustness.')
     for key, sentence in (('sanity_failed', 'Sanity flags failed for: {} (see the table below): read those numbers '

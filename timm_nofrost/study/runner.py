@@ -88,9 +88,10 @@ class StudyConfig:
                                            help='validation images, spread evenly over the set')
     eval_attacks: Optional[str] = setting(
         None, group='protocol', metavar='LIST',
-        help="attacks at the study eps; the demo study leaves out autoattack, whose Square attack alone takes "
-             'minutes per model on a CPU; autoattack needs the pyautoattack package, the report says when it did '
-             'not run')
+        help="attacks at the study eps; fast-worst-case is the fast protocol (APGD-CE, then APGD-T on linearly "
+             "ranked targets; AutoAttack's FAB-T and Square only where a sanity check flags a model); add autoattack "
+             '(the official one, needs the pyautoattack package; its Square attack alone takes minutes per model on a '
+             'CPU) to compare the two on the same images')
     curve_attack: Optional[str] = setting(None, group='protocol', metavar='NAME',
                                           help='attack of the accuracy-vs-eps curve')
     curve_eps: Sequence[float] = setting((0.25, 0.5, 1.0, 1.5, 2.0), group='protocol', type=float_list,

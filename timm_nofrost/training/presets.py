@@ -14,7 +14,7 @@ __all__ = ['PRESETS', 'DEMO_MODEL', 'DEMO_MODEL_KWARGS', 'PROTOCOL_ATTACKS', 'PA
 DEMO_MODEL = 'nf_resnet18_cifar_nofrost'
 DEMO_MODEL_KWARGS: Dict[str, Any] = {'channels': (16, 32, 64, 128), 'stem_chs': 16, 'drop_rate': 0.0,
                                      'drop_path_rate': 0.0}
-PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,apgd-t,autoattack'
+PROTOCOL_ATTACKS = 'clean,pgd-20,apgd-ce,fast-worst-case'  # add autoattack to run the official one too
 PAPER_ARMS = ('standard', 'bn-at', 'mbn-at', 'nofrost')
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -25,7 +25,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     'study': dict(arms=PAPER_ARMS, seeds=(0, 1, 2), eval_examples=500, eval_attacks=PROTOCOL_ATTACKS,
                   curve_attack='apgd-ce', split_seed=0),
     'demo-study': dict(arms=PAPER_ARMS, seeds=(0, 1), img_size=16, epochs=2, steps=2, robust_examples=64,
-                       eval_examples=64, eval_attacks='clean,pgd-20,apgd-ce,apgd-t-25', curve_attack='pgd-20'),
+                       eval_examples=64, eval_attacks=PROTOCOL_ATTACKS, curve_attack='pgd-20'),
 }
 # applied where the transform is built, not written into the config (a recorded None means "the preset's"):
 # run folders and study.json written before keep comparing equal

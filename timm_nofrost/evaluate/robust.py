@@ -1,6 +1,7 @@
 """``evaluate(model, eval_set, protocol)``: robust accuracy of a model under a protocol's attacks and threat
 models on an evaluation set, with sanity checks."""
 import inspect
+import time
 from dataclasses import fields, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import ESCALATION, autoattack_available
+from ..attacks.base import count_passes
 from ..pixels import PixelModel, unwrap_model
 from ..pixels import amp_dtype as resolve_amp_dtype
 from .engine import WORST_CASE, EvalProgress, RobustCounter
@@ -55,7 +57,10 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
     bar = EvalProgress(progress, -(-len(eval_set) // protocol.batch_size), f'evaluating {name}')
     counter, xs, ys, positions = _attack_all(pixel_model, eval_set, protocol, device, amp, bar)
-    flags = _sanity_flags(pixel_model, counter, protocol, xs, ys, positions, amp) if protocol.sanity else []
+    with count_passes(pixel_model) as passes:  # the checks' own cost: part of what a protocol costs
+        start = time.perf_counter()
+        flags = _sanity_flags(pixel_model, counter, protocol, xs, ys, positions, amp) if protocol.sanity else []
+        sanity_cost = {'forward': passes[0], 'backward': passes[1], 'seconds': time.perf_counter() - start}
     escalation = _escalate(counter, eval_set, protocol, flags, device, progress, name)
     report = RobustReport(
         model=name, dataset=eval_set.source, norm=protocol.norm, eps=[t.eps for t in protocol.threats],
@@ -63,6 +68,7 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
         clean_accuracy=counter.clean_correct / counter.total, accuracy=counter.accuracy(),
         zero_grad_frac=counter.zero_grad_fracs(), sanity=[f.to_dict() for f in flags], cost=counter.cost,
         per_example=counter.per_example, cascade=protocol.cascade, stages=counter.stages(), escalation=escalation,
+        sanity_cost=sanity_cost,
         settings=dict(seed=protocol.seed, batch_size=protocol.batch_size, device=str(device), norm=protocol.norm,
                       cascade=protocol.cascade, active_set=protocol.active_set, early_stop=protocol.early_stop,
                       escalate=protocol.escalate,

@@ -41,6 +41,7 @@ class RobustReport:
     # AutoAttack's FAB-T and Square ran on its survivors, and why
     stages: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = field(default_factory=dict)
     escalation: Dict[str, Any] = field(default_factory=dict)
+    sanity_cost: Dict[str, float] = field(default_factory=dict)  # forward, backward, seconds of the sanity checks
 
     @property
     def eps_labels(self) -> List[str]:
@@ -87,6 +88,9 @@ class RobustReport:
                       '| eps | attack | forward | backward | seconds |', '|---|---|---:|---:|---:|']
             lines += [f'| {label} | {attack} | {c["forward"]:,} | {c["backward"]:,} | {c["seconds"]:.1f} |'
                       for label, by_attack in self.cost.items() for attack, c in by_attack.items()]
+            if self.sanity_cost:
+                c = self.sanity_cost
+                lines.append(f'| | sanity checks | {c["forward"]:,} | {c["backward"]:,} | {c["seconds"]:.1f} |')
         if not any(a.startswith(_STRONG) for a in self.attacks):
             lines += ['', '> Only weak attacks were run: PGD alone overstates robustness. Add `apgd-ce`, `apgd-t` '
                           'or `autoattack` before quoting these numbers.']

@@ -117,6 +117,7 @@ def test_escalation_only_when_flagged_or_asked():
     assert quiet.escalation == {'ran': False, 'attacks': list(ESCALATION),
                                 'reason': 'no sanity check flagged the model'}
     assert list(quiet.stages['1/255']['fast-worst-case']) == list(FAST_STAGES)
+    assert quiet.sanity_cost['backward'] > 0 and quiet.sanity_cost['forward'] > quiet.sanity_cost['backward']
     asked = evaluate(model, data, attacks='clean,fast-worst-case', eps='1/255', progress=False, sanity=False,
                      escalate=True)
     assert asked.escalation['ran'] and asked.escalation['reason'] == 'asked for (--escalate)'

@@ -28,19 +28,21 @@ ESCALATION = ('fab-t', 'square')  # AutoAttack's remaining attacks, official cod
 class FastWorstCase(Attack):
     """APGD-CE, then linearly targeted APGD-T on its survivors; ``escalate`` adds official FAB-T and Square.
 
-    Takes every ``Attack`` keyword (threat model, seed, AMP, active set, early stopping). ``ledger`` keeps, per
-    stage, the images attacked and broken, forward and backward passes and seconds over all calls.
+    Takes every ``Attack`` keyword (threat model, seed, AMP, active set, early stopping); ``targets``: the
+    targeted stage's target count (``FAST_TARGETS``). ``ledger`` keeps, per stage, the images attacked and broken,
+    forward and backward passes and seconds over all calls.
     """
     name = 'fast-worst-case'
 
-    def __init__(self, model: nn.Module, eps: Optional[Any] = None, norm: Optional[str] = None, **kwargs: Any):
+    def __init__(self, model: nn.Module, eps: Optional[Any] = None, norm: Optional[str] = None,
+                 targets: int = FAST_TARGETS, **kwargs: Any):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
         self._kwargs = dict(kwargs, threat=self.threat)
         self._source = model
         self.stages: List[Tuple[str, Attack]] = [
             (FAST_STAGES[0], APGD(model, steps=100, loss='ce', **self._kwargs)),
-            (FAST_STAGES[1], APGDTargeted(model, steps=100, n_target_classes=FAST_TARGETS, ranking='linear',
-                                          **self._kwargs))]
+            (f'apgd-t-100-{targets}-linear', APGDTargeted(model, steps=100, n_target_classes=targets,
+                                                          ranking='linear', **self._kwargs))]
         self._escalation: Optional[List[Tuple[str, Attack]]] = None
         self.ledger: Dict[str, Dict[str, float]] = {}
 

@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
     bar = EvalProgress(progress, -(-len(eval_set) // protocol.batch_size), f'evaluating {name}')
     counter, xs, ys, positions = _attack_all(pixel_model, eval_set, protocol, device, amp, bar)
-    with count_passes(pixel_model) as passes:  # the checks' own cost: part of what a protocol costs
+    with count_passes(pixel_model.model) as passes:  # the checks' own cost (each check wraps the model anew)
         start = time.perf_counter()
         flags = _sanity_flags(pixel_model, counter, protocol, xs, ys, positions, amp) if protocol.sanity else []
         sanity_cost = {'forward': passes[0], 'backward': passes[1], 'seconds': time.perf_counter() - start}

@@ -127,16 +127,18 @@ def tune(rows: List[Dict[str, Any]], folders: Dict[str, Path], args, choices=(2,
         with torch.no_grad():
             clean = model(x).argmax(1) == y
         first = None  # APGD-CE, the same for every target count: run once
+        line = []
         for n in choices:
             attack = FastWorstCase(model, threat=threat, targets=n, seed=0)
             if first is None:
                 first = attack.stages[0][1](x, y, mask=clean)
             result = attack(x, y, mask=clean, first=first)
             entry = out.setdefault(n, {'aa_broken_survived': 0, 'passes': 0})
-            entry['aa_broken_survived'] += int((result.correct & ~aa).sum())
-            entry['passes'] += result.forward_passes + result.backward_passes
-        print(f'[tune] {row["model"]}: ' + ', '.join(f'{n} targets {v["aa_broken_survived"]} / {v["passes"]:,}'
-                                                    for n, v in out.items()), flush=True)
+            missed, passes = int((result.correct & ~aa).sum()), result.forward_passes + result.backward_passes
+            entry['aa_broken_survived'] += missed
+            entry['passes'] += passes
+            line.append(f'{n} targets: {missed} missed, {passes:,} passes')
+        print(f'[tune] {row["model"]}: {"; ".join(line)}', flush=True)
     return out
 
 
@@ -182,7 +184,7 @@ def main() -> None:
     result: Dict[str, Any] = {name: targets(part) for name, part in halves.items()}
     if args.tune:
         result['tuning'] = tune(halves['tune'], folders, args)
-    for name, t in result.items():
+    for name, t in ((n, result[n]) for n in halves):
         print(f'\n== targets on {name} ({len(halves[name])} models, {t["model_images"]} model-images)')
         print(f'(a) images AutoAttack breaks that survive the fast protocol: {t["a_aa_broken_fast_survived"]} '
               f'({"MET" if t["a_met"] else "NOT MET"}); the fast protocol breaks {t["fast_broken_aa_survived"]} '

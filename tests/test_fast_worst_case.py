@@ -88,9 +88,9 @@ class _Quantized(torch.nn.Module):
 @needs_official
 def test_masked_gradients_flag_and_escalate(tmp_path):
     model = _Quantized(trained_tiny_cnn())
-    x, y = eval_data(24)
+    x, y = eval_data(12)
     report = evaluate(model, TensorDataset(x, y), attacks='clean,fast-worst-case', eps='4/255', progress=False,
-                      sanity_examples=24)
+                      sanity_examples=12)
     flags = {f['name']: f for f in report.sanity}
     assert not flags['black-box not stronger than white-box']['ok']
     ledger = report.stages['4/255']['fast-worst-case']
@@ -99,7 +99,7 @@ def test_masked_gradients_flag_and_escalate(tmp_path):
     assert list(ledger) == [*FAST_STAGES, *ESCALATION]
     broken = ledger['fab-t']['broken'] + ledger['square']['broken']
     assert broken > 0 and ledger['square']['forward'] > 0
-    assert report.accuracy['4/255']['fast-worst-case'] * 24 == ledger['apgd-ce']['attacked'] - broken
+    assert report.accuracy['4/255']['fast-worst-case'] * 12 == ledger['apgd-ce']['attacked'] - broken
     assert sum(report.per_example['4/255']['worst-case']) == ledger['apgd-ce']['attacked'] - broken
     md = report.to_markdown()
     assert 'This is not AutoAttack' in md and 'ran on what survived: sanity checks flagged the model' in md
@@ -110,16 +110,16 @@ def test_masked_gradients_flag_and_escalate(tmp_path):
 @needs_official
 def test_escalation_only_when_flagged_or_asked():
     model = trained_tiny_cnn()
-    x, y = eval_data(16)
+    x, y = eval_data(12)
     data = TensorDataset(x, y)
-    quiet = evaluate(model, data, attacks='clean,fast-worst-case', eps='1/255', progress=False, sanity_examples=8)
+    quiet = evaluate(model, data, attacks='clean,fast-worst-case', eps='1/255', progress=False, sanity_examples=6)
     assert all(f['ok'] for f in quiet.sanity)
     assert quiet.escalation == {'ran': False, 'attacks': list(ESCALATION),
                                 'reason': 'no sanity check flagged the model'}
     assert list(quiet.stages['1/255']['fast-worst-case']) == list(FAST_STAGES)
     assert quiet.sanity_cost['backward'] > 0 and quiet.sanity_cost['forward'] > quiet.sanity_cost['backward']
-    asked = evaluate(model, data, attacks='clean,fast-worst-case', eps='1/255', progress=False, sanity=False,
-                     escalate=True)
+    asked = evaluate(model, TensorDataset(x[:4], y[:4]), attacks='clean,fast-worst-case', eps='1/255', progress=False,
+                     sanity=False, escalate=True)
     assert asked.escalation['ran'] and asked.escalation['reason'] == 'asked for (--escalate)'
     assert list(asked.stages['1/255']['fast-worst-case']) == [*FAST_STAGES, *ESCALATION]
     plain = evaluate(model, data, attacks='clean,pgd-5', eps='1/255', progress=False, sanity=False)

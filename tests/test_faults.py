@@ -42,7 +42,7 @@ def record(out: Path) -> dict:
     """What a finished run folder says, less wall times: results, summary lines, the last weights."""
     def timeless(value):
         if isinstance(value, dict):
-            return {k: timeless(v) for k, v in value.items() if not k.endswith('time_s')}
+            return {k: timeless(v) for k, v in value.items() if not (k.endswith('time_s') or k == 'seconds')}
         return [timeless(v) for v in value] if isinstance(value, list) else value
     results = json.loads((out / 'results.json').read_text())
     for key in ('out_dir', 'resume', 'workers', 'device'):  # where and how the command ran, not what it computed
@@ -51,7 +51,7 @@ def record(out: Path) -> dict:
     for run in results['runs'].values():
         run.pop('out_dir')
     weights = load_training_checkpoint(out / 'checkpoint-last.pth')['state_dict']
-    return {'results': timeless(results), 'robustness': json.loads((out / 'robustness.json').read_text()),
+    return {'results': timeless(results), 'robustness': timeless(json.loads((out / 'robustness.json').read_text())),
             'summary': [timeless(json.loads(x)) for x in (out / 'summary.jsonl').read_text().splitlines()],
             'weights': {k: v.tolist() for k, v in weights.items()},
             'files': sorted(p.name for p in out.iterdir() if p.name != files.LOCK_FILE)}

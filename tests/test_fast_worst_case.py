@@ -108,7 +108,7 @@ def test_masked_gradients_flag_and_escalate(tmp_path):
 
 
 @needs_official
-def test_escalation_only_when_flagged_or_asked():
+def test_no_escalation_unless_flagged():
     model = trained_tiny_cnn()
     x, y = eval_data(12)
     data = TensorDataset(x, y)
@@ -118,12 +118,19 @@ def test_escalation_only_when_flagged_or_asked():
                                 'reason': 'no sanity check flagged the model'}
     assert list(quiet.stages['1/255']['fast-worst-case']) == list(FAST_STAGES)
     assert quiet.sanity_cost['backward'] > 0 and quiet.sanity_cost['forward'] > quiet.sanity_cost['backward']
-    asked = evaluate(model, TensorDataset(x[:4], y[:4]), attacks='clean,fast-worst-case', eps='1/255', progress=False,
-                     sanity=False, escalate=True)
-    assert asked.escalation['ran'] and asked.escalation['reason'] == 'asked for (--escalate)'
-    assert list(asked.stages['1/255']['fast-worst-case']) == [*FAST_STAGES, *ESCALATION]
     plain = evaluate(model, data, attacks='clean,pgd-5', eps='1/255', progress=False, sanity=False)
     assert plain.escalation == {} and plain.stages == {'1/255': {}}
+
+
+@pytest.mark.slow
+@needs_official
+def test_escalation_when_asked():
+    x, y = eval_data(4)
+    asked = evaluate(trained_tiny_cnn(), TensorDataset(x, y), attacks='clean,fast-worst-case', eps='1/255',
+                     progress=False, sanity=False, escalate=True)
+    assert asked.escalation['ran'] and asked.escalation['reason'] == 'asked for (--escalate)'
+    assert list(asked.stages['1/255']['fast-worst-case']) == [*FAST_STAGES, *ESCALATION]
+    assert asked.stages['1/255']['fast-worst-case']['square']['forward'] > 0
 
 
 def _study(metric: str):

@@ -121,39 +121,32 @@ class PGD(Attack):
         # after it, every point of which is already scored into ``best``, so it leaves with the full run's outcome
         seen = IterateHashes(delta, self.steps + 1) if best is not None and self.early_stop and \
             deterministic_device(x.device) else None
-        for k in range(self.steps + 1):
-            if seen is not None and k > 0:
-                repeated = seen.add(delta)
-                if bool(repeated.any()):
-                    keep = (~repeated).nonzero()[:, 0]
-                    if keep.numel() == 0:
-                        return delta, zeros, computed
-                    x, y, eps, delta, idx = x[keep], y[keep], eps[keep], delta[keep], idx[keep]
-                    target = None if target is None else target[keep]
-                    radius = None if radius is None else radius[keep]
-                    seen.keep(keep)
-            if k == self.steps:
-                break
+        for k in range(self.steps):
             before = rng_state(x.device) if seen is not None and k == 0 else None
             loss, grad, logits = self.input_grad(x + delta, y, target, self.loss_fn)
             if before is not None and not all(map(torch.equal, before, rng_state(x.device))):
                 seen = None  # the model draws random numbers: an iterate's future is not determined by it
             zeros += (grad == 0).sum()
             computed += grad.numel()
+            leave = None
             if best is not None:
                 fooled = best.update(idx, x + delta, loss, logits, self.is_fooled(logits, y, target))
-                if self.active_set and bool(fooled.any()):
-                    keep = (~fooled).nonzero()[:, 0]
-                    if keep.numel() == 0:
-                        return delta, zeros, computed
-                    x, y, eps, delta, grad, idx = x[keep], y[keep], eps[keep], delta[keep], grad[keep], idx[keep]
-                    target = None if target is None else target[keep]
-                    radius = None if radius is None else radius[keep]
-                    if seen is not None:
-                        seen.keep(keep)
+                leave = fooled if self.active_set else None  # with the active set, rows leave once fooled
             step = (eps * self.step_fraction).view(-1, 1, 1, 1)  # scales with each example's radius
             delta = project(delta + step * steepest_step(grad, self.norm), x, eps if radius is None else radius,
                             self.norm)
+            if seen is not None:
+                repeated = seen.add(delta)
+                leave = repeated if leave is None else leave | repeated
+            if leave is not None and bool(leave.any()):
+                keep = (~leave).nonzero()[:, 0]
+                if keep.numel() == 0:
+                    return delta, zeros, computed
+                x, y, eps, delta, idx = x[keep], y[keep], eps[keep], delta[keep], idx[keep]
+                target = None if target is None else target[keep]
+                radius = None if radius is None else radius[keep]
+                if seen is not None:
+                    seen.keep(keep)
         if best is not None:
             with torch.no_grad():
                 logits = self.logits(x + delta)

@@ -71,8 +71,7 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
         sanity_cost=sanity_cost,
         settings=dict(seed=protocol.seed, batch_size=protocol.batch_size, device=str(device), norm=protocol.norm,
                       cascade=protocol.cascade, active_set=protocol.active_set, early_stop=protocol.early_stop,
-                      escalate=protocol.escalate,
-                      split=eval_set.split,
+                      escalate=protocol.escalate, split=eval_set.split,
                       amp_dtype=str(amp) if amp else None, timm=timm.__version__, torch=torch.__version__),
         data=eval_set.fingerprint())
     if protocol.analysis and xs is not None:

@@ -14,12 +14,12 @@ the same alone, in a cascade or in a full run). Under DDP, ``reduce()`` sums the
 """
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ..attacks import FAST_STAGES, AttackSpec, ThreatModel, build_attack
-from ..attacks.base import check_inputs, check_labels
+from ..attacks.base import AttackResult, check_inputs, check_labels
 from ..pixels import PixelModel, to_float_pixels
 from .eval_set import EvalSet
 from .robust_report import WORST_CASE
@@ -126,6 +126,10 @@ class RobustCounter:
             label: {a: dict.fromkeys(COST_KEYS, 0) for a in self.attack_names} for label in self.labels}
         self.per_example: Dict[str, Dict[str, List[int]]] = {
             label: {a: [] for a in ([WORST_CASE] if cascade else names)} for label in self.labels}
+        # fast-worst-case: eps label -> column -> stage -> attacked, broken, forward, backward, seconds
+        self.ledgers: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {label: {} for label in self.labels}
+        self._shown: Dict[str, int] = {}  # robust images and images attacked so far, for progress lines only
+        self._seen = 0
 
     @torch.no_grad()
     def clean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,84 +138,160 @@ class RobustCounter:
         check_labels(y, logits.shape[1])
         return logits.argmax(dim=1) == y
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None) -> Dict[str, Any]:
-        """Attack one batch (pixels in [0, 1], or uint8; refused as ``check_inputs`` says) and add it to the counts.
+    def update(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None,
+               record: Optional[Dict[str, Any]] = None,
+               on_attack: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Attack one batch (pixels in [0, 1], or uint8; refused as ``check_inputs`` says) and add it to the counts
+        (``run_batch``, then ``add_record``).
 
         Returns:
             ``{'clean': bool (N,), '<eps label>': {attack or 'worst-case': bool (N,)}}`` for this batch (in
             cascade mode only the worst case per radius).
         """
+        record = self.run_batch(x, y, progress, record, on_attack)
+        self.add_record(record)
+        device = self.last_pixels.device
+        out: Dict[str, Any] = {'clean': torch.tensor(record['clean'], dtype=torch.bool, device=device)}
+        for label in self.labels:
+            out[label] = {name: torch.tensor(values, dtype=torch.bool, device=device)
+                          for name, values in self._outcomes(record, label).items()}
+        return out
+
+    def run_batch(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[EvalProgress] = None,
+                  record: Optional[Dict[str, Any]] = None,
+                  on_attack: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Attack one batch without adding it to the counts; returns its record (plain data: the clean and
+        per-attack 0/1 outcomes per image, what each attack cost), which ``add_record`` counts.
+
+        ``record``: this batch's record as far as it got before (an interrupted evaluation); the attacks it holds
+        are not run again, their outcomes are used as recorded. ``on_attack(record)`` is called after each attack
+        that ran, so that the caller can keep the progress.
+        """
         x = self.last_pixels = check_inputs(x, y, model=self.model)
-        clean = self.clean(x, y)
-        self.total += x.shape[0]
-        self.clean_correct += int(clean.sum())
-        out: Dict[str, Any] = {'clean': clean}
+        record = record if record is not None else {}
+        if 'clean' in record:
+            if record.get('n') != x.shape[0]:
+                raise ValueError(f"A recorded batch holds {record.get('n')} images, this one {x.shape[0]}: the "
+                                 f'record belongs to another evaluation.')
+            clean = torch.tensor(record['clean'], dtype=torch.bool, device=x.device)
+        else:
+            clean = self.clean(x, y)
+            record.update(n=x.shape[0], clean=clean.int().tolist(), attacks={})
+        done_attacks = record.setdefault('attacks', {})
         for label in self.labels:
             survived = clean.clone()
-            batch: Dict[str, torch.Tensor] = {}
             results: Dict[str, Any] = {}
+            done = done_attacks.setdefault(label, {})
             for spec in self.specs:
                 mask = survived if self.cascade else clean
                 n_attacked = int(mask.sum())
-                if progress is not None:
-                    progress.attack_started(spec.name, label, n_attacked)
-                attack = self.attacks[(label, spec.name)]
-                if spec.kind == 'fast' and not self.cascade:  # an apgd-ce column is its first stage, on the same rows
-                    result = attack(x, y, mask=mask, first=results.get(FAST_STAGES[0]))
+                entry = done.get(spec.name)
+                if entry is None:
+                    if progress is not None:
+                        progress.attack_started(spec.name, label, n_attacked)
+                    attack = self.attacks[(label, spec.name)]
+                    ledger = _copy_ledger(getattr(attack, 'ledger', {}))
+                    if spec.kind == 'fast' and not self.cascade:  # an apgd-ce column is its first stage, same rows
+                        result = attack(x, y, mask=mask, first=results.get(FAST_STAGES[0]))
+                    else:
+                        result = attack(x, y, mask=mask)  # empty mask: all False, no model work
+                    entry = done[spec.name] = {
+                        'correct': result.correct.int().tolist(), 'attacked': n_attacked,
+                        'zero_sum': result.zero_grad_frac * n_attacked,
+                        'cost': {'forward': result.forward_passes, 'backward': result.backward_passes,
+                                 'seconds': result.seconds},
+                        'ledger': _ledger_delta(ledger, getattr(attack, 'ledger', {}))}
+                    results[spec.name] = result
+                    if on_attack is not None:
+                        on_attack(record)
                 else:
-                    result = attack(x, y, mask=mask)  # empty mask: all False, no model work
-                results[spec.name] = result
-                self._add_cost(label, spec.name, result)
-                correct = result.correct  # rows outside the mask count as not robust
-                self.zero_sums[label][spec.name] += result.zero_grad_frac * n_attacked
-                self.attacked[label][spec.name] += n_attacked
-                survived &= correct
-                if not self.cascade:
-                    batch[spec.name] = correct
-                    self.correct[label][spec.name] += int(correct.sum())
+                    results[spec.name] = _recorded_result(x, entry)
+                survived &= results[spec.name].correct  # rows outside the mask count as not robust
                 if progress is not None:
-                    progress.attack_done(spec.name, label, self.correct[label][WORST_CASE] + int(survived.sum()),
-                                         self.total)
-            batch[WORST_CASE] = survived
-            self.correct[label][WORST_CASE] += int(survived.sum())
-            if self.keep_per_example:
-                for name, values in batch.items():
-                    self.per_example[label][name] += values.int().tolist()
-            out[label] = batch
+                    progress.attack_done(spec.name, label, self._shown.get(label, 0) + int(survived.sum()),
+                                         self._seen + x.shape[0])
+            self._shown[label] = self._shown.get(label, 0) + int(survived.sum())
+        self._seen += x.shape[0]
         if progress is not None:
             progress.batch_done()
+        return record
+
+    def add_record(self, record: Dict[str, Any]) -> None:
+        """Count one batch's record (``run_batch``): the batches of an evaluation in their order."""
+        self.total += record['n']
+        self.clean_correct += sum(record['clean'])
+        for label in self.labels:
+            done = record['attacks'][label]
+            for name in self.attack_names:
+                entry = done[name]
+                self.zero_sums[label][name] += entry['zero_sum']
+                self.attacked[label][name] += entry['attacked']
+                for key in COST_KEYS:
+                    self.cost[label][name][key] += entry['cost'][key]
+                _add_ledger(self.ledgers[label].setdefault(name, {}), entry['ledger'])
+            for name, values in self._outcomes(record, label).items():
+                self.correct[label][name] += sum(values)
+                if self.keep_per_example:
+                    self.per_example[label][name] += list(values)
+
+    def _outcomes(self, record: Dict[str, Any], label: str) -> Dict[str, List[int]]:
+        """Per attack (not in a cascade) and for the worst case, the batch's 0/1 outcomes at ``label``."""
+        done = record['attacks'][label]
+        survived = list(record['clean'])
+        out: Dict[str, List[int]] = {}
+        for name in self.attack_names:
+            survived = [a & b for a, b in zip(survived, done[name]['correct'])]
+            if not self.cascade:
+                out[name] = list(done[name]['correct'])
+        out[WORST_CASE] = survived
         return out
 
     def escalate(self, x: torch.Tensor, y: torch.Tensor, offset: int) -> None:
         """Second pass of an evaluation: AutoAttack's FAB-T and Square on the images of this batch (the
         evaluation's images ``offset`` on, as ``update`` saw them) that survived each ``fast-worst-case`` column;
         what they break leaves that column's and the worst case's counts."""
+        self.add_escalation(offset, self.escalate_batch(x, y, offset))
+
+    def escalate_batch(self, x: torch.Tensor, y: torch.Tensor, offset: int) -> Dict[str, Any]:
+        """``escalate`` without changing the counts: per eps label and ``fast-worst-case`` column, the batch rows
+        FAB-T and Square broke, and what they cost (``add_escalation`` applies it)."""
         x = check_inputs(x, y, model=self.model)
         n = x.shape[0]
+        record: Dict[str, Any] = {'n': n}
         for label in self.labels:
             for spec in (s for s in self.specs if s.kind == 'fast'):
                 key = spec.name if spec.name in self.per_example[label] else WORST_CASE  # cascade: worst case only
                 mask = torch.tensor(self.per_example[label][key][offset:offset + n], dtype=torch.bool, device=x.device)
                 if not bool(mask.any()):
                     continue
-                result = self.attacks[(label, spec.name)].escalate(x, y, mask)
-                self._add_cost(label, spec.name, result)
-                for i in (mask & ~result.correct).nonzero()[:, 0].tolist():
-                    for name in {key, WORST_CASE}:
-                        if self.per_example[label][name][offset + i]:
-                            self.per_example[label][name][offset + i] = 0
-                            self.correct[label][name] -= 1
+                attack = self.attacks[(label, spec.name)]
+                ledger = _copy_ledger(attack.ledger)
+                result = attack.escalate(x, y, mask)
+                record.setdefault(label, {})[spec.name] = {
+                    'broken': (mask & ~result.correct).nonzero()[:, 0].tolist(),
+                    'cost': {'forward': result.forward_passes, 'backward': result.backward_passes,
+                             'seconds': result.seconds},
+                    'ledger': _ledger_delta(ledger, attack.ledger)}
+        return record
+
+    def add_escalation(self, offset: int, record: Dict[str, Any]) -> None:
+        """Apply one batch's escalation record (``escalate_batch``) to the counts."""
+        for label in self.labels:
+            for name, entry in record.get(label, {}).items():
+                key = name if name in self.per_example[label] else WORST_CASE
+                for k in COST_KEYS:
+                    self.cost[label][name][k] += entry['cost'][k]
+                _add_ledger(self.ledgers[label].setdefault(name, {}), entry['ledger'])
+                for i in entry['broken']:
+                    for column in {key, WORST_CASE}:
+                        if self.per_example[label][column][offset + i]:
+                            self.per_example[label][column][offset + i] = 0
+                            self.correct[label][column] -= 1
 
     def stages(self) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
         """eps label -> ``fast-worst-case`` column -> stage -> attacked, broken, forward, backward, seconds."""
-        return {label: {s.name: self.attacks[(label, s.name)].ledger for s in self.specs if s.kind == 'fast'}
+        return {label: {s.name: self.ledgers[label].get(s.name, {}) for s in self.specs if s.kind == 'fast'}
                 for label in self.labels}
-
-    def _add_cost(self, label: str, name: str, result: Any) -> None:
-        cost = self.cost[label][name]
-        cost['forward'] += result.forward_passes
-        cost['backward'] += result.backward_passes
-        cost['seconds'] += result.seconds
 
     def reduce(self, device: Union[str, torch.device] = 'cpu') -> None:
         """Sum the counts over the ranks of an initialised process group (a no-op otherwise)."""
@@ -266,3 +346,31 @@ def correct_per_image(model: torch.nn.Module, eval_set: EvalSet, batch_size: int
         if progress is not None:
             progress.batch_done()
     return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+
+def _recorded_result(x: torch.Tensor, entry: Dict[str, Any]) -> AttackResult:
+    """An attack's recorded outcome on a batch, as an ``AttackResult`` (no adversarial examples: the inputs
+    stand in), so that a later attack reusing it (``fast-worst-case``'s first stage) sees what the attack did."""
+    correct = torch.tensor(entry['correct'], dtype=torch.bool, device=x.device)
+    cost = entry['cost']
+    return AttackResult(x_adv=x, logits=x.new_zeros((x.shape[0], 0)), correct=correct,
+                        zero_grad_frac=entry['zero_sum'] / max(entry['attacked'], 1),
+                        forward_passes=cost['forward'], backward_passes=cost['backward'], seconds=cost['seconds'])
+
+
+def _copy_ledger(ledger: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    return {stage: dict(values) for stage, values in ledger.items()}
+
+
+def _ledger_delta(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str, float]]
+                  ) -> Dict[str, Dict[str, float]]:
+    """What one call added to an attack's per-stage ledger."""
+    return {stage: {k: v - before.get(stage, {}).get(k, 0) for k, v in values.items()}
+            for stage, values in after.items()}
+
+
+def _add_ledger(total: Dict[str, Dict[str, float]], delta: Dict[str, Dict[str, float]]) -> None:
+    for stage, values in delta.items():
+        entry = total.setdefault(stage, {})
+        for k, v in values.items():
+            entry[k] = entry.get(k, 0) + v

@@ -14,7 +14,7 @@ try:
 except ImportError:  # Windows: no advisory locks, folders are not guarded
     fcntl = None
 
-__all__ = ['check_writable_dir', 'atomic_write', 'atomic_json', 'atomic_copy', 'FolderBusy', 'hold_folder',
+__all__ = ['check_writable_dir', 'check_output_file', 'atomic_write', 'atomic_json', 'atomic_copy', 'FolderBusy', 'hold_folder',
            'remove_stale_temporaries', 'WRITE_HOOK']
 
 PathLike = Union[str, os.PathLike]
@@ -40,6 +40,22 @@ def check_writable_dir(path: PathLike, what: str = 'Output folder') -> bool:
     except OSError as e:
         raise PermissionError(f'{what} {path} is not writable: {e.strerror or e}.') from None
     return not existed
+
+
+def check_output_file(path: PathLike, what: str = 'Output file') -> Path:
+    """Check, before any work, that ``path`` can be written: its folder is created if needed and writable, and
+    ``path`` itself is not a folder.
+
+    Raises:
+        PermissionError / IsADirectoryError: naming the file and why.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f'{what} {path} is a folder: give a file name.')
+    check_writable_dir(path.parent, f'The folder of {what.lower()} {path}')
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(path.parent, os.W_OK):
+        raise PermissionError(f'{what} {path} cannot be replaced.')
+    return path
 
 
 def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[IO[bytes]], None]]) -> Path:

@@ -1,21 +1,29 @@
 """``timm-nofrost eval``: robust accuracy under named attacks, with sanity checks, JSON / Markdown / plot."""
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..evaluate.protocol import EvalSubset, Protocol
 from ..settings import DataSettings, ModelSettings, RunSettings, add_settings, build_settings, setting, settings_dict
-from ._common import OutputSettings, WeightsSettings, create_model_from_args, print_json
+from ._common import CliError, OutputSettings, WeightsSettings, create_model_from_args, print_json
 
 
 @dataclass
 class ReportFiles:
     """Where ``eval`` writes its report besides stdout."""
-    out: Optional[str] = setting(None, group='output', metavar='JSON', help='write the full JSON report to this file')
+    out: Optional[str] = setting(
+        None, group='output', metavar='JSON',
+        help='write the full JSON report to this file, last; meanwhile the progress is kept in JSON.progress/ and '
+             'the same command, run again after an interruption, continues where it stopped (a finished report of '
+             'the same evaluation is reused)')
     markdown: Optional[str] = setting(None, group='output', metavar='MD', help='write the Markdown table to this file')
     plot: Optional[str] = setting(None, group='output', metavar='PNG',
                                   help='write an accuracy-vs-eps plot (needs matplotlib)')
+    overwrite: bool = setting(False, group='output',
+                              help='replace a report, or discard the progress, of another evaluation in --out '
+                                   '(without it the command refuses and names what differs)')
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,17 +40,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import build_eval_set, evaluate
+    from ..files import atomic_write, check_output_file
+    for flag, path in (('--out', args.out), ('--markdown', args.markdown), ('--plot', args.plot)):
+        if path:  # before any attack: a bad path must not cost the evaluation
+            check_output_file(path, flag)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install 'timm-nofrost[eval]'") from None
+    run_cfg = build_settings(RunSettings, settings_dict(args, RunSettings))
+    device = _join_process_group(run_cfg)
     model = create_model_from_args(args, **({} if args.num_classes is None else {'num_classes': args.num_classes}))
     protocol = build_settings(Protocol, settings_dict(args, Protocol))
     eval_set = build_eval_set(args.data, model, seed=protocol.seed, **settings_dict(args, EvalSubset),
                               **settings_dict(args, DataSettings, exclude=('data', 'num_classes')))
-    run_cfg = build_settings(RunSettings, settings_dict(args, RunSettings))
-    report = evaluate(model, eval_set, protocol, device=run_cfg.torch_device(), amp_dtype=run_cfg.amp,
-                      progress='auto' if run_cfg.progress else 'lines', model_name=args.model)
-    if args.out:
-        report.save_json(args.out)
+    report = evaluate(model, eval_set, protocol, device=device, amp_dtype=run_cfg.amp,
+                      progress='auto' if run_cfg.progress else 'lines', model_name=args.model, out=args.out,
+                      overwrite=args.overwrite)
+    if int(os.environ.get('RANK', '0')) != 0:  # under torchrun the first rank writes and prints
+        return 0
     if args.markdown:
-        Path(args.markdown).write_text(report.to_markdown())
+        atomic_write(args.markdown, report.to_markdown())
     if args.plot:
         report.plot(args.plot)
     if args.json:
@@ -50,3 +69,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.to_markdown())
     return 0
+
+
+def _join_process_group(run_cfg: RunSettings) -> Any:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, so that the ranks share the images; this rank's
+    device."""
+    from ..training.run import init_distributed
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return init_distributed(run_cfg.device)[1]
+    return run_cfg.torch_device()

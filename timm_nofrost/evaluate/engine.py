@@ -128,6 +128,7 @@ class RobustCounter:
             label: {a: [] for a in ([WORST_CASE] if cascade else names)} for label in self.labels}
         # fast-worst-case: eps label -> column -> stage -> attacked, broken, forward, backward, seconds
         self.ledgers: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {label: {} for label in self.labels}
+        self.per_example_clean: List[int] = []  # 0/1 per image: classified correctly without attack
         self._shown: Dict[str, int] = {}  # robust images and images attacked so far, for progress lines only
         self._seen = 0
 
@@ -220,6 +221,8 @@ class RobustCounter:
         """Count one batch's record (``run_batch``): the batches of an evaluation in their order."""
         self.total += record['n']
         self.clean_correct += sum(record['clean'])
+        if self.keep_per_example:
+            self.per_example_clean += record['clean']
         for label in self.labels:
             done = record['attacks'][label]
             for name in self.attack_names:

@@ -48,8 +48,14 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def loader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers)
+    def loader(self, batch_size: int, batches: Optional[Sequence[int]] = None) -> DataLoader:
+        """The images in order, ``batch_size`` at a time; ``batches``: only these batches (by index), each made
+        of exactly the images it holds in the full order (a resumed or sharded evaluation's share)."""
+        if batches is None:
+            return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers)
+        n = len(self.dataset)
+        sampler = [list(range(i * batch_size, min((i + 1) * batch_size, n))) for i in batches]
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers)
 
     def fingerprint(self) -> Dict[str, Any]:
         """Which images these are (``image_fingerprint``): comparable with a training run's ``data`` entry."""

@@ -42,6 +42,9 @@ class RobustReport:
     stages: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = field(default_factory=dict)
     escalation: Dict[str, Any] = field(default_factory=dict)
     sanity_cost: Dict[str, float] = field(default_factory=dict)  # forward, backward, seconds of the sanity checks
+    # what was evaluated (model weights, images, protocol, versions: ``evaluation_identity``): an interrupted
+    # evaluation continues, and a finished one is reused, only under the same identity
+    identity: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def eps_labels(self) -> List[str]:

@@ -129,6 +129,7 @@ CHANGED = {
     ('train/*', '--initial-checkpoint'): (None, '<new>: a new run from other weights; --resume refuses other settings'),
     ('eval/*', '--no-early-stop'): (False, '<new>: Protocol.early_stop (exact early stopping in PGD)'),
     ('eval/*', '--escalate'): (False, "<new>: Protocol.escalate (fast-worst-case: FAB-T and Square even unflagged)"),
+    ('eval/*', '--overwrite'): (False, '<new>: eval --out continues or reuses the same evaluation, refuses another'),
 }
 # the study's default evaluation is the fast protocol (issue: AutoAttack's verdict at a fifth of its cost)
 STUDY_EVAL_ATTACKS = 'clean,pgd-20,apgd-ce,fast-worst-case'

@@ -22,7 +22,9 @@ KWARGS = json.dumps({'channels': [8, 8, 16, 16], 'stem_chs': 8, 'drop_rate': 0.0
 # the writes of a 2-epoch run, in order (model_best is written whenever robust accuracy does not fall)
 WRITES = [*[(name, stage) for _ in range(2) for name in ('checkpoint-last.pth', 'model_best.pth', 'summary.jsonl')
             for stage in ('begin', 'commit')],
-          *[(name, stage) for name in ('robustness.json', 'robustness.md', 'results.json')
+          # the final evaluation's progress (robustness.json.progress/, one batch, one attack), then its report
+          *[(name, stage) for name in ('identity.json', 'batch-000000.json', 'sanity.json', 'report.json',
+                                       'robustness.json', 'robustness.md', 'results.json')
             for stage in ('begin', 'commit')]]
 
 

@@ -69,11 +69,13 @@ def test_one_definition_per_flag():
     """A flag names one setting: no two fields share a flag (and so a help text and a default)."""
     shared = {flag: [f'{c.__name__}.{f.name}' for c, f in owners] for flag, owners in _flag_fields().items()
               if len(owners) > 1}
-    # the same word for different things in different commands, never in one: the output of each command, the
+    # the same word for different things in different commands, never in one: the output of each command (and
+    # replacing what another run left there), the
     # training batch vs the evaluation batch, the training seed vs the attacks' seed
     assert shared == {'--out': ['TrainConfig.out_dir', 'StudyConfig.out_dir', 'ReportFiles.out', 'ShiftSettings.out'],
                       '--batch-size': ['TrainConfig.batch_size', 'Protocol.batch_size'],
-                      '--seed': ['TrainConfig.seed', 'Protocol.seed']}
+                      '--seed': ['TrainConfig.seed', 'Protocol.seed'],
+                      '--overwrite': ['TrainConfig.overwrite', 'ReportFiles.overwrite']}
 
 
 def _disagreements(long: str, action: argparse.Action, cls: type, f) -> List[str]:

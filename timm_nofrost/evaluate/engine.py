@@ -116,7 +116,7 @@ class RobustCounter:
         self.total = 0
         self.clean_correct = 0
         self.last_pixels: Optional[torch.Tensor] = None  # the last batch as float pixels
-        names = self.attack_names + [WORST_CASE]
+        names = self.attack_names + ([WORST_CASE] if self.attack_names else [])  # no attack: nothing robust measured
         self.correct: Dict[str, Dict[str, int]] = {label: {a: 0 for a in names} for label in self.labels}
         self.attacked: Dict[str, Dict[str, int]] = {label: {a: 0 for a in self.attack_names} for label in self.labels}
         self.zero_sums: Dict[str, Dict[str, float]] = {label: {a: 0.0 for a in self.attack_names}
@@ -125,7 +125,7 @@ class RobustCounter:
         self.cost: Dict[str, Dict[str, Dict[str, float]]] = {
             label: {a: dict.fromkeys(COST_KEYS, 0) for a in self.attack_names} for label in self.labels}
         self.per_example: Dict[str, Dict[str, List[int]]] = {
-            label: {a: [] for a in ([WORST_CASE] if cascade else names)} for label in self.labels}
+            label: {a: [] for a in ([WORST_CASE] if cascade and self.attack_names else names)} for label in self.labels}
         # fast-worst-case: eps label -> column -> stage -> attacked, broken, forward, backward, seconds
         self.ledgers: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {label: {} for label in self.labels}
         self.per_example_clean: List[int] = []  # 0/1 per image: classified correctly without attack
@@ -246,7 +246,8 @@ class RobustCounter:
             survived = [a & b for a, b in zip(survived, done[name]['correct'])]
             if not self.cascade:
                 out[name] = list(done[name]['correct'])
-        out[WORST_CASE] = survived
+        if self.attack_names:
+            out[WORST_CASE] = survived
         return out
 
     def escalate(self, x: torch.Tensor, y: torch.Tensor, offset: int) -> None:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..files import atomic_json, check_writable_dir
+from ..files import atomic_json, check_writable_dir, remove_stale_temporaries
 
 __all__ = ['EvalJournal', 'JournalError', 'differences', 'journal_status', 'progress_folder']
 
@@ -74,6 +74,7 @@ class EvalJournal:
         if self.folder is None or not writer:
             return
         check_writable_dir(self.folder, 'Progress folder')
+        remove_stale_temporaries(self.folder)  # a killed writer's; the caller holds the folder
         path = self.folder / _IDENTITY
         if path.exists():
             recorded = self._read(path, whole=True)

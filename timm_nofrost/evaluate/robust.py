@@ -39,7 +39,7 @@ _EVAL_SET_ARGS = frozenset(inspect.signature(build_eval_set).parameters) - {'dat
 def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = None, *,
              device: Union[str, torch.device] = 'cpu', amp_dtype: Optional[Union[torch.dtype, str]] = None,
              progress: Union[bool, str] = 'auto', model_name: Optional[str] = None,
-             out: Optional[Union[str, Path]] = None, journal: Optional[Union[str, Path]] = None,
+             run: str = '', out: Optional[Union[str, Path]] = None, journal: Optional[Union[str, Path]] = None,
              overwrite: bool = False, **settings: Any) -> RobustReport:
     """Clean and robust accuracy of ``model`` on ``eval_set`` under ``protocol``, per attack and threat model,
     plus the per-example worst case and the protocol's sanity checks.
@@ -54,7 +54,8 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
             naming its fields override it: ``evaluate(model, 'demo', attacks='clean,apgd-ce', eps='4/255')``.
         progress: ``'auto'`` (a bar on a terminal, else a line on stderr when an attack finishes a batch, at most
             every 10 s), ``'bar'``, ``'lines'``, or False for silence.
-        model_name: What the report calls the model (default: its timm architecture, else its class).
+        model_name: The model as built, for the report (default: its timm architecture, else its class).
+        run: Which run the weights come from (a study's ``'nofrost seed 0'``), for the report.
         out: Write the JSON report here, last and atomically; meanwhile the progress is kept in
             ``OUT.progress/`` (``journal``) and a killed evaluation, run again, continues where it stopped. A
             finished report of the same evaluation in ``out`` is returned without attacking anything.
@@ -95,7 +96,7 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
             report = RobustReport(**done)
         else:
             report = _measure(pixel_model, eval_set, protocol, device, amp, progress, name, log, rank, world)
-            report.identity = identity
+            report.identity, report.run = identity, run
             if rank == 0:
                 log.journal.save_report(report.to_dict())
         if out is not None and rank == 0:

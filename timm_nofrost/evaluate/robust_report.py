@@ -45,6 +45,7 @@ class RobustReport:
     # what was evaluated (model weights, images, protocol, versions: ``evaluation_identity``): an interrupted
     # evaluation continues, and a finished one is reused, only under the same identity
     identity: Dict[str, Any] = field(default_factory=dict)
+    run: str = ''  # which run these weights come from (a study's 'nofrost seed 0'), when the caller says
 
     @property
     def eps_labels(self) -> List[str]:
@@ -63,11 +64,14 @@ class RobustReport:
 
     def to_markdown(self) -> str:
         labels = self.eps_labels
-        lines = [f'## Robust accuracy of {self.model} on {self.dataset}', '',
+        split = self.settings.get('split')
+        lines = [f'## Robust accuracy of {self.model}' + (f' ({self.run})' if self.run else '') +
+                 f' on {self.dataset}' + (f', {split} split' if split else ''), '',
                  f'{self.n_examples} examples ({self.subset.get("kind")}), {self.norm} threat model, '
-                 f'clean accuracy {self.clean_accuracy:.2%}.', '',
-                 '| attack | ' + ' | '.join(f'eps {e}' for e in labels) + ' |',
-                 '|---|' + '---:|' * len(labels)]
+                 f'clean accuracy {self.clean_accuracy:.2%}.', '']
+        if not self.attacks:
+            return '\n'.join(lines + ['No attack ran: robust accuracy not measured.']) + '\n'
+        lines += ['| attack | ' + ' | '.join(f'eps {e}' for e in labels) + ' |', '|---|' + '---:|' * len(labels)]
         for attack in self.attacks + [WORST_CASE]:
             values = [self.accuracy[e].get(attack, '-') for e in labels]
             cells = ['not measured (cascade)' if v is None else v if v == '-' else f'{v:.2%}' for v in values]

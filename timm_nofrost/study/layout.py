@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
 
+from ..evaluate.journal import journal_status
 from ..training.train_config import CHECKPOINT_LAST
 
-__all__ = ['STUDY_FILE', 'EVAL_FILE', 'run_dir', 'run_state', 'RecordError', 'read_record', 'reading']
+__all__ = ['STUDY_FILE', 'EVAL_FILE', 'EVAL_PROGRESS', 'run_dir', 'run_state', 'RecordError', 'read_record', 'reading']
 
 STUDY_FILE = 'study.json'
 EVAL_FILE = 'eval.json'
+EVAL_PROGRESS = 'eval.progress'  # the study evaluation's journals (timm_nofrost.evaluate.journal) until eval.json
 
 
 def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
@@ -17,9 +19,13 @@ def run_dir(out_dir: Path, arm: str, seed: int) -> Path:
 
 
 def run_state(path: Path) -> Tuple[str, str]:
-    """(state, detail) of one run folder: evaluated, trained, training (a checkpoint written) or missing."""
+    """(state, detail) of one run folder: evaluated, evaluating (progress recorded, no ``eval.json`` yet),
+    trained, training (a checkpoint written) or missing."""
     if (path / EVAL_FILE).is_file():
         return 'evaluated', ''
+    if (path / EVAL_PROGRESS).is_dir():
+        status = journal_status(path / EVAL_PROGRESS) or 'evaluation in progress'
+        return 'evaluating', f'{status}: still running, or interrupted (run the study again to continue it)'
     if (path / 'results.json').is_file():
         return 'trained', 'trained, not evaluated yet'
     if (path / CHECKPOINT_LAST).is_file():

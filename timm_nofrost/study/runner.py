@@ -14,6 +14,7 @@ attack seed; the final weights are evaluated (not the best checkpoint, which tra
 """
 import json
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -42,8 +43,9 @@ from ..training.adversarial import AdversarialConfig
 from ..training.presets import chain, resolve
 from ..training.train_config import CHECKPOINT_LAST, TrainConfig, resolve_config
 from ..evaluate import EvalSet, Protocol, evaluate
+from ..evaluate.journal import differences
 from .arms import ARMS, PER_ARM, Arm
-from .layout import EVAL_FILE, STUDY_FILE, read_record, reading, run_dir, run_state
+from .layout import EVAL_FILE, EVAL_PROGRESS, STUDY_FILE, read_record, reading, run_dir, run_state
 
 __all__ = ['StudyConfig', 'StudyError', 'run_study', 'run_dir', 'run_state', 'STUDY_FILE', 'EVAL_FILE', 'PER_RUN']
 
@@ -232,7 +234,7 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
         old = read_record(manifest_path, f'restore it, or start the study in a new folder (is {out} a study?)')
         old_identity = {k: old.get(k) for k in identity}
         if old_identity != identity:
-            raise StudyError(f'{out} holds another study ({"; ".join(_differences(old_identity, identity)[:3])}); '
+            raise StudyError(f'{out} holds another study ({"; ".join(differences(old_identity, identity)[:3])}); '
                              f'use another --out, or repeat that study\'s settings to continue it.')
         for name, arm in arms.items():
             if name in old.get('arms', {}) and old['arms'][name] != arm:
@@ -244,17 +246,6 @@ def _check_folder(cfg: StudyConfig) -> Dict[str, Any]:
     order += [name for name in arms if name not in order]
     return {**identity, 'arms': {**old.get('arms', {}), **arms}, 'arm_order': order,
             'seeds': sorted(set(old.get('seeds', [])) | set(cfg.seeds)), 'arm_models': old.get('arm_models', {})}
-
-
-def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f'{prefix}{key}.')
-        elif a != b:
-            diffs.append(f'{prefix}{key} was {a!r}, now {b!r}')
-    return diffs
 
 
 def _parse_only(only: Optional[str], cfg: StudyConfig) -> List[Tuple[Arm, int]]:
@@ -393,14 +384,17 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm
     if autoattack == 'run' and not autoattack_available():
         attacks = [a for a in attacks if parse_attack(a).name != 'autoattack']
         autoattack = "not run: the optional 'pyautoattack' package is not installed (pip install pyautoattack)"
-    threat, name = t.adv.threat, f'{arm.name} seed {seed}'
-    common = dict(device=t.torch_device(), amp_dtype=t.amp, progress='auto' if t.progress else 'lines')
+    threat, name, progress = t.adv.threat, models.describe(arm), path / EVAL_PROGRESS
+    # resumable: each evaluation keeps its progress in eval.progress/ until eval.json is written (the study
+    # holds the run folder; a changed evaluation of the same weights starts its journal over)
+    common = dict(device=t.torch_device(), amp_dtype=t.amp, progress='auto' if t.progress else 'lines',
+                  model_name=name, run=f'{arm.name} seed {seed}', overwrite=True)
     protocol = Protocol(attacks=attacks, eps=[threat.eps], norm=threat.norm, seed=cfg.eval_seed,
                         batch_size=cfg.eval_batch_size, sanity=True, analysis=cfg.analysis)
-    report = evaluate(model, eval_set, protocol, model_name=name, **common)
+    report = evaluate(model, eval_set, protocol, journal=progress / 'protocol', **common)
     curve = evaluate(model, eval_set, replace(protocol, attacks=[cfg.curve_attack], sanity=False, analysis=False,
                                               eps=[threat.scaled(m).eps for m in cfg.curve_eps]),
-                     model_name=f'{name} (eps curve)', **common)
+                     journal=progress / 'curve', **common)
     with reading(path / 'results.json'):
         run = next(iter(read_record(path / 'results.json')['runs'].values()))
     atomic_json(path / EVAL_FILE, {
@@ -410,3 +404,4 @@ def _evaluate_run(cfg: StudyConfig, models: _Models, eval_set: EvalSet, arm: Arm
         'protocol': report.to_dict(), 'curve': {**curve.to_dict(), 'per_example': {}},
         'curve_eps_multiples': list(cfg.curve_eps), 'autoattack': autoattack, 'data': eval_set.fingerprint(),
     })
+    shutil.rmtree(progress, ignore_errors=True)

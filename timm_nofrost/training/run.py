@@ -364,12 +364,19 @@ class _Run:
         atomic_write(self.out_dir / SUMMARY, ''.join(json.dumps({'run': self.name, **m}) + '\n' for m in self.history))
 
     def final_evaluation(self) -> Dict[str, Any]:
+        """The final table's evaluation, written to ``robustness.json`` / ``.md`` (resumable); with no attack
+        (``--final-attacks clean``, as in a study, which evaluates the run itself) no report file is written."""
         if not self.info.primary:
             return {}
-        report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, True,
-                               self.name, **self.normalization, progress=self.eval_progress)
-        report.save_json(self.out_dir / 'robustness.json')
-        atomic_write(self.out_dir / 'robustness.md', report.to_markdown())
+        attacked = any(parse_attack(a).kind != 'clean' for a in self.cfg.final_attacks.split(',') if a.strip())
+        out = self.out_dir / 'robustness.json'
+        arch = (getattr(self.model, 'pretrained_cfg', None) or {}).get('architecture') or type(self.model).__name__
+        built = f'{arch} converted with convert_to_normfree' if self.cfg.convert else arch
+        report = robust_report(self.model, self.source.val, self.cfg, self.device, self.cfg.final_attacks, attacked,
+                               built, **self.normalization, progress=self.eval_progress, run=self.name,
+                               out=out if attacked else None)
+        if attacked:
+            atomic_write(self.out_dir / 'robustness.md', report.to_markdown())
         acc = report_accuracy(report)
         if self.history and self.history[-1]['epoch'] == self.cfg.epochs:  # measured after the last epoch already
             clean = self.history[-1]['val_clean_top1']

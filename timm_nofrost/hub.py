@@ -158,23 +158,26 @@ def export_checkpoint(
                                    convert=convert, source=model_name if model_name.startswith(_SOURCES) else None)
     del state_dict
 
-    if convert:
-        from .models.converted import CONVERTED_ARCH
-        card = _card_for(
-            model, input_size, model_name=CONVERTED_ARCH, repo_id=repo_id or f'<your-org>/{arch}_normfree',
-            description=(f'timm `{arch}` made normalizer-free by `timm_nofrost.convert_to_normfree` and trained '
-                         f'(weights from `{Path(checkpoint).name}`).'),
-            source_checkpoint=Path(checkpoint).name, dataset='imagenet-1k' if model.num_classes == 1000 else None,
-            architecture=f'`{arch}` with every normalizer removed and scaled weight-standardised convs')
-    else:
-        card = _card_for(
-            model, input_size, model_name=arch, tag=tag,
-            repo_id=repo_id or base_cfg.get('hf_hub_id') or f'<your-org>/{arch}',
-            description=base_cfg.get('description', ''), source_checkpoint=Path(checkpoint).name,
-            dataset='imagenet-1k' if model.num_classes == 1000 else None)
+    card = _export_card(model, input_size, arch, tag, base_cfg, repo_id, Path(checkpoint).name, convert)
     metadata = None if report is None else {'model-index': model_index(report, _index_name(card.repo_id))}
     return write_model_folder(model, out_dir, card, overwrite=overwrite, tag=tag, in_chans=in_chans,
                               extra_metadata=metadata)
+
+
+def _export_card(model: torch.nn.Module, input_size: tuple, arch: str, tag: Optional[str], base_cfg: Dict[str, Any],
+                 repo_id: Optional[str], source: str, convert: bool) -> ModelCardInfo:
+    """The card of an exported checkpoint: the tag's description, or for a converted model what it was made from."""
+    dataset = 'imagenet-1k' if model.num_classes == 1000 else None
+    if not convert:
+        return _card_for(model, input_size, model_name=arch, tag=tag, dataset=dataset, source_checkpoint=source,
+                         repo_id=repo_id or base_cfg.get('hf_hub_id') or f'<your-org>/{arch}',
+                         description=base_cfg.get('description', ''))
+    from .models.converted import CONVERTED_ARCH
+    return _card_for(
+        model, input_size, model_name=CONVERTED_ARCH, repo_id=repo_id or f'<your-org>/{arch}_normfree',
+        description=(f'timm `{arch}` made normalizer-free by `timm_nofrost.convert_to_normfree` and trained '
+                     f'(weights from `{source}`).'), source_checkpoint=source, dataset=dataset,
+        architecture=f'`{arch}` with every normalizer removed and scaled weight-standardised convs')
 
 
 def _check_model_kwargs(model_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

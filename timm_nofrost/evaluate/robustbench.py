@@ -101,10 +101,9 @@ def robustbench_model_info(
 
     Args:
         report: A ``RobustReport`` or its dict (the JSON of ``timm-nofrost eval --out``).
-        name: The entry's ``name`` (RobustBench: the paper's title); default: the report's model.
-        link, authors, venue: The paper's link, authors and venue (``"ICML 2022"``), as RobustBench lists them.
-        architecture: e.g. ``"ResNet-50"``; default: the report's model.
-        additional_data: Whether training used data beyond the benchmark's training set.
+        name, link, authors, venue, architecture, additional_data: As RobustBench lists them: the paper's title
+            (default: the report's model), link, authors, venue (``"ICML 2022"``), ``"ResNet-50"`` (default: the
+            report's model), and whether training used data beyond the benchmark's training set.
         dataset: ``cifar10``, ``cifar100`` or ``imagenet``; default: read from the report's data source
             (``torch/cifar10`` is ``cifar10``); any other data set is refused.
         eps: Which of the report's radii to write (``'8/255'`` or ``8/255``); required when it has several.
@@ -115,16 +114,11 @@ def robustbench_model_info(
         require_autoattack: Refuse (ValueError) a report without an AutoAttack measurement at ``eps``; ``False``
             writes the entry without ``autoattack_acc`` instead. Never filled from another attack.
 
-    Returns:
-        The entry as a dict, in RobustBench's key order (``json.dumps(info, indent=2)`` writes the file).
-
-    Raises:
-        ValueError: not an evaluation report, a data set without a leaderboard, an eps the report did not measure
-            (or several and none chosen), no AutoAttack measurement (with ``require_autoattack``).
+    Returns the entry as a dict in RobustBench's key order (``json.dumps(info, indent=2)`` writes the file).
+    Raises ValueError for anything but an evaluation report, a data set without a leaderboard, an eps the report
+    did not measure (or several and none chosen), and no AutoAttack measurement (with ``require_autoattack``).
     """
-    if hasattr(report, 'to_dict'):
-        report = report.to_dict()
-    check_eval_report(report)
+    report = check_eval_report(report.to_dict() if hasattr(report, 'to_dict') else report)
     if isinstance(number_forward_passes, bool) or not isinstance(number_forward_passes, int) \
             or number_forward_passes < 1:
         raise ValueError(f'number_forward_passes must be an integer >= 1, got {number_forward_passes!r}.')
@@ -135,19 +129,23 @@ def robustbench_model_info(
         raise ValueError(_no_autoattack(report, label))
 
     info: Dict[str, Any] = {
-        'link': link, 'name': name if name is not None else str(report['model']), 'authors': authors,
+        'link': link, 'name': str(report['model']) if name is None else name, 'authors': authors,
         'additional_data': bool(additional_data), 'number_forward_passes': number_forward_passes,
-        'dataset': benchmark, 'venue': venue,
-        'architecture': architecture if architecture is not None else str(report['model']), 'eps': label,
-        'clean_acc': _percent(report['clean_accuracy'], 'clean_accuracy'), 'reported': reported,
-    }
+        'dataset': benchmark, 'venue': venue, 'architecture': str(report['model']) if architecture is None
+        else architecture, 'eps': label, 'clean_acc': _percent(report['clean_accuracy'], 'clean_accuracy'),
+        'reported': reported}
     if autoattack is not None:
         info['autoattack_acc'] = _percent(autoattack, f'accuracy[{label!r}][{AUTOATTACK!r}]')
-    n, full = int(report['n_examples']), ROBUSTBENCH_TEST_SET_SIZES[benchmark]
-    if footnote is None and n < full:
-        split = (report.get('settings') or {}).get('split')
-        footnote = (f'Evaluated on {n:,} images{f" of the {split} split" if split else ""}, not the leaderboard\'s '
-                    f'{full:,}.')
+    footnote = _footnote(report, benchmark) if footnote is None else footnote
     if footnote:
         info['footnote'] = footnote
     return info
+
+
+def _footnote(report: Mapping[str, Any], benchmark: str) -> str:
+    """A note with the number of images when the report evaluated fewer than the leaderboard does, else ``''``."""
+    n, full = int(report['n_examples']), ROBUSTBENCH_TEST_SET_SIZES[benchmark]
+    if n >= full:
+        return ''
+    split = (report.get('settings') or {}).get('split')
+    return f'Evaluated on {n:,} images{f" of the {split} split" if split else ""}, not the leaderboard\'s {full:,}.'

@@ -81,5 +81,5 @@ def export_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     """The ``timm-nofrost export`` command line that writes the best checkpoint as a Hub-ready folder: the same
     model flags as ``eval_command`` (a converted model is written as ``normfree_converted``), and ``OUT_DIR/hub``
     as the folder (add ``--eval-report`` with the JSON of the stronger evaluation for the card's results)."""
-    return ' '.join(['timm-nofrost export', shlex.quote(str(out_dir / CHECKPOINT_BEST)), *_model_flags(cfg, num_classes),
-                     f'--out {shlex.quote(str(out_dir / EXPORT_DIR))}'])
+    return ' '.join(['timm-nofrost export', shlex.quote(str(out_dir / CHECKPOINT_BEST)),
+                     *_model_flags(cfg, num_classes), f'--out {shlex.quote(str(out_dir / EXPORT_DIR))}'])

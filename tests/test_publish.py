@@ -107,6 +107,20 @@ def test_the_export_command_of_a_converted_run_writes_a_loadable_converted_model
     assert 'missing keys' in err and len(err.strip().splitlines()) == 1 and not (tmp_path / 'bn').exists()
 
 
+def test_the_export_command_leaves_a_pretrained_tag_out(tmp_path):
+    """A run's weights are not the tag's published ones: the command exports the architecture, whose card makes
+    no claim of being the paper's checkpoint."""
+    from timm_nofrost.training.results import export_command
+    from timm_nofrost.training.train_config import TrainConfig
+    run = tmp_path / 'my run'
+    cfg = TrainConfig(model='nf_resnet50_nofrost.at_in1k', pretrained=True)
+    assert export_command(cfg, run, 10) == (f"timm-nofrost export '{run}/model_best.pth' --model nf_resnet50_nofrost "
+                                            f"--num-classes 10 --out '{run}/hub'")
+    cfg = TrainConfig(model='local-dir:/models/tiny', model_kwargs={'channels': (8, 16)}, convert=True)
+    assert export_command(cfg, run, 3).split(' --model ', 1)[1] == (
+        f"local-dir:/models/tiny --num-classes 3 --model-kwargs '{{\"channels\": [8, 16]}}' --convert --out '{run}/hub'")
+
+
 def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     model = randomize_gains(tiny_model()).eval()
     path = tmp_path / 'nf.pth'
@@ -127,6 +141,15 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'not an evaluation report' in err and 'missing model, dataset, norm, eps' in err
     assert not (tmp_path / 'c').exists()
+    # the CIFAR BatchNorm twin (--compare-bn, the study's bn arms) has a replaced stem: no timm architecture
+    from timm_nofrost.training.baseline import create_bn_twin
+    twin, twin_name = create_bn_twin(TINY_MODEL, 10, TINY_ARGS)
+    torch.save({'state_dict': twin.state_dict(), 'arch': twin_name}, tmp_path / 'twin.pth')
+    assert main(['export', str(tmp_path / 'twin.pth'), '--model', twin_name, '--model-kwargs',
+                 json.dumps({'channels': TINY_ARGS['channels']}), '--out', str(tmp_path / 'twin')]) == 2
+    err = capsys.readouterr().err
+    assert 'shape mismatches (conv1.weight' in err and 'has no timm architecture to export' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'twin').exists()
     # the model's width in --model-kwargs: the export works from the command line
     assert main(['export', str(path), '--model', TINY_MODEL, '--model-kwargs', json.dumps(TINY_ARGS),
                  '--out', str(tmp_path / 'd')]) == 0

@@ -275,12 +275,16 @@ def _model_from_checkpoint(arch: str, tag: Optional[str], input_size: tuple, num
     try:
         load_checkpoint(model, state_dict)  # the package's one loader: every key and shape checked
     except CheckpointError as e:
-        if convert and (e.missing or e.unexpected or e.mismatched):
-            raise CheckpointError(f'{e} It does not fit {arch} converted with convert_to_normfree: pass the '
-                                  f'--model, --num-classes and --model-kwargs it was trained with (and --convert only '
-                                  f'for a model trained with train --convert).', path=checkpoint, missing=e.missing,
-                                  unexpected=e.unexpected, mismatched=e.mismatched) from None
-        raise e.with_source(f"checkpoint '{checkpoint}'", checkpoint) from None
+        e = e.with_source(f"checkpoint '{checkpoint}'", checkpoint)
+        if not (e.missing or e.unexpected or e.mismatched):
+            raise e from None
+        built = f' (the model: {arch} converted with convert_to_normfree)' if convert else ''
+        raise CheckpointError(
+            f'{e}{built} Pass the model flags it was trained with (--model, --num-classes, --model-kwargs, and '
+            f'--convert exactly for a model trained with train --convert; train prints the export command). A model '
+            f'whose layers were replaced after timm built it, such as the CIFAR BatchNorm twin of --compare-bn and the '
+            f'study\'s bn arms, has no timm architecture to export.', path=checkpoint,
+            missing=e.missing, unexpected=e.unexpected, mismatched=e.mismatched) from None
     return model.eval()
 
 

@@ -3,7 +3,9 @@ import json
 import shlex
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from timm.models import split_model_name_tag
 
 from ..attacks.threat import ThreatModel
 from ..files import atomic_json  # re-exported: the one atomic JSON writer
@@ -45,9 +47,10 @@ def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
     return {**d, 'model_kwargs': jsonable_kwargs(d['model_kwargs'])}
 
 
-def _model_flags(cfg: TrainConfig, num_classes: int) -> list:
-    """The flags that rebuild the run's model: ``--model``, ``--num-classes``, ``--model-kwargs``, ``--convert``."""
-    parts = [f'--model {shlex.quote(cfg.model)}', f'--num-classes {num_classes}']
+def _model_flags(cfg: TrainConfig, num_classes: int, model: Optional[str] = None) -> list:
+    """The flags that rebuild the run's model: ``--model`` (``model``, default the run's), ``--num-classes``,
+    ``--model-kwargs``, ``--convert``."""
+    parts = [f'--model {shlex.quote(model or cfg.model)}', f'--num-classes {num_classes}']
     if cfg.model_kwargs:
         parts.append(f"--model-kwargs {shlex.quote(json.dumps(jsonable_kwargs(cfg.model_kwargs)))}")
     if cfg.convert:
@@ -80,6 +83,11 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
 def export_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     """The ``timm-nofrost export`` command line that writes the best checkpoint as a Hub-ready folder: the same
     model flags as ``eval_command`` (a converted model is written as ``normfree_converted``), and ``OUT_DIR/hub``
-    as the folder (add ``--eval-report`` with the JSON of the stronger evaluation for the card's results)."""
+    as the folder (add ``--eval-report`` with the JSON of the stronger evaluation for the card's results).
+
+    A pretrained tag is left out of ``--model`` (``nf_resnet50_nofrost``, not ``nf_resnet50_nofrost.at_in1k``): an
+    export with a tag says the weights are the tag's published ones (its card text, usage and Hub repo), and a
+    run's weights are not."""
+    model = cfg.model if cfg.model.startswith(('hf-hub:', 'local-dir:')) else split_model_name_tag(cfg.model)[0]
     return ' '.join(['timm-nofrost export', shlex.quote(str(out_dir / CHECKPOINT_BEST)),
-                     *_model_flags(cfg, num_classes), f'--out {shlex.quote(str(out_dir / EXPORT_DIR))}'])
+                     *_model_flags(cfg, num_classes, model), f'--out {shlex.quote(str(out_dir / EXPORT_DIR))}'])

@@ -256,6 +256,7 @@ def test_card_metadata_update_keeps_the_card(tmp_path):
     assert [r.metric_value for r in model_index_to_eval_results(meta['model-index'])[1]] == [81.25, 43.75, 40.625,
                                                                                                40.625]
     assert with_metadata('# just text\n', {'license': 'mit'}) == '---\nlicense: mit\n---\n\n# just text\n'
+    assert with_metadata('---\r\nlicense: mit\r\n---\r\n# text\r\n', {'a': 1}) == '---\nlicense: mit\na: 1\n---\n# text\r\n'
 
 
 def test_dataset_names():
@@ -282,7 +283,7 @@ def test_push_with_eval_report_on_the_loopback_hub(tmp_path, monkeypatch, capsys
         monkeypatch.setattr('huggingface_hub.constants.HF_TOKEN_PATH', str(tmp_path / 'no-token-file'))
         assert main(['push', str(folder), '--repo-id', 'someone/tiny-robust', '--eval-report',
                      str(tmp_path / 'report.json')]) == 0
-        capsys.readouterr()
+        assert 'model-index' in capsys.readouterr().out
         card = ModelCard.load('someone/tiny-robust')  # downloaded from the loopback Hub
         readme = hf_hub_download('someone/tiny-robust', 'README.md')
     pushed = Path(readme).read_text()

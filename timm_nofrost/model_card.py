@@ -94,14 +94,14 @@ def _front_matter(info: ModelCardInfo, extra_metadata: Optional[Mapping[str, Any
 def with_metadata(card: str, updates: Mapping[str, Any]) -> str:
     """``card`` (a README.md's text) with ``updates`` set in its YAML front matter, the other keys and the card's
     text kept as they are; a card without front matter gets one."""
-    if card.startswith('---\n'):
-        end = card.find('\n---', 4)
-        if end >= 0 and card[end + 4:end + 5] in ('\n', ''):
-            meta = yaml.safe_load(card[4:end]) or {}
-            if not isinstance(meta, dict):
-                raise ValueError(f'the model card metadata is not a YAML mapping: {card[4:end][:80]!r}')
-            return _yaml({**meta, **updates}) + card[end + 4:]
-    return _yaml(dict(updates)) + '\n\n' + card
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK  # the front matter as the Hub's own parsers find it
+    match = REGEX_YAML_BLOCK.search(card)
+    if match is None:
+        return _yaml(dict(updates)) + '\n\n' + card
+    meta = yaml.safe_load(match.group(2)) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f'the model card metadata is not a YAML mapping: {match.group(2)[:80]!r}')
+    return card[:match.start()] + _yaml({**meta, **updates}) + '\n' + card[match.end():]
 
 
 def _details(info: ModelCardInfo) -> List[str]:

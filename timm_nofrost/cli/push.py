@@ -32,5 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print_json({'repo_id': args.repo_id, 'commit_url': url, 'folder': args.folder})
     else:
         print(f'pushed {args.folder} to {args.repo_id}: {url}')
+        if args.eval_report:
+            print(f"model card: the results of {args.eval_report} are in its model-index metadata")
         print(f"load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True)  # after import timm_nofrost")
     return 0

@@ -130,10 +130,16 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
                  '--out', str(tmp_path / 'a')]) == 2
     err = capsys.readouterr().err
     assert 'nothing to convert' in err and 'without --convert' in err and not (tmp_path / 'a').exists()
-    # the class count is the checkpoint's, not a model argument
-    assert main(['export', str(path), '--model', TINY_MODEL, '--model-kwargs', '{"num_classes": 10}',
-                 '--out', str(tmp_path / 'b')]) == 2
-    assert 'pass num_classes= (CLI: --num-classes)' in capsys.readouterr().err
+    # the class count and input channels are the checkpoint's: given as model arguments too, they must agree
+    for kwargs, extra, error in (({'num_classes': 7}, [], 'num_classes=7 disagrees with checkpoint'),
+                                 ({'in_chans': 1}, [], 'in_chans=1 disagrees with checkpoint'),
+                                 ({'num_classes': 7}, ['--num-classes', '10'],
+                                  'num_classes=10 and model_kwargs num_classes=7 disagree')):
+        assert main(['export', str(path), '--model', TINY_MODEL, '--model-kwargs', json.dumps({**TINY_ARGS, **kwargs}),
+                     *extra, '--out', str(tmp_path / 'b')]) == 2
+        assert error in capsys.readouterr().err
+    assert main(['export', str(path), '--model', TINY_MODEL, '--out', str(tmp_path / 'b'),
+                 '--model-kwargs', json.dumps({**TINY_ARGS, 'num_classes': 10, 'in_chans': 3})]) == 0
     # a report that is no evaluation report is refused before anything is written
     (tmp_path / 'not-a-report.json').write_text('{"accuracy": {}}')
     assert main(['export', str(path), '--model', TINY_MODEL, '--model-kwargs', json.dumps(TINY_ARGS),

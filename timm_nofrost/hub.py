@@ -144,7 +144,7 @@ def export_checkpoint(
         An ``ExportResult``; the folder is verified by reloading it through ``local-dir:``.
     """
     arch, tag = _resolve_model_name(model_name)
-    model_kwargs = _check_model_kwargs(model_kwargs)
+    model_kwargs, num_classes, kwargs_chans = _split_model_kwargs(model_kwargs, num_classes)
     check_out_dir(out_dir, overwrite)
     if repo_id is not None and not _REPO_ID.match(repo_id):
         raise ValueError(f"Invalid repo_id {repo_id!r}: expected 'organisation/name'.")
@@ -152,7 +152,7 @@ def export_checkpoint(
 
     state_dict = read_state_dict(checkpoint)  # safe read: safetensors or torch.load(weights_only=True)
     base_cfg = _export_cfg(model_name if model_name.startswith(_SOURCES) else arch, tag)
-    num_classes, in_chans = _checkpoint_shape(state_dict, base_cfg, num_classes, checkpoint)
+    num_classes, in_chans = _checkpoint_shape(state_dict, base_cfg, num_classes, checkpoint, kwargs_chans)
     input_size = tuple(base_cfg.get('input_size', (3, 224, 224)))
     model = _model_from_checkpoint(arch, tag, input_size, num_classes, in_chans, model_kwargs, state_dict, checkpoint,
                                    convert=convert, source=model_name if model_name.startswith(_SOURCES) else None)
@@ -180,14 +180,15 @@ def _export_card(model: torch.nn.Module, input_size: tuple, arch: str, tag: Opti
         architecture=f'`{arch}` with every normalizer removed and scaled weight-standardised convs')
 
 
-def _check_model_kwargs(model_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The architecture arguments, less the two the checkpoint decides (refused with what to pass instead)."""
+def _split_model_kwargs(model_kwargs: Optional[Mapping[str, Any]], num_classes: Optional[int]
+                        ) -> Tuple[Dict[str, Any], Optional[int], Optional[int]]:
+    """(architecture arguments, classes, input channels): ``num_classes`` and ``in_chans`` given among the model
+    arguments are checked against the checkpoint like ``num_classes`` (two different class counts are refused)."""
     model_kwargs = dict(model_kwargs or {})
-    for key, instead in (('num_classes', 'num_classes= (CLI: --num-classes)'),
-                         ('in_chans', 'nothing: it is read from the checkpoint\'s first conv')):
-        if key in model_kwargs:
-            raise ValueError(f'model_kwargs {key}={model_kwargs[key]!r}: pass {instead}, not a model argument.')
-    return model_kwargs
+    given = model_kwargs.pop('num_classes', None)
+    if given is not None and num_classes is not None and given != num_classes:
+        raise ValueError(f'num_classes={num_classes} and model_kwargs num_classes={given} disagree: give one.')
+    return model_kwargs, num_classes if num_classes is not None else given, model_kwargs.pop('in_chans', None)
 
 
 def _index_name(repo_id: str) -> str:
@@ -243,15 +244,18 @@ def _source_config(model_name: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def _checkpoint_shape(state_dict: Dict[str, torch.Tensor], base_cfg: Dict[str, Any], num_classes: Optional[int],
-                      checkpoint: Union[str, Path]) -> Tuple[int, int]:
+                      checkpoint: Union[str, Path], in_chans: Optional[int] = None) -> Tuple[int, int]:
     """(classes, input channels) of a checkpoint, read from its classifier and first conv where it has them; a
-    ``num_classes`` that disagrees with the classifier is refused."""
+    ``num_classes`` or ``in_chans`` that disagrees with them is refused."""
     ckpt_classes = _infer_shape(state_dict, base_cfg.get('classifier'), 0)
     if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
         raise ValueError(f'num_classes={num_classes} disagrees with checkpoint {checkpoint}, whose classifier '
                          f'has {ckpt_classes} outputs; omit num_classes to export the checkpoint as it is.')
-    num_classes = ckpt_classes or num_classes or base_cfg.get('num_classes', 1000)
-    return num_classes, _infer_shape(state_dict, base_cfg.get('first_conv'), 1) or 3
+    ckpt_chans = _infer_shape(state_dict, base_cfg.get('first_conv'), 1)
+    if in_chans is not None and ckpt_chans is not None and in_chans != ckpt_chans:
+        raise ValueError(f'in_chans={in_chans} disagrees with checkpoint {checkpoint}, whose first conv takes '
+                         f'{ckpt_chans} channels; omit in_chans to export the checkpoint as it is.')
+    return ckpt_classes or num_classes or base_cfg.get('num_classes', 1000), ckpt_chans or in_chans or 3
 
 
 def _model_from_checkpoint(arch: str, tag: Optional[str], input_size: tuple, num_classes: int, in_chans: int,

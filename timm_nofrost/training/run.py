@@ -160,8 +160,8 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], primary: bool) -> Dict[
         _log(info, '\n' + final_table(results))
         if results['eval_command']:
             _log(info, f"\nCheckpoints, per-epoch JSON and reports are in {out_dir}. A stronger evaluation of the best "
-                       f"checkpoint:\n  {results['eval_command']}\nThe best checkpoint as a Hub-ready folder (add "
-                       f"--eval-report with that evaluation's --out JSON for the card's results):\n"
+                       f"checkpoint:\n  {results['eval_command']}\nThe best checkpoint as a Hub-ready folder (with "
+                       f"eval --out REPORT.json above, add --eval-report REPORT.json to put its results on the card):\n"
                        f"  {results['export_command']}")
     if info.world_size > 1:
         dist.barrier()

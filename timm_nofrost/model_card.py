@@ -233,8 +233,8 @@ def model_index(report: Mapping[str, Any], model_name: str, dataset: Optional[st
     One image-classification result on the report's data set (``dataset``, default: ``dataset_id`` of the report's
     source; its split from the report's settings) with, as ``accuracy`` metrics in percent: the clean accuracy, the
     robust accuracy of every attack at every eps, and the per-image worst case over the attacks. Each metric's name
-    and ``args`` carry the threat model, the eps, the attack(s), the protocol (per attack or cascade) and the number
-    of images. A value an attack did not measure (``None``: a cascade's per-attack columns) is left out, never
+    and ``args`` carry the threat model, the eps, the attack(s), the protocol (per attack or cascade), the number
+    of images and the sanity checks that failed. A value an attack did not measure (``None``: a cascade's per-attack columns) is left out, never
     written as a number; a report with no attack has no worst case (it would only repeat the clean accuracy).
     """
     from huggingface_hub import EvalResult

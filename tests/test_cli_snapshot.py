@@ -131,6 +131,13 @@ CHANGED = {
     ('eval/*', '--escalate'): (False, "<new>: Protocol.escalate (fast-worst-case: FAB-T and Square even unflagged)"),
     ('eval/*', '--overwrite'): (False, '<new>: eval --out continues or reuses the same evaluation, refuses another'),
 }
+# Flags added to the commands recorded as a flag list (export, push, models), each with its reason.
+ADDED_FLAGS = {
+    ('export/flags', '--model-kwargs'): 'the shared model settings: export a model trained at another width',
+    ('export/flags', '--convert'): 'the shared model settings: export a model trained with train --convert',
+    ('export/flags', '--eval-report'): "an evaluation report's results in the model card's model-index metadata",
+    ('push/flags', '--eval-report'): "an evaluation report's results in the model card's model-index metadata",
+}
 # the study's default evaluation is the fast protocol (issue: AutoAttack's verdict at a fifth of its cost)
 STUDY_EVAL_ATTACKS = 'clean,pgd-20,apgd-ce,fast-worst-case'
 # the study's split seed and BatchNorm model are the schedule's (train's) fields now: one definition each
@@ -154,6 +161,8 @@ def _expected(recorded: Dict[str, Any]) -> Dict[str, Any]:
             value['eval_attacks'] = STUDY_EVAL_ATTACKS
         elif key.startswith('train/resolved/'):
             value.update(NEW_TRAIN_FIELDS)
+        elif isinstance(value, list) and key.endswith('/flags'):
+            out[key] = sorted(value + [flag for (where, flag) in ADDED_FLAGS if where == key])
         elif isinstance(value, dict) and '/resolved/' not in key:
             for (pattern, name), (now, reason) in CHANGED.items():
                 if _matches(pattern, key) and (name in value or reason.startswith('<new>')):

@@ -50,6 +50,7 @@ def record(out: Path) -> dict:
     for key in ('out_dir', 'resume', 'workers', 'device'):  # where and how the command ran, not what it computed
         results['config'].pop(key)
     results.pop('eval_command')
+    results.pop('export_command')
     for run in results['runs'].values():
         run.pop('out_dir')
     weights = load_training_checkpoint(out / 'checkpoint-last.pth')['state_dict']

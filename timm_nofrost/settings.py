@@ -230,7 +230,7 @@ class ModelSettings:
     pretrained: bool = setting(False, group='model', help="start from the model's pretrained weights")
     convert: bool = setting(False, group='model',
                             help='a BatchNorm model made normalizer-free by the converter (convert_to_normfree): '
-                                 'train converts it before training, eval before loading --checkpoint')
+                                 'train converts it before training, eval and export before loading the checkpoint')
 
 
 @dataclass

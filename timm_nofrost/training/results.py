@@ -1,15 +1,19 @@
-"""What a finished run reports: the final table, results JSON, and the follow-up evaluation command."""
+"""What a finished run reports: the final table, results JSON, and the follow-up evaluation and export commands."""
 import json
 import shlex
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from timm.models import split_model_name_tag
 
 from ..attacks.threat import ThreatModel
 from ..files import atomic_json  # re-exported: the one atomic JSON writer
 from .train_config import CHECKPOINT_BEST, TrainConfig
 
-__all__ = ['final_table', 'atomic_json', 'eval_command', 'config_to_json', 'jsonable_kwargs']
+EXPORT_DIR = 'hub'  # the folder export_command suggests, inside the run's folder
+
+__all__ = ['final_table', 'atomic_json', 'eval_command', 'export_command', 'config_to_json', 'jsonable_kwargs']
 
 
 def final_table(results: Dict[str, Any]) -> str:
@@ -43,6 +47,17 @@ def config_to_json(cfg: TrainConfig) -> Dict[str, Any]:
     return {**d, 'model_kwargs': jsonable_kwargs(d['model_kwargs'])}
 
 
+def _model_flags(cfg: TrainConfig, num_classes: int, model: Optional[str] = None) -> list:
+    """The flags that rebuild the run's model: ``--model`` (``model``, default the run's), ``--num-classes``,
+    ``--model-kwargs``, ``--convert``."""
+    parts = [f'--model {shlex.quote(model or cfg.model)}', f'--num-classes {num_classes}']
+    if cfg.model_kwargs:
+        parts.append(f"--model-kwargs {shlex.quote(json.dumps(jsonable_kwargs(cfg.model_kwargs)))}")
+    if cfg.convert:
+        parts.append('--convert')  # build the BN model, convert it, then load the trained weights
+    return parts
+
+
 def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     """The ``timm-nofrost eval`` command line that re-evaluates the best checkpoint with stronger attacks.
 
@@ -51,11 +66,7 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     single folder), the same ``--img-size``, and ``--convert`` for a model converted before training.
     """
     from ..data.sources import resolve_source
-    parts = ['timm-nofrost eval', f'--model {shlex.quote(cfg.model)}', f'--num-classes {num_classes}']
-    if cfg.model_kwargs:
-        parts.append(f"--model-kwargs {shlex.quote(json.dumps(jsonable_kwargs(cfg.model_kwargs)))}")
-    if cfg.convert:
-        parts.append('--convert')  # build the BN model, convert it, then load the trained weights
+    parts = ['timm-nofrost eval', *_model_flags(cfg, num_classes)]
     parts += [f'--checkpoint {shlex.quote(str(out_dir / CHECKPOINT_BEST))}', f'--data {shlex.quote(cfg.data)}']
     kind = resolve_source(cfg.data, cfg.data_dir).kind
     if kind == 'timm' and cfg.data_dir is not None:
@@ -67,3 +78,16 @@ def eval_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
     parts += ['--attacks clean,pgd-20,apgd-ce,apgd-t',
               f'--eps {cfg.adv.threat.label}' + ('' if cfg.adv.norm == 'Linf' else ' --norm L2')]
     return ' '.join(parts)
+
+
+def export_command(cfg: TrainConfig, out_dir: Path, num_classes: int) -> str:
+    """The ``timm-nofrost export`` command line that writes the best checkpoint as a Hub-ready folder: the same
+    model flags as ``eval_command`` (a converted model is written as ``normfree_converted``), and ``OUT_DIR/hub``
+    as the folder (add ``--eval-report`` with the JSON of the stronger evaluation for the card's results).
+
+    A pretrained tag is left out of ``--model`` (``nf_resnet50_nofrost``, not ``nf_resnet50_nofrost.at_in1k``): an
+    export with a tag says the weights are the tag's published ones (its card text, usage and Hub repo), and a
+    run's weights are not."""
+    model = cfg.model if cfg.model.startswith(('hf-hub:', 'local-dir:')) else split_model_name_tag(cfg.model)[0]
+    return ' '.join(['timm-nofrost export', shlex.quote(str(out_dir / CHECKPOINT_BEST)),
+                     *_model_flags(cfg, num_classes, model), f'--out {shlex.quote(str(out_dir / EXPORT_DIR))}'])

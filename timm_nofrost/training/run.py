@@ -31,7 +31,7 @@ from ..data.sources import DEMO_IMG_SIZE, image_fingerprint, pixel_eval_transfor
 from ..data.sources import DataSource, build_datasets
 from .epoch_eval import clean_accuracy, report_accuracy, robust_report
 from .overfitting import catastrophic_overfitting, first_catastrophic_overfitting
-from .results import config_to_json, eval_command, final_table, jsonable_kwargs
+from .results import config_to_json, eval_command, export_command, final_table, jsonable_kwargs
 from .train_config import (
     CHECKPOINT_BEST, CHECKPOINT_LAST, DEMO_MODEL, DEMO_MODEL_KWARGS, SUMMARY, TrainConfig, TrainingDiverged,
     check_out_dir, resolve_config, resume_differences)
@@ -155,11 +155,14 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], primary: bool) -> Dict[
         # a ready model passed in is not a timm name the eval command could rebuild
         results['data'] = image_fingerprint(source.val)  # the images eval_command evaluates: compare with its report
         results['eval_command'] = eval_command(cfg, out_dir, num_classes) if model is None else ''
+        results['export_command'] = export_command(cfg, out_dir, num_classes) if model is None else ''
         atomic_json(out_dir / 'results.json', results)
         _log(info, '\n' + final_table(results))
         if results['eval_command']:
             _log(info, f"\nCheckpoints, per-epoch JSON and reports are in {out_dir}. A stronger evaluation of the best "
-                       f"checkpoint:\n  {results['eval_command']}")
+                       f"checkpoint:\n  {results['eval_command']}\nThe best checkpoint as a Hub-ready folder (with "
+                       f"eval --out REPORT.json above, add --eval-report REPORT.json to put its results on the card):\n"
+                       f"  {results['export_command']}")
     if info.world_size > 1:
         dist.barrier()
     return results

@@ -3,7 +3,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from ..evaluate.protocol import EvalSubset, Protocol
 from ..settings import DataSettings, ModelSettings, RunSettings, add_settings, build_settings, setting, settings_dict
@@ -21,6 +21,11 @@ class ReportFiles:
     markdown: Optional[str] = setting(None, group='output', metavar='MD', help='write the Markdown table to this file')
     plot: Optional[str] = setting(None, group='output', metavar='PNG',
                                   help='write an accuracy-vs-eps plot (needs matplotlib)')
+    robustbench_json: Optional[str] = setting(
+        None, group='output', metavar='JSON',
+        help="also write the result as a RobustBench model_info entry (clean_acc, autoattack_acc, eps, ...); needs "
+             "autoattack among --attacks (without --worst-case-only), one --eps, and --data naming a benchmark "
+             "(cifar10, cifar100, imagenet: torch/cifar10, or a folder of that name); checked before any attack")
     overwrite: bool = setting(False, group='output',
                               help='replace a report, or discard the progress, of another evaluation in --out '
                                    '(without it the command refuses and names what differs)')
@@ -40,8 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import build_eval_set, evaluate
-    from ..files import atomic_write, check_output_file
-    for flag, path in (('--out', args.out), ('--markdown', args.markdown), ('--plot', args.plot)):
+    from ..evaluate.robustbench import robustbench_model_info
+    from ..files import atomic_json, atomic_write, check_output_file
+    for flag, path in (('--out', args.out), ('--markdown', args.markdown), ('--plot', args.plot),
+                       ('--robustbench-json', args.robustbench_json)):
         if path:  # before any attack: a bad path must not cost the evaluation
             check_output_file(path, flag)
     if args.plot:
@@ -51,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--plot needs matplotlib: pip install 'timm-nofrost[eval]'") from None
     run_cfg = build_settings(RunSettings, settings_dict(args, RunSettings))
     device = _join_process_group(run_cfg)
-    model = create_model_from_args(args, **({} if args.num_classes is None else {'num_classes': args.num_classes}))
     protocol = build_settings(Protocol, settings_dict(args, Protocol))
+    if args.robustbench_json:
+        robustbench_model_info(_planned_report(args, protocol))  # what would refuse the result, refused now
+    model = create_model_from_args(args, **({} if args.num_classes is None else {'num_classes': args.num_classes}))
     eval_set = build_eval_set(args.data, model, seed=protocol.seed, **settings_dict(args, EvalSubset),
                               **settings_dict(args, DataSettings, exclude=('data', 'num_classes')))
     report = evaluate(model, eval_set, protocol, device=device, amp_dtype=run_cfg.amp,
@@ -64,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.markdown, report.to_markdown())
     if args.plot:
         report.plot(args.plot)
+    if args.robustbench_json:
+        atomic_json(args.robustbench_json, robustbench_model_info(report), sort_keys=False)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -78,3 +89,15 @@ def _join_process_group(run_cfg: RunSettings) -> Any:
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         return init_distributed(run_cfg.device)[1]
     return run_cfg.torch_device()
+
+
+def _planned_report(args: argparse.Namespace, protocol: Protocol) -> Dict[str, Any]:
+    """The report's layout before anything is measured (accuracies 0, or None where the protocol measures
+    nothing), so that the checks a finished report meets can run first."""
+    from ..evaluate import WORST_CASE
+    names = [s.name for s in protocol.specs if s.kind != 'clean']
+    accuracy = {t.label: {**{a: None if protocol.cascade else 0.0 for a in names}, WORST_CASE: 0.0}
+                for t in protocol.threats}
+    return dict(model=args.model, dataset=args.data, norm=protocol.norm, eps=[t.eps for t in protocol.threats],
+                attacks=names, n_examples=1, subset={}, clean_accuracy=0.0, accuracy=accuracy,
+                cascade=protocol.cascade, settings={})

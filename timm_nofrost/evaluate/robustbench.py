@@ -77,7 +77,7 @@ def _no_autoattack(report: Mapping[str, Any], label: str) -> str:
         if 'fast-worst-case' in report['attacks']:
             why += '; fast-worst-case is not AutoAttack'
     return (f'no AutoAttack accuracy to fill RobustBench\'s autoattack_acc: {why}. Evaluate with '
-            f'timm-nofrost eval --attacks clean,autoattack (without --cascade), or pass require_autoattack=False to '
+            f'timm-nofrost eval --attacks clean,autoattack (without --worst-case-only), or pass require_autoattack=False to '
             f'write the entry without autoattack_acc.')
 
 

@@ -318,3 +318,63 @@ def test_the_bn_twin_has_the_same_depth_and_width():
         bn_convs = [m.weight.shape for m in bn.modules() if isinstance(m, torch.nn.Conv2d)]
         assert name == 'resnet18' and sorted(convs) == sorted(bn_convs)  # the same convolutions, BN added
         assert bn(torch.rand(2, 3, 28, 28)).shape == (2, 10)
+
+
+def _reports_in(value):
+    """Every evaluation report (a dict with per-eps, per-attack accuracies) inside a JSON value."""
+    if isinstance(value, dict):
+        if isinstance(value.get('accuracy'), dict) and 'attacks' in value and 'eps' in value:
+            yield value
+        for v in value.values():
+            yield from _reports_in(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _reports_in(v)
+
+
+def test_every_file_in_a_study_folder_agrees_with_its_report(finished_study):
+    """No file of a study states a robust accuracy the study report does not: the evaluations in every JSON
+    file, and the Markdown tables, per run, attack and eps. (Per-epoch training metrics, ``val_robust_top1`` on
+    ``--robust-examples`` images with ``--eval-attack``, are the training's monitoring, labelled as such.)"""
+    from timm_nofrost.attacks import ThreatModel
+    out = finished_study
+    report = json.loads((out / 'report.json').read_text())
+    label = lambda m: ThreatModel(m * report['eps'], report['norm']).label  # noqa: E731
+    expected = {}
+    for arm, seeds in report['runs'].items():
+        for seed, values in seeds.items():
+            for attack in report['attacks']:
+                expected[(arm, seed, attack, label(1))] = values[attack]
+    curve_attack = json.loads((out / 'study.json').read_text())['protocol']['curve_attack']
+    for arm, points in report['curves'].items():
+        for multiple, stats in points.items():
+            for seed, value in stats['values'].items():
+                if float(multiple):  # one attack: its worst case is its own accuracy
+                    for name in (curve_attack, 'worst-case'):
+                        expected.setdefault((arm, seed, name, label(float(multiple))), value)
+    checked = set()
+    for path in sorted(out.rglob('*.json')):
+        parts = path.relative_to(out).parts
+        for record in _reports_in(json.loads(path.read_text())):
+            assert parts[0] == 'runs', f'{path} holds an evaluation outside a run folder'
+            arm, seed = parts[1], parts[2].split('-', 1)[1]
+            for eps, by_attack in record['accuracy'].items():
+                for attack, value in by_attack.items():
+                    if value is not None:
+                        assert 100 * value == pytest.approx(expected[(arm, seed, attack, eps)]), (path, attack, eps)
+                        checked.add((arm, seed, attack, eps))
+        if path.name == 'results.json':  # the train run's own final evaluation: clean only, the study evaluates
+            for run in json.loads(path.read_text())['runs'].values():
+                assert list(run['final']['accuracy']) == ['clean']
+    assert checked == set(expected) and not list(out.rglob('robustness.*'))  # each number found, none else
+    lines = [line for line in (out / 'report.md').read_text().splitlines() if line.startswith('| ')]
+    header = next(line for line in lines if line.startswith('| arm | seed |'))
+    columns = [c.strip() for c in header.strip('|').split('|')]
+    rows = 0
+    for line in lines[lines.index(header) + 1:]:  # the separator row does not start with '| '
+        cells = dict(zip(columns, (c.strip() for c in line.strip('|').split('|'))))
+        for attack in report['attacks']:
+            assert float(cells[attack]) == pytest.approx(expected[(cells['arm'], cells['seed'], attack, label(1))],
+                                                         abs=0.05)
+        rows += 1
+    assert rows == sum(len(seeds) for seeds in report['runs'].values())

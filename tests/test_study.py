@@ -378,3 +378,21 @@ def test_every_file_in_a_study_folder_agrees_with_its_report(finished_study):
                                                          abs=0.05)
         rows += 1
     assert rows == sum(len(seeds) for seeds in report['runs'].values())
+
+
+def test_a_run_being_evaluated_is_listed_as_in_progress(finished_study, tmp_path):
+    import shutil
+    from timm_nofrost.study import run_state
+    from timm_nofrost.study.aggregate import collect_study
+    out = tmp_path / 'copy'
+    shutil.copytree(finished_study, out, ignore=shutil.ignore_patterns('.lock'))
+    run = out / 'runs' / 'nofrost' / 'seed-1'
+    (run / 'eval.json').unlink()
+    journal = run / 'eval.progress' / 'protocol'
+    journal.mkdir(parents=True)
+    (journal / 'identity.json').write_text(json.dumps({'identity': {}, 'n_batches': 3}))
+    (journal / 'batch-000000.json').write_text('{}')
+    state, detail = run_state(run)
+    assert state == 'evaluating' and detail.startswith('evaluation in progress: 1 of 3 batches recorded')
+    missing = collect_study(out)['missing']
+    assert [(m['arm'], m['seed'], m['state']) for m in missing] == [('nofrost', 1, 'evaluating')]

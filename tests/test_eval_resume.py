@@ -316,3 +316,22 @@ def test_sigkill_inside_autoattack_then_the_same_command_continues(tmp_path):
     assert 'apgd-ce-10' in partial['attacks']['8/255'] and 'autoattack' not in partial['attacks']['8/255']
     assert run(out, False).returncode == 0
     assert timeless(json.loads(out.read_text())) == timeless(json.loads((tmp_path / 'ref.json').read_text()))
+
+
+def test_cli_robustbench_json_refuses_before_any_attack_without_autoattack(checkpoint, tmp_path, capsys,
+                                                                            monkeypatch):
+    from timm_nofrost.evaluate.engine import RobustCounter
+    real = RobustCounter.run_batch
+    monkeypatch.setattr(RobustCounter, 'run_batch', lambda *a, **k: pytest.fail('attacked before refusing'))
+    weights, data = checkpoint
+    bench = tmp_path / 'cifar10'  # a folder named after the benchmark its images come from
+    bench.symlink_to(data, target_is_directory=True)
+    base = eval_args((weights, bench), tmp_path / 'r.json', '--robustbench-json', str(tmp_path / 'rb.json'))
+    err = one_line_error(capsys, main([*base, '--attacks', 'clean,fast-worst-case']))
+    assert 'fast-worst-case is not AutoAttack' in err and not (tmp_path / 'rb.json').exists()
+    monkeypatch.setattr(RobustCounter, 'run_batch', real)
+    assert main([*base, '--attacks', 'clean,apgd-ce-5,autoattack']) == 0
+    report, info = (json.loads((tmp_path / name).read_text()) for name in ('r.json', 'rb.json'))
+    assert info['dataset'] == 'cifar10' and info['eps'] == '8/255'
+    assert info['clean_acc'] == f"{100 * report['clean_accuracy']:.2f}"
+    assert info['autoattack_acc'] == f"{100 * report['accuracy']['8/255']['autoattack']:.2f}"

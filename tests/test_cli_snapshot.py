@@ -130,6 +130,7 @@ CHANGED = {
     ('eval/*', '--no-early-stop'): (False, '<new>: Protocol.early_stop (exact early stopping in PGD)'),
     ('eval/*', '--escalate'): (False, "<new>: Protocol.escalate (fast-worst-case: FAB-T and Square even unflagged)"),
     ('eval/*', '--overwrite'): (False, '<new>: eval --out continues or reuses the same evaluation, refuses another'),
+    ('eval/*', '--robustbench-json'): (None, "<new>: the result in RobustBench's model_info layout"),
 }
 # Flags added to the commands recorded as a flag list (export, push, models), each with its reason.
 ADDED_FLAGS = {

@@ -79,9 +79,17 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
     model = unwrap_model(model).to(device).eval()
     pixel_model = PixelModel.from_model(model, eval_set.mean, eval_set.std)  # a ValueError before any work
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
+    return _resumable(pixel_model, eval_set, protocol, device, amp, progress, name, run, out, journal, overwrite)
+
+
+def _resumable(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, device: torch.device,
+               amp: Optional[torch.dtype], progress: Union[bool, str], name: str, run: str,
+               out: Optional[Union[str, Path]], journal: Optional[Union[str, Path]], overwrite: bool) -> RobustReport:
+    """``_measure`` with its progress in the journal: a finished report of the same evaluation returned as it
+    is, an interrupted one continued, the report written last (by the first rank)."""
     rank, world = _rank_world()
     n_batches = -(-len(eval_set) // protocol.batch_size)
-    identity = evaluation_identity(model, eval_set, protocol, device, amp, name)
+    identity = evaluation_identity(pixel_model.model, eval_set, protocol, device, amp, name)
     if out is not None:
         out = Path(out)
         check_output_file(out, 'Report file')

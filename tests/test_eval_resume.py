@@ -87,7 +87,7 @@ def test_killed_anywhere_the_same_call_ends_with_the_uninterrupted_report(model,
 @pytest.mark.parametrize('point', ['batch-000001.json', 'sanity.json', 'escalate-000000.json',
                                    'escalate-000002.json'])
 def test_killed_in_fast_worst_case_or_its_escalation(model, images, tmp_path, point):
-    out = tmp_path / 'reference.json'
+    out = tmp_path / 'reference' / 'report.json'
     events = []
     files.WRITE_HOOK = lambda path, stage: events.append((path.parent.name, path.name, stage))
     try:

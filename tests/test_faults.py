@@ -269,13 +269,18 @@ def test_study_report_names_the_file_and_entry_it_cannot_use(data_root, tmp_path
     assert f"{out / 'study.json'} is incomplete: it has no 'seeds' entry" in capsys.readouterr().err
 
 
-# a process that stops before its last write (results.json), holding its run folder, until RELEASE exists
-_HOLDING = """
+# a process that stops before its last write (results.json), holding its run folder, until RELEASE exists; it
+# leaves HOLDING in the run folder when it gets there
+HOLDING = 'holding.marker'
+_HOLDING = f"""
 import os, sys, time
+HOLDING = {HOLDING!r}
 from timm_nofrost import files
 from timm_nofrost.cli import main
 def hold(path, stage):
     deadline = time.time() + 300
+    if path.name == 'results.json' and stage == 'begin':  # a sign for the test: holding from here on
+        open(path.parent / HOLDING, 'w').close()
     while path.name == 'results.json' and stage == 'begin' and not os.path.exists(sys.argv[1]):
         assert time.time() < deadline
         time.sleep(0.1)
@@ -301,7 +306,7 @@ def _second_is_refused(first: subprocess.Popen, argv: list, out: Path, run: Path
     """While ``first`` holds ``run`` (in its last write), the same command is refused in one line naming it;
     ``first`` then finishes alone, every epoch once."""
     try:
-        _wait_for(run / 'robustness.md', first)
+        _wait_for(run / HOLDING, first)
         second = subprocess.run([sys.executable, '-m', 'timm_nofrost', *argv], env=ENV, capture_output=True,
                                 text=True)
         assert second.returncode == 2
@@ -331,7 +336,7 @@ def test_only_launches_for_different_runs_proceed_in_parallel(data_root, tmp_pat
     launches = [_start_holding(study_args(data_root, out, '--only', f'nofrost:{seed}', seeds='0,1'), release)
                 for seed in (0, 1)]
     for seed, proc in enumerate(launches):
-        _wait_for(out / 'runs' / 'nofrost' / f'seed-{seed}' / 'robustness.md', proc)
+        _wait_for(out / 'runs' / 'nofrost' / f'seed-{seed}' / HOLDING, proc)
     assert all(proc.poll() is None for proc in launches)  # both hold their own run at once
     release.touch()
     for proc in launches:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                               **settings_dict(args, DataSettings, exclude=('data', 'num_classes')))
     report = evaluate(model, eval_set, protocol, device=device, amp_dtype=run_cfg.amp,
                       progress='auto' if run_cfg.progress else 'lines', model_name=args.model, out=args.out,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, shard=True)  # under torchrun the ranks share the batches
     if int(os.environ.get('RANK', '0')) != 0:  # under torchrun the first rank writes and prints
         return 0
     if args.markdown:

@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
              device: Union[str, torch.device] = 'cpu', amp_dtype: Optional[Union[torch.dtype, str]] = None,
              progress: Union[bool, str] = 'auto', model_name: Optional[str] = None,
              run: str = '', out: Optional[Union[str, Path]] = None, journal: Optional[Union[str, Path]] = None,
-             overwrite: bool = False, **settings: Any) -> RobustReport:
+             overwrite: bool = False, shard: bool = False, **settings: Any) -> RobustReport:
     """Clean and robust accuracy of ``model`` on ``eval_set`` under ``protocol``, per attack and threat model,
     plus the per-example worst case and the protocol's sanity checks.
 
@@ -64,8 +64,9 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
         overwrite: Discard a report or progress of another evaluation in ``out`` / ``journal`` (without it, a
             ``JournalError`` names what differs).
 
-    In a process group (torchrun), the batches are split over the ranks and every rank returns the same report
-    (per-image outcomes identical to one process); only the first rank writes ``out``.
+        shard: Split the batches over the ranks of the initialised process group (torchrun); every rank must
+            call ``evaluate`` and returns the same report (per-image outcomes identical to one process); only the
+            first rank writes ``out``. Off: this process evaluates every image, whatever the other ranks do.
     The report's ``data`` holds the evaluated images' fingerprint, comparable with a training run's results.json.
     """
     unknown = sorted(set(settings) - _PROTOCOL_FIELDS - _EVAL_SET_ARGS)
@@ -79,15 +80,17 @@ def evaluate(model: nn.Module, eval_set: Any, protocol: Optional[Protocol] = Non
     model = unwrap_model(model).to(device).eval()
     pixel_model = PixelModel.from_model(model, eval_set.mean, eval_set.std)  # a ValueError before any work
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
-    return _resumable(pixel_model, eval_set, protocol, device, amp, progress, name, run, out, journal, overwrite)
+    return _resumable(pixel_model, eval_set, protocol, device, amp, progress, name, run, out, journal, overwrite,
+                      shard)
 
 
 def _resumable(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, device: torch.device,
                amp: Optional[torch.dtype], progress: Union[bool, str], name: str, run: str,
-               out: Optional[Union[str, Path]], journal: Optional[Union[str, Path]], overwrite: bool) -> RobustReport:
+               out: Optional[Union[str, Path]], journal: Optional[Union[str, Path]], overwrite: bool,
+               shard: bool) -> RobustReport:
     """``_measure`` with its progress in the journal: a finished report of the same evaluation returned as it
     is, an interrupted one continued, the report written last (by the first rank)."""
-    rank, world = _rank_world()
+    rank, world = _rank_world() if shard else (0, 1)
     n_batches = -(-len(eval_set) // protocol.batch_size)
     identity = evaluation_identity(pixel_model.model, eval_set, protocol, device, amp, name)
     if out is not None:
@@ -103,7 +106,8 @@ def _resumable(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, d
         if done is not None:  # finished before the caller used it (killed in between): that report
             report = RobustReport(**done)
         else:
-            report = _measure(pixel_model, eval_set, protocol, device, amp, progress, name, log, rank, world)
+            report = _measure(pixel_model, eval_set, protocol, device, amp, progress, name, log, rank, world,
+                              shown=f'{run} ({name})' if run else name)
             report.identity, report.run = identity, run
             if rank == 0:
                 log.journal.save_report(report.to_dict())
@@ -117,19 +121,19 @@ def _resumable(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, d
 
 def _measure(pixel_model: PixelModel, eval_set: EvalSet, protocol: Protocol, device: torch.device,
              amp: Optional[torch.dtype], progress: Union[bool, str], name: str, log: '_Journal', rank: int,
-             world: int) -> RobustReport:
+             world: int, shown: str) -> RobustReport:
     """The evaluation itself: every batch through the engine (this rank's share), then the sanity checks (first
-    rank), then the escalation if one is due (shared again)."""
+    rank), then the escalation if one is due (shared again). ``shown``: what the progress lines call it."""
     counter = RobustCounter(pixel_model, protocol.specs, protocol.threats, cascade=protocol.cascade,
                             seed=protocol.seed, amp_dtype=amp, active_set=protocol.active_set,
                             early_stop=protocol.early_stop)
-    records = _attack_all(counter, eval_set, protocol, device, progress, name, log, rank, world)
+    records = _attack_all(counter, eval_set, protocol, device, progress, shown, log, rank, world)
     for index in range(len(records)):
         counter.add_record(records[index])
     if counter.total == 0:
         raise ValueError('The dataset yielded no examples.')
     flags, sanity_cost, analysis = _checks(pixel_model, counter, eval_set, protocol, device, amp, log, rank, world)
-    escalation = _escalate(counter, eval_set, protocol, flags, device, progress, name, log, rank, world)
+    escalation = _escalate(counter, eval_set, protocol, flags, device, progress, shown, log, rank, world)
     return RobustReport(
         model=name, dataset=eval_set.source, norm=protocol.norm, eps=[t.eps for t in protocol.threats],
         attacks=counter.attack_names, n_examples=counter.total, subset=dict(eval_set.subset),

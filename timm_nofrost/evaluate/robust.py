@@ -186,7 +186,7 @@ def _finished_report(out: Path, identity: Dict[str, Any], overwrite: bool) -> Op
     except (OSError, UnicodeDecodeError, ValueError):
         recorded, same = None, False
     if same:
-        print(f'{out} holds this evaluation, finished: reusing it (--overwrite evaluates again).', file=sys.stderr)
+        print(f'{out} holds this evaluation, finished: reusing it (remove it to evaluate again).', file=sys.stderr)
         return RobustReport(**recorded)
     if not overwrite:
         found = differences(recorded.get('identity') or {}, json.loads(json.dumps(identity))) \

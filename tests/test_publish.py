@@ -75,6 +75,20 @@ def test_the_printed_export_command_exports_the_best_checkpoint(data_dir, tmp_pa
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(reloaded, x), _logits(trained, x))
     report = json.loads((tmp_path / 'report.json').read_text())
+    # a report of other weights (one weight changed) is refused: no card shows another model's results
+    weights = load_training_checkpoint(out / 'model_best.pth')['state_dict']
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[first] = weights[first] + 1e-3
+    torch.save(weights, tmp_path / 'other.pth')
+    capsys.readouterr()
+    assert main(shlex.split(results['eval_command'].replace(str(out / 'model_best.pth'), str(tmp_path / 'other.pth')))
+                [1:] + ['--attacks', 'clean,pgd-2', '--no-sanity', '--out', str(tmp_path / 'last.json')]) == 0
+    assert report['identity']['model weights'] != json.loads((tmp_path / 'last.json').read_text())['identity'][
+        'model weights']
+    capsys.readouterr()
+    assert main(shlex.split(command)[1:] + ['--eval-report', str(tmp_path / 'last.json'), '--out',
+                                            str(tmp_path / 'other')]) == 2
+    assert 'evaluation report is of other weights' in capsys.readouterr().err and not (tmp_path / 'other').exists()
     _, results_on_card = model_index_to_eval_results(metadata_load(out / 'hub' / 'README.md')['model-index'])
     assert {r.metric_config: r.metric_value for r in results_on_card} == {
         'clean': 100 * report['clean_accuracy'], 'pgd-2@8/255': 100 * report['accuracy']['8/255']['pgd-2'],

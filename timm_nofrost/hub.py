@@ -158,10 +158,25 @@ def export_checkpoint(
                                    convert=convert, source=model_name if model_name.startswith(_SOURCES) else None)
     del state_dict
 
+    if report is not None and not convert:
+        _check_report_weights(report, model, checkpoint)
     card = _export_card(model, input_size, arch, tag, base_cfg, repo_id, Path(checkpoint).name, convert)
     metadata = None if report is None else {'model-index': model_index(report, _index_name(card.repo_id))}
     return write_model_folder(model, out_dir, card, overwrite=overwrite, tag=tag, in_chans=in_chans,
                               extra_metadata=metadata)
+
+
+def _check_report_weights(report: Dict[str, Any], model: torch.nn.Module, checkpoint: Union[str, Path]) -> None:
+    """Refuse a report that says it evaluated other weights (its ``identity``: ``timm-nofrost eval --out`` records
+    the weights' checksum), so that a card never shows another model's results."""
+    recorded = (report.get('identity') or {}).get('model weights')
+    if recorded is None:
+        return
+    exported = content_checksum(model.state_dict())
+    if recorded != exported:
+        raise ValueError(f'The evaluation report is of other weights ({recorded[:19]}...) than {checkpoint} '
+                         f'({exported[:19]}...): evaluate this checkpoint (timm-nofrost eval --checkpoint '
+                         f'{checkpoint} ... --out REPORT.json) and pass that report.')
 
 
 def _export_card(model: torch.nn.Module, input_size: tuple, arch: str, tag: Optional[str], base_cfg: Dict[str, Any],

@@ -67,8 +67,17 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model, eval_set, protocol, device=device, amp_dtype=run_cfg.amp,
                       progress='auto' if run_cfg.progress else 'lines', model_name=args.model, out=args.out,
                       overwrite=args.overwrite, shard=True)  # under torchrun the ranks share the batches
-    if int(os.environ.get('RANK', '0')) != 0:  # under torchrun the first rank writes and prints
-        return 0
+    try:
+        if int(os.environ.get('RANK', '0')) == 0:  # under torchrun the first rank writes and prints
+            _write_and_print(args, report)
+    finally:
+        _leave_process_group()
+    return 0
+
+
+def _write_and_print(args: argparse.Namespace, report: Any) -> None:
+    from ..evaluate.robustbench import robustbench_model_info
+    from ..files import atomic_json, atomic_write
     if args.markdown:
         atomic_write(args.markdown, report.to_markdown())
     if args.plot:
@@ -79,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         print_json(report.to_dict())
     else:
         print(report.to_markdown())
-    return 0
 
 
 def _join_process_group(run_cfg: RunSettings) -> Any:
@@ -89,6 +97,15 @@ def _join_process_group(run_cfg: RunSettings) -> Any:
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         return init_distributed(run_cfg.device)[1]
     return run_cfg.torch_device()
+
+
+def _leave_process_group() -> None:
+    """Every rank waits for the first to write and print, then the group is closed (a rank exiting while another
+    still talks to it can abort that one)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _planned_report(args: argparse.Namespace, protocol: Protocol) -> Dict[str, Any]:

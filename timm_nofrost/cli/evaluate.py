@@ -2,7 +2,6 @@
 import argparse
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..evaluate.protocol import EvalSubset, Protocol
@@ -46,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import build_eval_set, evaluate
     from ..evaluate.robustbench import robustbench_model_info
-    from ..files import atomic_json, atomic_write, check_output_file
+    from ..files import check_output_file
     for flag, path in (('--out', args.out), ('--markdown', args.markdown), ('--plot', args.plot),
                        ('--robustbench-json', args.robustbench_json)):
         if path:  # before any attack: a bad path must not cost the evaluation

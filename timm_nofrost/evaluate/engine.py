@@ -115,7 +115,6 @@ class RobustCounter:
                         for t in self.threats for s in self.specs}
         self.total = 0
         self.clean_correct = 0
-        self.last_pixels: Optional[torch.Tensor] = None  # the last batch as float pixels
         names = self.attack_names + ([WORST_CASE] if self.attack_names else [])  # no attack: nothing robust measured
         self.correct: Dict[str, Dict[str, int]] = {label: {a: 0 for a in names} for label in self.labels}
         self.attacked: Dict[str, Dict[str, int]] = {label: {a: 0 for a in self.attack_names} for label in self.labels}
@@ -151,7 +150,7 @@ class RobustCounter:
         """
         record = self.run_batch(x, y, progress, record, on_attack)
         self.add_record(record)
-        device = self.last_pixels.device
+        device = x.device
         out: Dict[str, Any] = {'clean': torch.tensor(record['clean'], dtype=torch.bool, device=device)}
         for label in self.labels:
             out[label] = {name: torch.tensor(values, dtype=torch.bool, device=device)
@@ -168,7 +167,7 @@ class RobustCounter:
         are not run again, their outcomes are used as recorded. ``on_attack(record)`` is called after each attack
         that ran, so that the caller can keep the progress.
         """
-        x = self.last_pixels = check_inputs(x, y, model=self.model)
+        x = check_inputs(x, y, model=self.model)
         record = record if record is not None else {}
         if 'clean' in record:
             if record.get('n') != x.shape[0]:

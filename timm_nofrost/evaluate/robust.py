@@ -203,11 +203,10 @@ def _attack_all(counter: RobustCounter, eval_set: EvalSet, protocol: Protocol, d
                 ) -> List[Dict[str, Any]]:
     """Every batch's record, in order: this rank's batches attacked (or read back from the journal, an
     interrupted batch continued after its last recorded attack), the others' gathered from their ranks."""
-    n_batches = -(-len(eval_set) // protocol.batch_size)
     wanted = [(label, s.name) for label in counter.labels for s in counter.specs]
     records: Dict[int, Dict[str, Any]] = {}
     todo: List[Tuple[int, Optional[Dict[str, Any]]]] = []
-    for index in range(rank, n_batches, world):
+    for index in log.share():
         record = log.journal.batch(index)
         if record is not None and 'clean' in record and all(n in record.get('attacks', {}).get(label, {})
                                                              for label, n in wanted):
@@ -227,7 +226,7 @@ def _attack_all(counter: RobustCounter, eval_set: EvalSet, protocol: Protocol, d
         finally:
             bar.close()
     records = log.gather(records)
-    return [records[index] for index in range(n_batches)]
+    return [records[index] for index in range(log.n_batches)]
 
 
 def _checks(pixel_model: PixelModel, counter: RobustCounter, eval_set: EvalSet, protocol: Protocol,
@@ -287,10 +286,9 @@ def _escalate(counter: RobustCounter, eval_set: EvalSet, protocol: Protocol, fla
     if not autoattack_available():
         return {'ran': False, 'attacks': list(ESCALATION), 'reason': f"{reason}; not run: needs the 'pyautoattack' "
                 f'package (pip install pyautoattack), so fast-worst-case is an upper bound'}
-    n_batches = -(-counter.total // protocol.batch_size)
     records: Dict[int, Dict[str, Any]] = {}
     todo = []
-    for index in range(rank, n_batches, world):
+    for index in log.share():
         record = log.journal.escalation(index)
         if record is not None:
             records[index] = record
@@ -305,7 +303,7 @@ def _escalate(counter: RobustCounter, eval_set: EvalSet, protocol: Protocol, fla
     finally:
         bar.close()
     records = log.gather(records)
-    for index in range(n_batches):
+    for index in range(log.n_batches):
         counter.add_escalation(index * protocol.batch_size, records[index])
     return {'ran': True, 'attacks': list(ESCALATION), 'reason': reason}
 
@@ -352,7 +350,7 @@ class _Journal:
     def __init__(self, folder: Optional[Union[str, Path]], identity: Dict[str, Any], n_batches: int,
                  overwrite: bool, rank: int, world: int):
         from ..files import hold_folder
-        self.world, self._hold = world, None
+        self.rank, self.world, self.n_batches, self._hold = rank, world, n_batches, None
         error: Optional[str] = None
         if rank == 0:
             try:
@@ -373,6 +371,10 @@ class _Journal:
                 raise JournalError(box[0]) if rank else JournalError(error)
             if rank:
                 self.journal = EvalJournal(folder, identity, n_batches, writer=False)
+
+    def share(self) -> range:
+        """This rank's batches: batch i goes to rank i mod world size."""
+        return range(self.rank, self.n_batches, self.world)
 
     def gather(self, records: Dict[int, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
         """Every rank's records, on every rank."""
